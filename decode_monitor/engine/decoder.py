@@ -1,0 +1,215 @@
+"""The batch-1 decoder: static KV cache, prefill, one decode step, eager or CUDA-graph replay.
+
+The current token and position live in device tensors, so a step (forward + sampling) can be
+captured once and replayed. The host launches step t+1 before reading token t, so detokenising
+and publishing hide behind the GPU; the only host sync per step is that token read.
+"""
+from collections import deque
+from dataclasses import dataclass
+import time
+
+import torch
+
+from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.hf_backend import HFBackend
+from decode_monitor.engine.sampling import SamplingParams, SamplingState
+from decode_monitor.engine.sampling import sample_greedy, sample_stochastic
+
+BACKENDS = {'hf': HFBackend}
+MODES = ('eager', 'graph')
+
+
+class ContextOverflow(ValueError):
+    """The prompt plus the requested tokens do not fit in the static KV cache."""
+
+
+@dataclass
+class Step:
+    index: int  # 0 for the token that prefill produced
+    token: int
+    pos: int  # position of the input token of the step that produced this one
+    step_ms: float  # decode-step time; for index 0, the prefill time
+
+
+def register_backend(name, factory):
+    """Make `factory(model, max_context)` selectable as `backend=name`."""
+    BACKENDS[name] = factory
+
+
+class Decoder:
+    def __init__(self, loaded, mode='graph', backend='hf', max_context=2048):
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, not {mode!r}')
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {sorted(BACKENDS)}, not {backend!r}')
+        self.loaded = loaded
+        self.device = loaded.model.device
+        self.max_context = max_context
+        self.backend = BACKENDS[backend](loaded.model, max_context)
+        self.floor = FloorModel.for_model(loaded.model)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.sampling = SamplingState(self.device)
+        self.mode_requested = mode
+        self.mode = 'eager'
+        self.fallback_reason = None
+        self.graph_fallbacks = 0
+        self._graphs = {}
+        self._cuda = self.device.type == 'cuda'
+        if self._cuda:
+            self._host_tokens = torch.zeros(2, dtype=torch.long, pin_memory=True)
+            self._events = [(torch.cuda.Event(enable_timing=True),
+                             torch.cuda.Event(enable_timing=True)) for _ in range(2)]
+        if mode == 'graph':
+            self._capture_graphs()
+
+    # -- the step ---------------------------------------------------------------------------
+    def _step(self, greedy):
+        logits = self.backend.forward_one(self.token, self.pos)  # (1, vocab)
+        if greedy:
+            next_token = sample_greedy(logits)
+        else:
+            next_token = sample_stochastic(logits, self.sampling, self.pos)
+        self.token.copy_(next_token)
+        self.pos.add_(1)
+
+    def _capture_graphs(self):
+        if not self._cuda:
+            self._fall_back('CUDA graphs need a CUDA device; running eager on '
+                            f'{self.device.type}')
+            return
+        saved_pos = int(self.pos)
+        try:
+            pool = None
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up off the capture stream, as graphs require
+                for greedy in (True, False):
+                    for _ in range(2):
+                        self._seek(0)
+                        self._step(greedy)
+            torch.cuda.current_stream().wait_stream(stream)
+            for greedy in (True, False):
+                self._seek(0)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(greedy)
+                pool = graph.pool()
+                self._graphs[greedy] = graph
+            self.mode = 'graph'
+        except Exception as exc:  # capture fails in many ways; all of them mean "run eager"
+            self._graphs.clear()
+            torch.cuda.synchronize()
+            self._fall_back(f'graph capture failed: {type(exc).__name__}: {exc}')
+        finally:
+            self._seek(saved_pos)
+
+    def _seek(self, pos):
+        self.pos.fill_(pos)
+        self.backend.seek(pos)
+
+    def _fall_back(self, reason):
+        self.mode = 'eager'
+        self.fallback_reason = reason
+        self.graph_fallbacks += 1
+
+    def _launch(self, greedy):
+        graph = self._graphs.get(greedy)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(greedy)
+
+    # -- serving ----------------------------------------------------------------------------
+    def generate(self, prompt_ids, params=SamplingParams(), max_new_tokens=64,
+                 stop_token_ids=(), should_stop=None):
+        """Yield a Step per generated token; stops at max_new_tokens, a stop id or should_stop()."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError('the prompt is empty')
+        if n + max_new_tokens > self.max_context:
+            raise ContextOverflow(
+                f'prompt of {n} tokens + {max_new_tokens} new tokens exceeds max_context '
+                f'{self.max_context}')
+        self.sampling.load(params)
+        greedy = params.greedy
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+            logits = self.backend.prefill(ids, 0)
+            self.pos.fill_(n - 1)
+            first = (sample_greedy(logits) if greedy
+                     else sample_stochastic(logits, self.sampling, self.pos))
+            self.token.copy_(first)
+            self.pos.fill_(n)
+            token = int(first)
+        yield Step(0, token, n - 1, (time.perf_counter() - t0) * 1e3)
+        if token in stop_token_ids or max_new_tokens == 1:
+            return
+        run = self._run_cuda if self._cuda else self._run_cpu
+        for step in run(greedy, n, max_new_tokens - 1):
+            yield step
+            if step.token in stop_token_ids or (should_stop is not None and should_stop()):
+                return
+
+    def _run_cpu(self, greedy, pos, count):
+        with torch.no_grad():
+            for index in range(1, count + 1):
+                t0 = time.perf_counter()
+                self._launch(greedy)
+                token = int(self.token)
+                yield Step(index, token, pos, (time.perf_counter() - t0) * 1e3)
+                pos += 1
+
+    def _run_cuda(self, greedy, pos, count):
+        pending = deque()  # (slot, index, pos) launched and not yet read
+
+        def launch(index, step_pos):
+            slot = index % 2
+            start, end = self._events[slot]
+            start.record()
+            self._launch(greedy)
+            end.record()
+            self._host_tokens[slot].copy_(self.token[0, 0], non_blocking=True)
+            pending.append((slot, index, step_pos))
+
+        with torch.no_grad():
+            launch(1, pos)
+            for index in range(1, count + 1):
+                if index < count:
+                    launch(index + 1, pos + index)  # one step ahead of the host
+                slot, i, step_pos = pending.popleft()
+                start, end = self._events[slot]
+                end.synchronize()
+                token = int(self._host_tokens[slot])
+                yield Step(i, token, step_pos, start.elapsed_time(end))
+
+    # -- offline timing ---------------------------------------------------------------------
+    def time_steps(self, pos, steps, warmup=5):
+        """Time `steps` back-to-back greedy steps starting at position `pos` (ms per step).
+
+        The cache is filled with random values first: the timed steps must not run on zeros.
+        """
+        if pos + warmup + steps > self.max_context:
+            raise ContextOverflow(f'pos {pos} + {warmup + steps} steps exceeds max_context '
+                                  f'{self.max_context}')
+        with torch.no_grad():
+            if hasattr(self.backend, 'randomize_cache'):
+                self.backend.randomize_cache()
+            self._seek(pos)
+            for _ in range(warmup):
+                self._launch(True)
+            if not self._cuda:
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    self._launch(True)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                return times
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            events[0].record()
+            for i in range(steps):
+                self._launch(True)
+                events[i + 1].record()
+            events[-1].synchronize()
+            return [events[i].elapsed_time(events[i + 1]) for i in range(steps)]

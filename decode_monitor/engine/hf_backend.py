@@ -1,0 +1,54 @@
+"""Backend `hf`: transformers' own forward over a StaticCache (the study's runtime).
+
+It attends over the whole static cache (masked) and repeats K/V heads for GQA; that cost is part of
+what the study measured, so it is kept as it is here.
+"""
+import torch
+from transformers import StaticCache
+
+
+class HFBackend:
+    name = 'hf'
+
+    def __init__(self, model, max_context):
+        self.model = model
+        self.max_context = max_context
+        config = model.config
+        head_dim = getattr(config, 'head_dim', None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.cache = StaticCache(config=config, max_cache_len=max_context)
+        # Allocate now: graph capture needs the cache tensors to exist before the first step.
+        self.cache.early_initialization(1, config.num_key_value_heads, head_dim, model.dtype,
+                                        model.device)
+
+    def seek(self, pos):
+        """Make the next K/V write land at `pos`.
+
+        StaticCache layers write at their own device-side counter, not at cache_position, so the
+        counters must follow the decoder's position whenever it jumps (a new prompt, a timing run).
+        """
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(pos)
+
+    @torch.no_grad()
+    def prefill(self, ids, start_pos=0):
+        """ids: (1, T) prompt tokens written at positions start_pos.. -> logits (1, vocab)."""
+        self.seek(start_pos)
+        positions = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
+        out = self.model(input_ids=ids, position_ids=positions[None], cache_position=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def forward_one(self, token, pos):
+        """token: (1, 1), pos: (1,) device tensors -> logits (1, vocab). Graph-capturable."""
+        out = self.model(input_ids=token, position_ids=pos.view(1, 1), cache_position=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def randomize_cache(self):
+        """Fill K/V with random values so timed steps never run on zeros."""
+        for layer in self.cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
