@@ -1,0 +1,1 @@
+"""The engine: torch and transformers only, never ROS."""

@@ -1,0 +1,54 @@
+"""Resolve 'auto' settings and build a ready Decoder: what the node and the CLI tools share."""
+from dataclasses import dataclass
+
+import torch
+
+from decode_monitor.engine.decoder import BACKENDS, Decoder
+from decode_monitor.engine.sources import load_model
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+try:  # importing the fused backend registers it; it is optional while it is being built
+    import decode_monitor.engine.fused  # noqa: F401
+except ImportError:
+    pass
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    model: str = 'smollm2'
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N
+    dtype: str = 'auto'  # auto | float32 | bfloat16 | float16
+    mode: str = 'graph'  # graph | eager
+    backend: str = 'auto'  # auto | hf | fused
+    max_context: int = 2048
+
+    def resolved_device(self):
+        if self.device == 'auto':
+            return 'cuda' if torch.cuda.is_available() else 'cpu'
+        if self.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError(f'device {self.device!r} requested but CUDA is not available')
+        return self.device
+
+    def resolved_dtype(self, device):
+        if self.dtype == 'auto':
+            return torch.bfloat16 if device.startswith('cuda') else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f'dtype must be auto or one of {sorted(DTYPES)}, not {self.dtype!r}')
+        return DTYPES[self.dtype]
+
+    def resolved_backend(self, device):
+        if self.backend == 'auto':
+            return 'fused' if device.startswith('cuda') and 'fused' in BACKENDS else 'hf'
+        return self.backend
+
+
+def build_decoder(settings):
+    device = settings.resolved_device()
+    dtype = settings.resolved_dtype(device)
+    backend = settings.resolved_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be auto or one of {sorted(BACKENDS)}, not {backend!r}')
+    loaded = load_model(settings.model, device=device, dtype=dtype)
+    return Decoder(loaded, mode=settings.mode, backend=backend,
+                   max_context=settings.max_context)

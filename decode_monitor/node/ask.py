@@ -1,0 +1,91 @@
+"""`ask`: send one prompt to the llm_decoder node and stream the answer to the terminal."""
+import argparse
+import json
+import sys
+import uuid
+
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+
+
+class AskClient(Node):
+    """Publishes requests and collects the stream and the terminal response for each id."""
+
+    def __init__(self, namespace='/decode', on_text=None):
+        super().__init__('ask', namespace=namespace)
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        self._request_pub = self.create_publisher(String, 'request', qos)
+        self._on_text = on_text
+        self.responses = {}
+        self.create_subscription(String, 'stream', self._on_stream, qos)
+        self.create_subscription(String, 'response', self._on_response, qos)
+
+    def node_ready(self):
+        return self._request_pub.get_subscription_count() > 0
+
+    def send(self, prompt, **options):
+        request_id = options.pop('id', None) or uuid.uuid4().hex[:12]
+        self._request_pub.publish(String(data=json.dumps(
+            {'id': request_id, 'prompt': prompt, **options})))
+        return request_id
+
+    def _on_stream(self, msg):
+        chunk = json.loads(msg.data)
+        if self._on_text is not None:
+            self._on_text(chunk['id'], chunk['text'])
+
+    def _on_response(self, msg):
+        body = json.loads(msg.data)
+        self.responses[body['id']] = body
+
+
+def wait_for(node, condition, timeout_s):
+    """Spin until condition() or the timeout; True when the condition held."""
+    deadline = node.get_clock().now().nanoseconds + timeout_s * 1e9
+    while not condition():
+        if node.get_clock().now().nanoseconds > deadline:
+            return False
+        rclpy.spin_once(node, timeout_sec=0.1)
+    return True
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description='Ask the llm_decoder node one question.')
+    parser.add_argument('prompt', help='the prompt text')
+    parser.add_argument('--namespace', default='/decode')
+    parser.add_argument('--max-new-tokens', type=int, default=128)
+    parser.add_argument('--temperature', type=float, default=0.0)
+    parser.add_argument('--timeout', type=float, default=300.0, help='seconds to wait')
+    parsed = parser.parse_args(rclpy.utilities.remove_ros_args(args or sys.argv)[1:])
+
+    def show(_, text):
+        print(text, end='', flush=True)
+    try:
+        with rclpy.init(args=args):
+            client = AskClient(parsed.namespace, on_text=show)
+            if not wait_for(client, client.node_ready, 30):
+                print(f'no llm_decoder node subscribes to {parsed.namespace}/request',
+                      file=sys.stderr)
+                return 1
+            request_id = client.send(parsed.prompt, max_new_tokens=parsed.max_new_tokens,
+                                     temperature=parsed.temperature)
+            if not wait_for(client, lambda: request_id in client.responses, parsed.timeout):
+                print('\nno response in time', file=sys.stderr)
+                return 1
+            body = client.responses[request_id]
+            print()
+            if body['status'] != 'done':
+                print(f'{body["status"]}: {body["error"]}', file=sys.stderr)
+                return 1
+            print(f'[{body["tokens"]} tokens, first after {body["ttft_ms"]} ms, '
+                  f'step p50 {body["step_ms_p50"]} ms]', file=sys.stderr)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
