@@ -123,7 +123,7 @@ class Decoder:
     # -- serving ----------------------------------------------------------------------------
     def generate(self, prompt_ids, params=SamplingParams(), max_new_tokens=64,
                  stop_token_ids=(), should_stop=None):
-        """Yield a Step per generated token; stops at max_new_tokens, a stop id or should_stop()."""
+        """Yield a Step per generated token, until max_new_tokens, a stop id or should_stop()."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError('the prompt is empty')

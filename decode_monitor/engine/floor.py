@@ -12,14 +12,9 @@ def weight_bytes_per_step(model):
     """
     embedding = model.get_input_embeddings().weight
     lm_head = model.get_output_embeddings().weight
-    total = 0
-    seen = set()
-    for param in model.parameters():
-        if param.data_ptr() in seen:
-            continue
-        seen.add(param.data_ptr())
-        total += param.numel() * param.element_size()
-    if embedding.data_ptr() != lm_head.data_ptr():
+    # parameters() yields a shared (tied) tensor once
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if embedding is not lm_head:
         row = embedding.shape[1] * embedding.element_size()
         total -= embedding.numel() * embedding.element_size() - row
     return total
@@ -50,7 +45,7 @@ class FloorModel:
 
 
 def measure_copy_bandwidth(device, size_mib=1024, repeats=10):
-    """Achievable bandwidth in bytes/s from a large device-to-device copy (read + write counted)."""
+    """Achievable bandwidth in bytes/s of a large device-to-device copy (read + write counted)."""
     device = torch.device(device)
     if device.type == 'cpu':
         size_mib = min(size_mib, 256)

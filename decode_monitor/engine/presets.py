@@ -51,7 +51,7 @@ def preset_config(name, max_position_embeddings=32768):
 
 
 def build_preset(name, device='cpu', dtype=torch.bfloat16, seed=0):
-    """Instantiate a preset with random weights directly on `device` (seconds for a 7B on a GPU)."""
+    """Instantiate a preset with random weights directly on `device` (seconds for a 7B on GPU)."""
     config = preset_config(name)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -38,7 +38,7 @@ class LoadedModel:
 
 
 class ByteTokenizer:
-    """Stand-in tokenizer for random-weight presets: UTF-8 bytes in, token ids shown as <id> out."""
+    """Stand-in tokenizer for random-weight presets: UTF-8 bytes in, ids shown as <id> out."""
 
     chat_template = None
     eos_token_id = None

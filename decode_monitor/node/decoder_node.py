@@ -1,4 +1,4 @@
-"""The llm_decoder node: requests in, streamed tokens and one response each out, diagnostics at 1 Hz.
+"""The llm_decoder node: requests in; streamed tokens, one response each and diagnostics out.
 
 Decoding runs on the service's worker thread, so subscriptions and the diagnostics timer never
 wait for the GPU.
@@ -64,7 +64,8 @@ class LlmDecoderNode(Node):
             peak, source = None, 'unavailable (no NVML); fractions use measured bandwidth'
         self.info.update(
             model=decoder.loaded.name, dtype=str(decoder.loaded.model.dtype).replace('torch.', ''),
-            backend=decoder.backend.name, mode=decoder.mode, graph_fallbacks=decoder.graph_fallbacks,
+            backend=decoder.backend.name, mode=decoder.mode,
+            graph_fallbacks=decoder.graph_fallbacks,
             fallback_reason=decoder.fallback_reason, peak_bandwidth=peak, peak_source=source,
             measured_bandwidth=measured)
         if decoder.fallback_reason:

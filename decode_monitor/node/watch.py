@@ -1,4 +1,4 @@
-"""`watch`: a live terminal view of /decode/diagnostics (rqt needs a desktop; this works over ssh)."""
+"""`watch`: live view of /decode/diagnostics (rqt needs a desktop; this works over ssh)."""
 import argparse
 import sys
 

@@ -74,8 +74,6 @@ def _reject_constant(name):
 
 
 def _from_object(body, limits):
-    if not isinstance(body, dict):
-        raise RequestError('a JSON request must be an object', new_id())
     request_id = _parse_id(body.get('id'), limits)
     unknown = sorted(str(k) for k in body if k not in FIELDS)
     if unknown:

@@ -1,0 +1,22 @@
+import os
+import random
+
+import pytest
+
+# Keep test traffic on this machine and away from any other ROS graph running beside it.
+os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(100, 200)))
+
+
+@pytest.fixture(scope='session')
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct, loaded once (about 20 s on a CPU)."""
+    from decode_monitor.engine.sources import load_model
+    return load_model()
+
+
+@pytest.fixture(scope='session')
+def tiny():
+    import torch
+    from decode_monitor.engine.sources import load_model
+    return load_model('tiny', dtype=torch.float32)

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+import os
+
+import pytest
+
+pytest.importorskip('rclpy')
+from decode_monitor.node.parameters import PARAMETERS, ParameterError, validate  # noqa: E402
+
+
+def defaults(**changes):
+    values = {name: default for name, (default, _, _) in PARAMETERS.items()}
+    values.update(changes)
+    return values
+
+
+def test_defaults_are_valid_and_match_the_shipped_yaml():
+    import yaml
+    config = validate(defaults())
+    assert config.settings.mode == 'graph' and config.queue_size == 16
+    here = os.path.dirname(__file__)
+    with open(os.path.join(here, '..', 'config', 'decoder.yaml')) as f:
+        shipped = yaml.safe_load(f)['/**']['ros__parameters']
+    assert shipped == defaults()
+
+
+@pytest.mark.parametrize('changes, needle', [
+    (dict(mode='fast'), 'mode'), (dict(dtype='int3'), 'dtype'), (dict(backend='x'), 'backend'),
+    (dict(device='gpu'), 'device'), (dict(model=' '), 'model'),
+    (dict(default_max_new_tokens=2000), 'default_max_new_tokens'),
+    (dict(max_new_tokens_cap=4096), 'max_new_tokens_cap'),
+])
+def test_invalid_values_are_rejected_with_the_parameter_named(changes, needle):
+    with pytest.raises(ParameterError, match=needle):
+        validate(defaults(**changes))
+
+
+def test_node_refuses_to_start_on_a_bad_parameter():
+    exe = os.path.join(os.path.dirname(sys.executable), 'llm_decoder')
+    for arg, needle in (('mode:=fast', 'mode'), ('queue_size:=0', 'queue_size')):
+        run = subprocess.run([exe, '--ros-args', '-p', arg], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert needle in run.stderr
