@@ -20,7 +20,6 @@ setup(
     maintainer_email='maintainers@decode-monitor.dev',
     description='Batch-1 LLM decoder node with per-step latency and memory-floor diagnostics',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'llm_decoder = decode_monitor.node.decoder_node:main',
