@@ -107,6 +107,8 @@ def load_model(source=DEFAULT_MODEL, device='cpu', dtype=torch.float32):
         model, tok = _load_pretrained(source, gguf, device, dtype)
         name = os.path.basename(os.path.normpath(source))
         return LoadedModel(model, tok, name, _stop_ids(model, tok))
+    if os.sep in source or source.startswith('.'):
+        raise ModelLoadError(f'model path {source!r}: no such file or directory')
     raise ModelLoadError(
         f'model {source!r} is neither {DEFAULT_MODEL!r}, a preset ({", ".join(sorted(PRESETS))}), '
         'a checkpoint directory nor a .gguf file')
