@@ -120,6 +120,11 @@ class Decoder:
         else:
             self._step(greedy)
 
+    def step(self, greedy=True):
+        """Launch one decode step at the current position (graph replay when captured)."""
+        with torch.no_grad():
+            self._launch(greedy)
+
     # -- serving ----------------------------------------------------------------------------
     def generate(self, prompt_ids, params=SamplingParams(), max_new_tokens=64,
                  stop_token_ids=(), should_stop=None):

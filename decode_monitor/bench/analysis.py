@@ -1,0 +1,155 @@
+"""From raw samples to per-cell statistics, graph speedups and run-to-run comparisons."""
+from collections import defaultdict
+import statistics
+
+from decode_monitor.telemetry import stats
+
+MODE_ORDER = {'eager': 0, 'graph': 1}
+
+
+def cell_key(sample):
+    return (sample['model'], sample['ctx'], sample['backend'], sample['mode'])
+
+
+def sort_key(key):
+    model, ctx, backend, mode = key
+    return (model, ctx, backend, MODE_ORDER.get(mode, 9), mode)
+
+
+def session_median(sample):
+    return statistics.median(sample['step_ms'])
+
+
+def ok_samples(results):
+    return [s for s in results['samples'] if s.get('status') == 'ok']
+
+
+def _est(values, confidence, resamples, seed):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return stats.mean_ci(values, confidence, resamples, seed)
+
+
+def _throttle(samples):
+    reasons = set()
+    sessions = set()
+    for s in samples:
+        for key in ('nvml_before', 'nvml_after'):
+            reading = s.get(key) or {}
+            if reading.get('throttled'):
+                from decode_monitor.telemetry.gpu import PERFORMANCE_THROTTLES
+                reasons.update(r for r in reading.get('throttle_reasons', [])
+                               if r in PERFORMANCE_THROTTLES)
+                sessions.add(s['session'])
+    return sorted(reasons), sorted(sessions)
+
+
+def _mean_of(samples, key, field, reduce=statistics.fmean):
+    values = [(s.get(key) or {}).get(field) for s in samples]
+    values = [v for v in values if v is not None]
+    return reduce(values) if values else None
+
+
+def cell_stats(results, confidence=0.95, resamples=9999):
+    """One dict per measured cell: per-session medians -> mean with a bootstrap CI, and more."""
+    groups = defaultdict(list)
+    for s in ok_samples(results):
+        groups[cell_key(s)].append(s)
+    out = []
+    for seed, key in enumerate(sorted(groups, key=sort_key)):
+        samples = sorted(groups[key], key=lambda s: s['session'])
+        medians = [session_median(s) for s in samples]
+        floor_peak = [s.get('floor_ms_peak') for s in samples]
+        floor_copy = [s['floor_ms_copy'] for s in samples]
+        frac_peak = [f / m if f is not None else None for f, m in zip(floor_peak, medians)]
+        frac_copy = [f / m for f, m in zip(floor_copy, medians)]
+        reasons, throttled_sessions = _throttle(samples)
+        model, ctx, backend, mode = key
+        est = _est(medians, confidence, resamples, seed)
+        out.append({
+            'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
+            'sessions': len(samples), 'session_medians_ms': medians,
+            'ms_per_step': est,
+            'session_cv': (statistics.stdev(medians) / est.value if len(medians) > 1
+                           else None),
+            'floor_ms_peak': _mean([f for f in floor_peak if f is not None]),
+            'floor_ms_copy': _mean(floor_copy),
+            'floor_fraction': _est(frac_peak, confidence, resamples, seed),
+            'copy_fraction': _est(frac_copy, confidence, resamples, seed),
+            'joules_per_token': _est([s.get('joules_per_token') for s in samples],
+                                     confidence, resamples, seed),
+            'sm_clock_mhz': _mean_of(samples, 'nvml_after', 'sm_clock_mhz'),
+            'mem_clock_mhz': _mean_of(samples, 'nvml_after', 'mem_clock_mhz'),
+            'temperature_c_max': _mean_of(samples, 'nvml_after', 'temperature_c', max),
+            'power_w': _mean_of(samples, 'nvml_after', 'power_w'),
+            'throttle_reasons': reasons, 'throttled_sessions': throttled_sessions,
+        })
+    return out
+
+
+def _mean(values):
+    return statistics.fmean(values) if values else None
+
+
+def speedups(results, confidence=0.95, resamples=9999):
+    """Graph over eager per (model, ctx, backend): paired by session, eager ms / graph ms."""
+    by_session = defaultdict(dict)
+    for s in ok_samples(results):
+        model, ctx, backend, mode = cell_key(s)
+        by_session[(model, ctx, backend)].setdefault(s['session'], {})[mode] = session_median(s)
+    out = []
+    for seed, key in enumerate(sorted(by_session)):
+        pairs = [v for _, v in sorted(by_session[key].items()) if 'eager' in v and 'graph' in v]
+        if not pairs:
+            continue
+        eager = [p['eager'] for p in pairs]
+        graph = [p['graph'] for p in pairs]
+        model, ctx, backend = key
+        out.append({'model': model, 'ctx': ctx, 'backend': backend, 'pairs': len(pairs),
+                    'speedup': stats.paired_ratio_ci(eager, graph, confidence, resamples,
+                                                     seed)})
+    return out
+
+
+def compare(results_a, results_b, confidence=0.95, resamples=9999):
+    """Per cell present in both: B's ms/step over A's (sessions resampled independently)."""
+    def medians(results):
+        groups = defaultdict(list)
+        for s in ok_samples(results):
+            groups[cell_key(s)].append(session_median(s))
+        return groups
+    a, b = medians(results_a), medians(results_b)
+    rows = []
+    for seed, key in enumerate(sorted(set(a) & set(b), key=sort_key)):
+        rows.append({'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3],
+                     'a_ms': statistics.fmean(a[key]), 'b_ms': statistics.fmean(b[key]),
+                     'ratio': stats.ratio_ci(b[key], a[key], confidence, resamples, seed)})
+    only_a = sorted(set(a) - set(b), key=sort_key)
+    only_b = sorted(set(b) - set(a), key=sort_key)
+    return rows, only_a, only_b
+
+
+def skipped_cells(results):
+    """Cells never measured: skipped by the pre-check, or skipped/failed in every session."""
+    measured = {cell_key(s) for s in ok_samples(results)}
+    out = {}
+    for s in results.get('skipped', []):
+        out[cell_key(s)] = {'status': 'skipped', 'reason': s['reason'], 'sessions': None}
+    for s in results['samples']:
+        key = cell_key(s)
+        if s.get('status') == 'ok' or key in measured:
+            continue
+        entry = out.setdefault(key, {'status': s['status'], 'reason': s.get('reason'),
+                                     'sessions': 0})
+        if entry['sessions'] is not None:
+            entry['sessions'] += 1
+        if s['status'] == 'error':
+            entry['status'] = 'error'
+    return [dict(zip(('model', 'ctx', 'backend', 'mode'), k), **v)
+            for k, v in sorted(out.items(), key=lambda kv: sort_key(kv[0]))]
+
+
+def failed_samples(results):
+    """Errors in cells that were measured in other sessions (they still fail a verdict)."""
+    return [s for s in results['samples'] if s.get('status') == 'error']

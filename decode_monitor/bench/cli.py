@@ -1,0 +1,190 @@
+"""`bench`: the offline grid replay and hardware qualification (no ROS needed).
+
+    bench [run] [--grid study|quick|FILE] [overrides...] [--profile] [--reference R.json]
+    bench compare A.json B.json
+    bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
+
+Exit code: 0 the verdict passed, 1 it failed, 2 usage error (bad grid, bad arguments).
+"""
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from decode_monitor.bench import grid as grid_mod
+from decode_monitor.bench.verdict import FAIL, PASS, USAGE, VerdictUsageError
+
+DEFAULT_OUTPUT = 'bench-results'
+
+
+def _run_parser():
+    p = argparse.ArgumentParser(
+        prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes '
+        'and backends in fresh processes; write results.json, results.csv, report.md, plots '
+        'and a pass/fail verdict. Subcommands: compare A.json B.json; report results.json.')
+    p.add_argument('--grid', default='study',
+                   help="grid YAML file, or 'study' (the default grid) or 'quick'")
+    p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
+    p.add_argument('--contexts', nargs='+', type=int, metavar='CTX')
+    p.add_argument('--modes', nargs='+', choices=grid_mod.MODES)
+    p.add_argument('--backends', nargs='+')
+    p.add_argument('--sessions', type=int, help='fresh processes per cell')
+    p.add_argument('--steps', type=int, help='timed steps per cell and session')
+    p.add_argument('--warmup', type=int, help='discarded steps before the timed ones')
+    p.add_argument('--device', choices=grid_mod.DEVICES)
+    p.add_argument('--dtype', choices=grid_mod.DTYPES)
+    p.add_argument('--order', choices=grid_mod.ORDERS)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--memory-limit-gb', type=float, help='use at most this much memory')
+    p.add_argument('--peak-bandwidth-gbs', type=float, help='override the NVML peak bandwidth')
+    p.add_argument('--reference', help='results.json of the same device model to compare with')
+    p.add_argument('--profile', action='store_true',
+                   help='profile a few steps per mode (first session) for the step anatomy')
+    p.add_argument('-o', '--output', default=DEFAULT_OUTPUT, help='output directory')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+def _compare_parser():
+    p = argparse.ArgumentParser(prog='bench compare',
+                                description='Per-cell ratio of B over A (ms/step) with CIs.')
+    p.add_argument('a', help='results.json (A, the baseline)')
+    p.add_argument('b', help='results.json (B)')
+    p.add_argument('--confidence', type=float, default=0.95)
+    return p
+
+
+def _report_parser():
+    p = argparse.ArgumentParser(prog='bench report', description='Rewrite report, CSV, '
+                                'summary and plots of a results.json and re-run its verdict.')
+    p.add_argument('results', help='results.json of a bench run')
+    p.add_argument('--grid', help='take the verdict thresholds from this grid instead')
+    p.add_argument('--reference', help='results.json of the same device model')
+    p.add_argument('-o', '--output', help='output directory (default: next to results.json)')
+    return p
+
+
+def finish(results, out_dir, thresholds, confidence, resamples):
+    """Analyse raw results, write every output, return the verdict."""
+    from decode_monitor.bench import analysis, plots, report, verdict
+    reference = None
+    if thresholds.reference:
+        reference = verdict.load_results(thresholds.reference)
+    cells = analysis.cell_stats(results, confidence, resamples)
+    speedups = analysis.speedups(results, confidence, resamples)
+    outcome = verdict.evaluate(results, thresholds, reference, confidence, resamples, cells)
+    results['verdict'] = outcome
+    names = plots.write_plots(out_dir, cells, speedups,
+                              results.get('environment', {}).get('device_name'))
+    report.write_all(out_dir, results, cells, speedups, outcome, names, confidence)
+    return outcome, cells, speedups
+
+
+def _print_table(cells, speedups, confidence, outcome, out_dir):
+    from decode_monitor.bench import report
+    if cells:
+        print(report.results_table(cells, speedups, confidence))
+    print(f"verdict: {'PASS' if outcome['passed'] else 'FAIL'}"
+          + (f" ({'; '.join(outcome['reasons'])})" if outcome['reasons'] else ''))
+    for c in outcome['cells']:
+        if not c['passed']:
+            print(f"  {c['model']} ctx {c['ctx']} {c['backend']} {c['mode']}: "
+                  + '; '.join(c['reasons']))
+    print(f'outputs: {os.path.abspath(out_dir)}')
+
+
+def cmd_run(argv):
+    args = _run_parser().parse_args(argv)
+    grid = grid_mod.load(args.grid)
+    grid = grid_mod.with_overrides(
+        grid, models=args.models, contexts=args.contexts, modes=args.modes,
+        backends=args.backends, sessions=args.sessions, steps=args.steps, warmup=args.warmup,
+        device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
+        memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
+        reference=args.reference)
+    if grid.verdict.reference and not os.path.isfile(grid.verdict.reference):
+        raise VerdictUsageError(f'reference {grid.verdict.reference!r} does not exist')
+    from decode_monitor.bench.run import run_grid
+    results = run_grid(grid, args.output, argv, profile=args.profile,
+                       progress=not args.no_progress)
+    outcome, cells, speedups = finish(results, args.output, grid.verdict, grid.confidence,
+                                      grid.resamples)
+    _print_table(cells, speedups, grid.confidence, outcome, args.output)
+    return PASS if outcome['passed'] else FAIL
+
+
+def cmd_report(argv):
+    from decode_monitor.bench.verdict import load_results
+    args = _report_parser().parse_args(argv)
+    results = load_results(args.results)
+    if args.grid:
+        g = grid_mod.load(args.grid)
+        thresholds, confidence, resamples = g.verdict, g.confidence, g.resamples
+    else:
+        stored = dict(results.get('grid') or {})
+        thresholds = grid_mod._verdict(stored.get('verdict'), None)
+        confidence = stored.get('confidence', 0.95)
+        resamples = stored.get('resamples', 9999)
+    if args.reference:
+        from dataclasses import replace
+        thresholds = replace(thresholds, reference=args.reference)
+    out_dir = args.output or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out_dir, exist_ok=True)
+    results.pop('verdict', None)
+    outcome, cells, speedups = finish(results, out_dir, thresholds, confidence, resamples)
+    _print_table(cells, speedups, confidence, outcome, out_dir)
+    return PASS if outcome['passed'] else FAIL
+
+
+def cmd_compare(argv):
+    from decode_monitor.bench import analysis
+    from decode_monitor.bench.verdict import device_name, load_results
+    from decode_monitor.telemetry import stats
+    args = _compare_parser().parse_args(argv)
+    if not 0 < args.confidence < 1:
+        raise grid_mod.GridError(f'--confidence: expected a number in (0, 1), got '
+                                 f'{args.confidence}')
+    a, b = load_results(args.a), load_results(args.b)
+    rows, only_a, only_b = analysis.compare(a, b, args.confidence)
+    print(f'A: {args.a} ({device_name(a)})')
+    print(f'B: {args.b} ({device_name(b)})')
+    print(f'| model | ctx | backend | mode | A ms | B ms | B/A [{args.confidence:.0%} CI] |')
+    print('|---|---:|---|---|---:|---:|---:|')
+    for r in rows:
+        print(f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['a_ms']:.3f} "
+              f"| {r['b_ms']:.3f} | {stats.format_ratio(r['ratio'])} |")
+    for label, keys in (('only in A', only_a), ('only in B', only_b)):
+        for k in keys:
+            print(f'{label}: {" ".join(map(str, k))}')
+    if not rows:
+        print('no cell is in both results')
+        return FAIL
+    return PASS
+
+
+COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, systemd: finish with partial data
+    command = cmd_run
+    if argv and argv[0] in COMMANDS:
+        command = COMMANDS[argv.pop(0)]
+    try:
+        return command(argv)
+    except SystemExit as exc:  # argparse: --help is 0, a usage error 2
+        return exc.code if isinstance(exc.code, int) else USAGE
+    except (grid_mod.GridError, VerdictUsageError) as exc:
+        print(f'bench: error: {exc}', file=sys.stderr)
+        return USAGE
+
+
+if __name__ == '__main__':
+    sys.exit(main())

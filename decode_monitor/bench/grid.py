@@ -1,0 +1,300 @@
+"""The bench grid: YAML file -> validated Grid, CLI overrides on top.
+
+Every error names the key it is about ("contexts[2]: expected a positive integer, got 'x'").
+"""
+from dataclasses import asdict, dataclass, field, fields, replace
+import os
+
+import yaml
+
+NAMED_GRIDS = {'study': 'bench.yaml', 'quick': 'bench_quick.yaml'}
+DTYPES = ('auto', 'bfloat16', 'float16', 'float32')  # auto: bfloat16 on a GPU, float32 on a CPU
+DEVICES = ('auto', 'cuda', 'cpu')
+ORDERS = ('random', 'alternate')
+MODES = ('eager', 'graph')
+
+
+class GridError(ValueError):
+    """A grid file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    min_floor_fraction: dict = field(default_factory=dict)  # mode -> minimum fraction
+    max_step_ms: float = None
+    allow_throttling: bool = False
+    reference: str = None
+    reference_tolerance: float = 0.10
+
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple
+    contexts: tuple
+    modes: tuple = MODES
+    backends: tuple = ('hf',)
+    dtype: str = 'bfloat16'
+    device: str = 'auto'
+    sessions: int = 10
+    steps: int = 100
+    warmup: int = 20
+    order: str = 'random'
+    seed: int = 0
+    memory_margin_gb: float = 2.0
+    memory_limit_gb: float = None
+    peak_bandwidth_gbs: float = None
+    session_timeout_s: float = 1800.0
+    profile_steps: int = 3
+    profile_context: int = None
+    confidence: float = 0.95
+    resamples: int = 9999
+    verdict: Verdict = field(default_factory=Verdict)
+    source: str = None  # the file it came from
+
+    def cells(self):
+        """Every (model, ctx, backend, mode) of the grid, in file order."""
+        return [(m, c, b, mode) for m in self.models for c in self.contexts
+                for b in self.backends for mode in self.modes]
+
+    def as_dict(self):
+        return asdict(self)
+
+
+# -- value checkers: each returns the clean value or raises GridError naming the key -----------
+def _fail(key, expected, value):
+    raise GridError(f'{key}: expected {expected}, got {value!r}')
+
+
+def _pos_int(key, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, 'a positive integer' if minimum == 1 else f'an integer >= {minimum}', value)
+    return value
+
+
+def _number(key, value, minimum=0.0, allow_none=False, exclusive=False):
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value < minimum or (exclusive and value == minimum):
+        what = f'a number {">" if exclusive else ">="} {minimum}'
+        _fail(key, what + (' or null' if allow_none else ''), value)
+    return float(value)
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        _fail(key, 'one of ' + ', '.join(choices), value)
+    return value
+
+
+def _nonempty_list(key, value):
+    if isinstance(value, (str, int)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail(key, 'a non-empty list', value)
+    if len(set(map(str, value))) != len(value):
+        _fail(key, 'a list without duplicates', value)
+    return list(value)
+
+
+def _model(key, value):
+    from decode_monitor.engine.presets import PRESETS
+    if not isinstance(value, str) or not value:
+        _fail(key, 'a preset name or a checkpoint directory', value)
+    if value in PRESETS or value in ('smollm2', 'default'):
+        return value
+    if os.path.isdir(value) or (os.path.isfile(value) and value.endswith('.gguf')):
+        return value
+    raise GridError(f'{key}: {value!r} is neither a preset ({", ".join(sorted(PRESETS))}), '
+                    "'smollm2', a checkpoint directory nor a .gguf file")
+
+
+def registered_backends():
+    """Backends the engine knows, including `fused` when that package is present."""
+    try:
+        import decode_monitor.engine.fused  # noqa: F401  registers itself
+    except ImportError:
+        pass
+    from decode_monitor.engine.decoder import BACKENDS
+    return tuple(sorted(BACKENDS))
+
+
+def _verdict(raw, base_dir):
+    if raw is None:
+        return Verdict()
+    if not isinstance(raw, dict):
+        _fail('verdict', 'a mapping', raw)
+    known = {f.name for f in fields(Verdict)}
+    for key in raw:
+        if key not in known:
+            raise GridError(f'verdict.{key}: unknown key; known: {", ".join(sorted(known))}')
+    mins = raw.get('min_floor_fraction', {}) or {}
+    if isinstance(mins, (int, float)) and not isinstance(mins, bool):
+        mins = {mode: mins for mode in MODES}
+    if not isinstance(mins, dict):
+        _fail('verdict.min_floor_fraction', 'a number or a mapping mode -> number', mins)
+    clean = {}
+    for mode, value in mins.items():
+        _choice('verdict.min_floor_fraction', mode, MODES)
+        clean[mode] = _number(f'verdict.min_floor_fraction.{mode}', value)
+        if clean[mode] > 1.0:
+            _fail(f'verdict.min_floor_fraction.{mode}', 'a fraction <= 1', value)
+    allow = raw.get('allow_throttling', False)
+    if not isinstance(allow, bool):
+        _fail('verdict.allow_throttling', 'true or false', allow)
+    reference = raw.get('reference')
+    if reference is not None:
+        if not isinstance(reference, str):
+            _fail('verdict.reference', 'a path to a results.json or null', reference)
+        reference = resolve_path(reference, base_dir)
+    return Verdict(
+        min_floor_fraction=clean,
+        max_step_ms=_number('verdict.max_step_ms', raw.get('max_step_ms'), allow_none=True,
+                            exclusive=True),
+        allow_throttling=allow, reference=reference,
+        reference_tolerance=_number('verdict.reference_tolerance',
+                                    raw.get('reference_tolerance', 0.10)))
+
+
+def resolve_path(path, base_dir):
+    """A relative path in a grid file means relative to that file (else to the cwd)."""
+    if os.path.isabs(path) or base_dir is None:
+        return path
+    candidate = os.path.join(base_dir, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def from_mapping(raw, source='<grid>', base_dir=None):
+    """Validate a parsed YAML mapping into a Grid."""
+    if not isinstance(raw, dict):
+        raise GridError(f'{source}: the grid must be a mapping of keys, not {type(raw).__name__}')
+    known = {f.name for f in fields(Grid)} - {'source'}
+    for key in raw:
+        if key not in known:
+            raise GridError(f'{source}: {key}: unknown key; known: {", ".join(sorted(known))}')
+    for key in ('models', 'contexts'):
+        if key not in raw:
+            raise GridError(f'{source}: {key}: missing (required)')
+    try:
+        return _build(raw, source, base_dir)
+    except GridError as exc:
+        raise GridError(f'{source}: {exc}') from None
+
+
+def _build(raw, source, base_dir):
+    defaults = Grid(models=(), contexts=())
+    get = raw.get
+    models = _nonempty_list('models', raw['models'])
+    models = tuple(_model(f'models[{i}]', m) for i, m in enumerate(models))
+    contexts = _nonempty_list('contexts', raw['contexts'])
+    contexts = tuple(_pos_int(f'contexts[{i}]', c) for i, c in enumerate(contexts))
+    modes = _nonempty_list('modes', get('modes', list(MODES)))
+    modes = tuple(_choice(f'modes[{i}]', m, MODES) for i, m in enumerate(modes))
+    known_backends = registered_backends()
+    backends = _nonempty_list('backends', get('backends', ['hf']))
+    backends = tuple(_choice(f'backends[{i}]', b, known_backends)
+                     for i, b in enumerate(backends))
+    profile_context = get('profile_context')
+    if profile_context is not None:
+        _pos_int('profile_context', profile_context)
+    return Grid(
+        models=models, contexts=contexts, modes=modes, backends=backends,
+        dtype=_choice('dtype', get('dtype', defaults.dtype), DTYPES),
+        device=_choice('device', get('device', defaults.device), DEVICES),
+        sessions=_pos_int('sessions', get('sessions', defaults.sessions)),
+        steps=_pos_int('steps', get('steps', defaults.steps)),
+        warmup=_pos_int('warmup', get('warmup', defaults.warmup), minimum=0),
+        order=_choice('order', get('order', defaults.order), ORDERS),
+        seed=_pos_int('seed', get('seed', defaults.seed), minimum=0),
+        memory_margin_gb=_number('memory_margin_gb',
+                                 get('memory_margin_gb', defaults.memory_margin_gb)),
+        memory_limit_gb=_number('memory_limit_gb', get('memory_limit_gb'), allow_none=True,
+                                exclusive=True),
+        peak_bandwidth_gbs=_number('peak_bandwidth_gbs', get('peak_bandwidth_gbs'),
+                                   allow_none=True, exclusive=True),
+        session_timeout_s=_number('session_timeout_s',
+                                  get('session_timeout_s', defaults.session_timeout_s),
+                                  exclusive=True),
+        profile_steps=_pos_int('profile_steps', get('profile_steps', defaults.profile_steps)),
+        profile_context=profile_context,
+        confidence=_confidence(get('confidence', defaults.confidence)),
+        resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
+        verdict=_verdict(get('verdict'), base_dir),
+        source=source)
+
+
+def _confidence(value):
+    value = _number('confidence', value, exclusive=True)
+    if value >= 1.0:
+        _fail('confidence', 'a number in (0, 1)', value)
+    return value
+
+
+def default_config_dirs():
+    """Where named grids are looked for: the source tree, then the installed share directory."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    dirs = [os.path.normpath(os.path.join(here, '..', '..', 'config'))]
+    import sys
+    dirs.append(os.path.join(sys.prefix, 'share', 'decode_monitor', 'config'))
+    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
+        if prefix:
+            dirs.append(os.path.join(prefix, 'share', 'decode_monitor', 'config'))
+    return dirs
+
+
+def locate(name_or_path):
+    """'study' / 'quick' -> the installed YAML; anything else is a path."""
+    if name_or_path in NAMED_GRIDS:
+        filename = NAMED_GRIDS[name_or_path]
+        for directory in default_config_dirs():
+            path = os.path.join(directory, filename)
+            if os.path.isfile(path):
+                return path
+        raise GridError(f'grid {name_or_path!r}: {filename} not found in '
+                        + ', '.join(default_config_dirs()))
+    if not os.path.isfile(name_or_path):
+        raise GridError(f'grid file {name_or_path!r} does not exist '
+                        f'(named grids: {", ".join(NAMED_GRIDS)})')
+    return name_or_path
+
+
+def load(name_or_path):
+    path = locate(name_or_path)
+    try:
+        with open(path, encoding='utf-8') as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise GridError(f'{path}: not valid YAML: {exc}') from None
+    if raw is None:
+        raise GridError(f'{path}: the file is empty')
+    return from_mapping(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+# CLI flag -> grid key; values are validated exactly like the file's.
+OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'sessions', 'steps', 'warmup', 'device',
+             'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs')
+
+
+def with_overrides(grid, **values):
+    """A new Grid with the given keys replaced (None means: keep the file's value)."""
+    changes = {k: v for k, v in values.items() if v is not None}
+    for key in changes:
+        if key not in OVERRIDES and key not in ('reference', 'profile_context'):
+            raise GridError(f'{key}: cannot be overridden from the command line')
+    if not changes:
+        return grid
+    raw = grid.as_dict()
+    raw.pop('source')
+    verdict = raw.pop('verdict')
+    if 'reference' in changes:
+        verdict['reference'] = changes.pop('reference')
+    for key, value in changes.items():
+        raw[key] = list(value) if isinstance(value, tuple) else value
+    for key in ('models', 'contexts', 'modes', 'backends'):
+        raw[key] = list(raw[key])
+    raw['verdict'] = verdict
+    try:
+        updated = _build(raw, grid.source, None)
+    except GridError as exc:
+        raise GridError(f'command line: {exc}') from None
+    return replace(updated, source=grid.source)

@@ -1,0 +1,132 @@
+"""Memory pre-check: will a cell fit before anything is allocated?
+
+need = weights (parameters x dtype size, counted on the meta device)
+     + static KV cache for the cell (layers x 2 x kv_heads x head_dim x max_context x dtype size)
+     + the hf backend's transient attention buffers (K/V repeated to the query heads, one layer)
+     + logits + a fixed margin (CUDA context, library workspaces, graph pools).
+free = NVML free memory on a GPU (the parent never opens a CUDA context), MemAvailable on a CPU,
+capped by `memory_limit_gb` when the grid sets one.
+"""
+from dataclasses import dataclass
+import os
+
+GB = 1e9
+DTYPE_BYTES = {'bfloat16': 2, 'float16': 2, 'float32': 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Fit:
+    fits: bool
+    need_bytes: float
+    free_bytes: float
+    reason: str = None
+
+
+def shape_from_config(config, params):
+    heads = config.num_attention_heads
+    head_dim = getattr(config, 'head_dim', None) or config.hidden_size // heads
+    kv_heads = getattr(config, 'num_key_value_heads', None) or heads
+    return ModelShape(int(params), config.num_hidden_layers, heads, kv_heads, head_dim,
+                      config.vocab_size)
+
+
+def count_params(config):
+    """Parameters of the model `config` describes, counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device('meta'):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+
+
+def model_config(source):
+    """The transformers config of a preset, checkpoint directory or GGUF file (no weights read)."""
+    from decode_monitor.engine.presets import PRESETS, preset_config
+    if source in PRESETS:
+        return preset_config(source)
+    from transformers import AutoConfig
+    if source in ('smollm2', 'default'):
+        from decode_monitor.engine.sources import default_gguf_path
+        path = default_gguf_path()
+        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                          local_files_only=True)
+    if os.path.isfile(source):
+        return AutoConfig.from_pretrained(os.path.dirname(source) or '.',
+                                          gguf_file=os.path.basename(source),
+                                          local_files_only=True)
+    if os.path.isfile(os.path.join(source, 'config.json')):
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    ggufs = sorted(f for f in os.listdir(source) if f.endswith('.gguf'))
+    if not ggufs:
+        raise ValueError(f'{source}: no config.json and no .gguf file')
+    return AutoConfig.from_pretrained(source, gguf_file=ggufs[0], local_files_only=True)
+
+
+def model_shape(source):
+    config = model_config(source)
+    return shape_from_config(config, count_params(config))
+
+
+def cell_bytes(shape, max_context, dtype='bfloat16', margin_gb=0.0):
+    """Bytes a cell needs: weights + KV cache + transient attention/logits buffers + margin."""
+    elem = DTYPE_BYTES[dtype]
+    weights = shape.params * elem
+    kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * max_context * elem
+    repeated_kv = 2 * shape.heads * shape.head_dim * max_context * elem
+    scores = shape.heads * max_context * 4
+    logits = shape.vocab * 4 * 2
+    return weights + kv + repeated_kv + scores + logits + margin_gb * GB
+
+
+def check(need_bytes, free_bytes):
+    if free_bytes is None:
+        return Fit(True, need_bytes, None, None)
+    if need_bytes <= free_bytes:
+        return Fit(True, need_bytes, free_bytes, None)
+    return Fit(False, need_bytes, free_bytes,
+               f'does not fit in memory: needs {need_bytes / GB:.2f} GB, '
+               f'{free_bytes / GB:.2f} GB free')
+
+
+def available_ram_bytes():
+    """MemAvailable from /proc/meminfo (free + reclaimable), else free physical pages."""
+    try:
+        with open('/proc/meminfo', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError):
+        return None
+
+
+def gpu_free_bytes(index=0):
+    """Free GPU memory from NVML, without creating a CUDA context; None if NVML is missing."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:
+        return None
+
+
+def free_bytes(device, limit_gb=None):
+    free = gpu_free_bytes() if device == 'cuda' else available_ram_bytes()
+    if limit_gb is not None:
+        limit = limit_gb * GB
+        free = limit if free is None else min(free, limit)
+    return free

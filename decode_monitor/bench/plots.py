@@ -1,0 +1,134 @@
+"""PNG plots of a bench run (matplotlib, Agg backend: no display needed)."""
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+STEP_MS = 'step_ms_vs_ctx.png'
+FRACTION = 'floor_fraction_vs_ctx.png'
+SPEEDUP = 'graph_speedup.png'
+_MARKERS = {'eager': 'o', 'graph': 's'}
+
+
+def _models(cells):
+    return sorted({c['model'] for c in cells})
+
+
+def _series(cells, model):
+    """(backend, mode) -> sorted [(ctx, cell)]"""
+    out = {}
+    for c in cells:
+        if c['model'] == model:
+            out.setdefault((c['backend'], c['mode']), []).append((c['ctx'], c))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in sorted(out.items())}
+
+
+def _errors(ests):
+    lo = [max(e.value - e.lo, 0.0) if e.has_ci else 0.0 for e in ests]
+    hi = [max(e.hi - e.value, 0.0) if e.has_ci else 0.0 for e in ests]
+    return [lo, hi]
+
+
+def _ctx_axis(ax, contexts):
+    """Log-2 context axis labelled with the grid's own contexts (2048, not 2^11)."""
+    ax.set_xscale('log', base=2)
+    ticks = sorted(set(contexts))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(c) for c in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel('context (tokens)')
+
+
+def _figure(n):
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, out_dir, name):
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def step_ms_plot(cells, out_dir, title):
+    models = _models(cells)
+    fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        floors = {}
+        for (backend, mode), points in _series(cells, model).items():
+            ctx = [p[0] for p in points]
+            ests = [p[1]['ms_per_step'] for p in points]
+            ax.errorbar(ctx, [e.value for e in ests], yerr=_errors(ests), capsize=3,
+                        marker=_MARKERS.get(mode, '^'), label=f'{backend} {mode}')
+            for c, cell in points:
+                floors.setdefault('peak', {})[c] = cell['floor_ms_peak']
+                floors.setdefault('copy', {})[c] = cell['floor_ms_copy']
+        for basis, style in (('peak', 'k-'), ('copy', 'k--')):
+            pts = sorted((c, f) for c, f in floors.get(basis, {}).items() if f is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, linewidth=1,
+                        label=f'floor ({basis} bandwidth)')
+        _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
+        ax.set_ylabel('ms per decode step')
+        ax.set_ylim(bottom=0)
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_dir, STEP_MS)
+
+
+def fraction_plot(cells, out_dir, title):
+    models = _models(cells)
+    fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        for (backend, mode), points in _series(cells, model).items():
+            basis = 'peak' if points[0][1]['floor_fraction'] is not None else 'copy'
+            key = 'floor_fraction' if basis == 'peak' else 'copy_fraction'
+            ests = [p[1][key] for p in points]
+            ax.errorbar([p[0] for p in points], [e.value * 100 for e in ests],
+                        yerr=[[v * 100 for v in side] for side in _errors(ests)], capsize=3,
+                        marker=_MARKERS.get(mode, '^'), label=f'{backend} {mode} (vs {basis})')
+        _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
+        ax.set_ylabel('achieved % of the memory floor')
+        ax.set_ylim(0, 100)
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_dir, FRACTION)
+
+
+def speedup_plot(speedups, out_dir, title):
+    models = sorted({s['model'] for s in speedups})
+    fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        for backend in sorted({s['backend'] for s in speedups if s['model'] == model}):
+            rows = sorted((s for s in speedups if s['model'] == model
+                           and s['backend'] == backend), key=lambda s: s['ctx'])
+            ests = [s['speedup'] for s in rows]
+            ax.errorbar([s['ctx'] for s in rows], [e.value for e in ests], yerr=_errors(ests),
+                        capsize=4, marker='o', label=f'{backend}: eager / graph')
+        ax.axhline(1.0, color='k', linewidth=0.8)
+        _ctx_axis(ax, [s['ctx'] for s in speedups if s['model'] == model])
+        ax.set_ylabel('CUDA-graph speedup (×)')
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_dir, SPEEDUP)
+
+
+def write_plots(out_dir, cells, speedups, device_name):
+    """Write the plots there is data for; returns their file names."""
+    if not cells:
+        return []
+    title = device_name or ''
+    names = [step_ms_plot(cells, out_dir, title), fraction_plot(cells, out_dir, title)]
+    if speedups:
+        names.append(speedup_plot(speedups, out_dir, title))
+    return names

@@ -1,0 +1,126 @@
+"""Hardware qualification: thresholds and an optional reference profile -> pass/fail.
+
+A cell fails when its mean achieved fraction of the floor is under the mode's minimum, its mean
+step time is over the maximum, the GPU reported power or thermal throttling during it (unless
+allowed), any of its sessions failed, or it is slower than the reference by more than the
+tolerance (the CI of the ratio lies wholly above 1 + tolerance). Cells skipped because they
+cannot fit are reported, not failed. The run passes when at least one cell was measured and no
+cell failed.
+"""
+import json
+
+from decode_monitor.bench import analysis
+from decode_monitor.telemetry import stats
+
+PASS, FAIL, USAGE = 0, 1, 2
+
+
+class VerdictUsageError(ValueError):
+    """The verdict cannot be formed as asked (unreadable or mismatched reference)."""
+
+
+def load_results(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
+    except OSError as exc:
+        raise VerdictUsageError(f'cannot read {path}: {exc.strerror}') from None
+    except json.JSONDecodeError as exc:
+        raise VerdictUsageError(f'{path}: not JSON: {exc}') from None
+    if not isinstance(results, dict) or 'samples' not in results:
+        raise VerdictUsageError(f'{path}: not a bench results.json (no "samples")')
+    return results
+
+
+def device_name(results):
+    return (results.get('environment') or {}).get('device_name')
+
+
+def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=9999,
+             cells=None):
+    """-> {'passed', 'cells': [...], 'reasons': [...], 'reference': {...} or None}."""
+    cells = cells if cells is not None else analysis.cell_stats(results, confidence, resamples)
+    ref_medians = None
+    ref_info = None
+    if reference is not None:
+        mine, theirs = device_name(results), device_name(reference)
+        if mine != theirs:
+            raise VerdictUsageError(
+                f'the reference profile was measured on {theirs!r}, this run on {mine!r}: '
+                'a reference must come from the same device model')
+        ref_medians = _medians(reference)
+        ref_info = {'device_name': theirs,
+                    'created': (reference.get('environment') or {}).get('created'),
+                    'tolerance': thresholds.reference_tolerance}
+    errors = {}
+    for s in analysis.failed_samples(results):
+        errors.setdefault(analysis.cell_key(s), []).append(
+            f"session {s['session']}: {s.get('reason')}")
+    rows = []
+    for seed, cell in enumerate(cells):
+        key = (cell['model'], cell['ctx'], cell['backend'], cell['mode'])
+        reasons = [f'error in {e}' for e in errors.pop(key, [])]
+        reasons += _threshold_reasons(cell, thresholds)
+        row = {'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3]}
+        if ref_medians is not None:
+            mine = cell['session_medians_ms']
+            if key in ref_medians:
+                ratio = stats.ratio_ci(mine, ref_medians[key], confidence, resamples, seed)
+                row['reference_ratio'] = ratio.as_dict()
+                limit = 1.0 + thresholds.reference_tolerance
+                # Slower beyond the tolerance with confidence: the whole CI is over the limit
+                # (a single-session run, without a CI, is judged on its point estimate).
+                low = ratio.lo if ratio.has_ci else ratio.value
+                if low > limit:
+                    reasons.append(f'{stats.format_ratio(ratio)} the reference step time '
+                                   f'(limit {limit:.2f}×)')
+            else:
+                row['reference_ratio'] = None
+        row['passed'] = not reasons
+        row['reasons'] = reasons
+        rows.append(row)
+    for key, errs in sorted(errors.items(), key=lambda kv: analysis.sort_key(kv[0])):
+        rows.append({'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3],
+                     'passed': False, 'reasons': [f'error in {e}' for e in errs]})
+    run_reasons = []
+    if results.get('interrupted'):
+        run_reasons.append('the run was interrupted')
+    if not cells:
+        run_reasons.append('no cell was measured')
+    failed = [r for r in rows if not r['passed']]
+    if failed:
+        run_reasons.append(f'{len(failed)} of {len(rows)} cells failed')
+    return {'passed': not run_reasons, 'cells': rows, 'reasons': run_reasons,
+            'reference': ref_info, 'thresholds': _thresholds_dict(thresholds)}
+
+
+def _thresholds_dict(t):
+    return {'min_floor_fraction': dict(t.min_floor_fraction), 'max_step_ms': t.max_step_ms,
+            'allow_throttling': t.allow_throttling, 'reference': t.reference,
+            'reference_tolerance': t.reference_tolerance}
+
+
+def _threshold_reasons(cell, t):
+    reasons = []
+    minimum = t.min_floor_fraction.get(cell['mode'])
+    fraction, basis = cell['floor_fraction'], 'peak'
+    if fraction is None:
+        fraction, basis = cell['copy_fraction'], 'copy'
+    if minimum is not None and fraction is not None and fraction.value < minimum:
+        reasons.append(f'achieved {fraction.value:.1%} of the floor ({basis} bandwidth), '
+                       f'minimum {minimum:.1%}')
+    ms = cell['ms_per_step'].value
+    if t.max_step_ms is not None and ms > t.max_step_ms:
+        reasons.append(f'{ms:.3f} ms/step over the maximum {t.max_step_ms:g} ms')
+    if not t.allow_throttling and cell['throttle_reasons']:
+        sessions = ', '.join(str(s) for s in cell['throttled_sessions'])
+        reasons.append(f"throttled ({', '.join(cell['throttle_reasons'])}) in session(s) "
+                       f'{sessions}')
+    return reasons
+
+
+def _medians(results):
+    out = {}
+    for s in analysis.ok_samples(results):
+        out.setdefault(analysis.cell_key(s), []).append(analysis.session_median(s))
+    return out

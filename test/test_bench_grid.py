@@ -1,0 +1,124 @@
+"""Grid files: the shipped ones parse, every validation error names its key, CLI overrides."""
+import os
+
+import pytest
+import yaml
+
+from decode_monitor.bench import grid as G
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def _write(tmp_path, data, name='grid.yaml'):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_study_grid_is_the_papers():
+    g = G.load('study')
+    assert g.models == ('qwen2.5-7b', 'llama-3-8b', 'mistral-7b')
+    assert g.contexts == (2048, 4096, 8192, 16384)
+    assert g.modes == ('eager', 'graph') and g.backends == ('hf',)
+    assert g.dtype == 'bfloat16' and g.sessions == 10
+    assert len(g.cells()) == 24
+    assert os.path.samefile(g.source, os.path.join(ROOT, 'config', 'bench.yaml'))
+
+
+def test_quick_grid_parses():
+    g = G.load('quick')
+    assert g.models == ('tiny',) and g.sessions >= 2
+    assert os.path.samefile(g.source, os.path.join(ROOT, 'config', 'bench_quick.yaml'))
+
+
+def test_minimal_grid_takes_defaults(tmp_path):
+    g = G.load(_write(tmp_path, {'models': ['tiny'], 'contexts': [16]}))
+    assert g.modes == ('eager', 'graph') and g.backends == ('hf',) and g.order == 'random'
+    assert g.verdict.min_floor_fraction == {} and g.verdict.max_step_ms is None
+
+
+def test_checkpoint_directory_is_a_model(tmp_path):
+    ckpt = tmp_path / 'ckpt'
+    ckpt.mkdir()
+    g = G.load(_write(tmp_path, {'models': [str(ckpt)], 'contexts': [16]}))
+    assert g.models == (str(ckpt),)
+
+
+BASE = {'models': ['tiny'], 'contexts': [16, 32]}
+
+
+@pytest.mark.parametrize('change, key', [
+    ({'models': ['no-such-model']}, 'models[0]'),
+    ({'models': []}, 'models'),
+    ({'models': ['tiny', 'tiny']}, 'models'),
+    ({'contexts': [16, 'x']}, 'contexts[1]'),
+    ({'contexts': [16, 0]}, 'contexts[1]'),
+    ({'contexts': [16, True]}, 'contexts[1]'),
+    ({'modes': ['eager', 'turbo']}, 'modes[1]'),
+    ({'backends': ['nope']}, 'backends[0]'),
+    ({'dtype': 'int3'}, 'dtype'),
+    ({'device': 'tpu'}, 'device'),
+    ({'sessions': 0}, 'sessions'),
+    ({'steps': 2.5}, 'steps'),
+    ({'warmup': -1}, 'warmup'),
+    ({'order': 'sideways'}, 'order'),
+    ({'memory_margin_gb': -1}, 'memory_margin_gb'),
+    ({'memory_limit_gb': 0}, 'memory_limit_gb'),
+    ({'peak_bandwidth_gbs': 'fast'}, 'peak_bandwidth_gbs'),
+    ({'confidence': 1.0}, 'confidence'),
+    ({'resamples': 10}, 'resamples'),
+    ({'profile_context': -5}, 'profile_context'),
+    ({'colour': 'blue'}, 'colour'),
+    ({'verdict': 'strict'}, 'verdict'),
+    ({'verdict': {'min_floor_fraction': {'turbo': 0.5}}}, 'verdict.min_floor_fraction'),
+    ({'verdict': {'min_floor_fraction': {'graph': 1.5}}}, 'verdict.min_floor_fraction.graph'),
+    ({'verdict': {'max_step_ms': 0}}, 'verdict.max_step_ms'),
+    ({'verdict': {'allow_throttling': 'maybe'}}, 'verdict.allow_throttling'),
+    ({'verdict': {'strictness': 3}}, 'verdict.strictness'),
+])
+def test_each_bad_key_is_named(tmp_path, change, key):
+    path = _write(tmp_path, dict(BASE, **change))
+    with pytest.raises(G.GridError) as err:
+        G.load(path)
+    message = str(err.value)
+    assert f'{key}:' in message and path in message
+
+
+def test_missing_required_keys(tmp_path):
+    with pytest.raises(G.GridError, match='contexts: missing'):
+        G.load(_write(tmp_path, {'models': ['tiny']}))
+    with pytest.raises(G.GridError, match='models: missing'):
+        G.load(_write(tmp_path, {'contexts': [16]}))
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(G.GridError, match='does not exist'):
+        G.load(str(tmp_path / 'absent.yaml'))
+    with pytest.raises(G.GridError, match='not valid YAML'):
+        G.load(_write(tmp_path, 'models: [tiny\ncontexts: ['))
+    with pytest.raises(G.GridError, match='empty'):
+        G.load(_write(tmp_path, ''))
+    with pytest.raises(G.GridError, match='mapping'):
+        G.load(_write(tmp_path, '- tiny\n- 16\n'))
+
+
+def test_reference_path_is_relative_to_the_grid_file(tmp_path):
+    sub = tmp_path / 'grids'
+    sub.mkdir()
+    (sub / 'ref.json').write_text('{}')
+    g = G.load(_write(sub, dict(BASE, verdict={'reference': 'ref.json'})))
+    assert g.verdict.reference == str(sub / 'ref.json')
+
+
+def test_overrides_replace_and_validate():
+    g = G.load('quick')
+    o = G.with_overrides(g, models=['tiny-qwen2'], contexts=[8, 24], modes=['eager'],
+                         sessions=3, steps=4, warmup=0, memory_limit_gb=0.5)
+    assert o.models == ('tiny-qwen2',) and o.contexts == (8, 24) and o.modes == ('eager',)
+    assert (o.sessions, o.steps, o.warmup, o.memory_limit_gb) == (3, 4, 0, 0.5)
+    assert o.verdict == g.verdict and o.source == g.source
+    assert G.with_overrides(g) == g  # nothing given: nothing changes
+    with pytest.raises(G.GridError, match=r'command line: contexts\[0\]'):
+        G.with_overrides(g, contexts=[-1])
+    with pytest.raises(G.GridError, match=r'command line: models\[0\]'):
+        G.with_overrides(g, models=['gpt-17'])
