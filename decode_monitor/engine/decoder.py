@@ -83,11 +83,19 @@ class Decoder:
             pool = None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture stream, as graphs require
-                for greedy in (True, False):
-                    for _ in range(2):
-                        self._seek(0)
-                        self._step(greedy)
+            # Warm up off the capture stream, as graphs require. A step that syncs with the host
+            # cannot be captured, and a capture that fails half-way leaves torch's CUDA RNG
+            # believing it is still capturing: catch such steps here, before any capture.
+            sync_mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode('error')
+            try:
+                with torch.cuda.stream(stream):
+                    for greedy in (True, False):
+                        for _ in range(2):
+                            self._seek(0)
+                            self._step(greedy)
+            finally:
+                torch.cuda.set_sync_debug_mode(sync_mode)
             torch.cuda.current_stream().wait_stream(stream)
             for greedy in (True, False):
                 self._seek(0)
@@ -100,7 +108,8 @@ class Decoder:
         except Exception as exc:  # capture fails in many ways; all of them mean "run eager"
             self._graphs.clear()
             torch.cuda.synchronize()
-            self._fall_back(f'graph capture failed: {type(exc).__name__}: {exc}')
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
+            self._fall_back(f'graph capture failed: {type(exc).__name__}: {first_line}')
         finally:
             self._seek(saved_pos)
 

@@ -1,7 +1,7 @@
 """Token sampling that runs on the device and can be captured in a CUDA graph.
 
 Parameters live in device tensors (`SamplingState`), so one captured graph serves every request.
-Randomness comes from a counter-based hash of (seed, position, rank): no generator state, the
+Randomness comes from a counter-based hash of (seed, position, token id): no generator state, the
 same tokens on any device for the same seed, and nothing for graph capture to trip over.
 """
 from dataclasses import dataclass
@@ -64,7 +64,8 @@ def sample_greedy(logits):
 def sample_stochastic(logits, state, pos):
     """Temperature, then top-k, then top-p (nucleus), then a Gumbel-max draw; (1, 1) ids."""
     scaled = logits.float() / state.temperature
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (1, vocab)
+    # stable: tied logits must sort the same way every run, or a seed would not fix the tokens
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # (1, vocab)
     vocab = sorted_logits.shape[-1]
     rank = torch.arange(vocab, device=logits.device)
     k = torch.where(state.top_k > 0, state.top_k, vocab)
@@ -72,6 +73,7 @@ def sample_stochastic(logits, state, pos):
     mass_before = probs.cumsum(dim=-1) - probs
     keep = (rank < k) & (mass_before < state.top_p)
     keep[..., 0] = True  # the most likely token always survives
-    gumbel = -torch.log(-torch.log(uniform_noise(state.seed, pos, vocab)))
+    # noise belongs to token ids, not ranks, so the draw does not depend on the sort order
+    gumbel = -torch.log(-torch.log(uniform_noise(state.seed, pos, vocab)))[order]
     choice = torch.where(keep, sorted_logits + gumbel, float('-inf')).argmax(dim=-1, keepdim=True)
     return order.gather(-1, choice)
