@@ -2,10 +2,15 @@ import os
 import random
 
 import pytest
+import torch
 
 # Keep test traffic on this machine and away from any other ROS graph running beside it.
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(100, 200)))
+# Without a GPU, Triton kernels run in Triton's interpreter. That must be chosen before triton is
+# first imported (importing transformers' model classes imports it), so here, not in a test.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,192 @@
+"""Triton M=1 GEMV kernels for batch-1 decode, with the neighbouring element-wise work fused in.
+
+A decode step is a chain of matrix-vector products, each streaming a weight matrix once, so the
+whole step is as fast as these kernels stream HBM. Each program owns BLOCK_N output rows and
+walks the full K (no split-K): with N >= 3584 rows there are hundreds of programs, enough to
+keep every SM's loads in flight, and no cross-program reduction is needed. What runs around a
+GEMV rides along in its loop or epilogue instead of costing a launch and a round trip:
+
+- RMSNorm of the input: the sum of squares accumulates in the same loop that reads x, and
+  W @ (g * x * rstd) == rstd * (W @ (g * x)), so rstd multiplies the result at the end.
+- SiLU(gate) * up: gate and up rows are read by the same program, two accumulators.
+- Residual add: the o_proj / down_proj output is added to the residual stream in place.
+- Q/K/V: bias, RoPE and the K/V cache write at `pos` (read from device memory).
+"""
+import triton
+import triton.language as tl
+
+from decode_monitor.engine.fused.configs import gemv_config
+
+
+@triton.jit
+def _dot_rows(W, X, NW, rows, K: tl.constexpr, stride_w,
+              NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+    """sum_k W[rows, k] * x'[k] (BLOCK_N,), and sum_k x[k]^2; x' = g * x when NORM."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    w_rows = W + rows.to(tl.int64)[:, None] * stride_w  # (BLOCK_N, 1) pointers
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(X + cols).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :])
+        else:
+            kmask = cols < K
+            x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+        if NORM:
+            ss += x * x
+            if EVEN_K:
+                x = x * tl.load(NW + cols).to(tl.float32)
+            else:
+                x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    return tl.sum(acc, axis=1), tl.sum(ss, axis=0)
+
+
+@triton.jit
+def _dot_row_pairs(W, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w,
+                   NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+    """Like _dot_rows for two row sets sharing one pass over x: (a, b, sum of x^2)."""
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    wa_rows = W + rows_a.to(tl.int64)[:, None] * stride_w
+    wb_rows = W + rows_b.to(tl.int64)[:, None] * stride_w
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(X + cols).to(tl.float32)
+            wa = tl.load(wa_rows + cols[None, :])
+            wb = tl.load(wb_rows + cols[None, :])
+        else:
+            kmask = cols < K
+            x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
+            wa = tl.load(wa_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+            wb = tl.load(wb_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+        if NORM:
+            ss += x * x
+            if EVEN_K:
+                x = x * tl.load(NW + cols).to(tl.float32)
+            else:
+                x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
+        acc_a += wa.to(tl.float32) * x[None, :]
+        acc_b += wb.to(tl.float32) * x[None, :]
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
+
+
+@triton.jit
+def gemv_kernel(W, X, NW, R, Y, N, K: tl.constexpr, stride_w, eps,
+                NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                STAGES: tl.constexpr):
+    """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
+
+    Y may alias R (residual add in place): each program reads and writes only its own rows.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)  # clamped tail rows load valid memory; their store is masked
+    if GATED:
+        g, u, ss = _dot_row_pairs(W, X, NW, rows, rows + N, K, stride_w,
+                                  NORM, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+        if NORM:
+            rstd = tl.rsqrt(ss / K + eps)
+            g = g * rstd
+            u = u * rstd
+        y = g * tl.sigmoid(g) * u
+    else:
+        y, ss = _dot_rows(W, X, NW, rows, K, stride_w, NORM, BLOCK_N, BLOCK_K, EVEN_K,
+                          STAGES)
+        if NORM:
+            y = y * tl.rsqrt(ss / K + eps)
+    if RESIDUAL:
+        y += tl.load(R + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def qkv_rope_kernel(W, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stride_w, eps,
+                    n_pairs, q_pairs, k_pairs, cache_head_stride,
+                    HALF: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+    """rmsnorm -> [q; k; v] = Wqkv x (+ b) -> RoPE on q, k -> q to Q, k and v to the cache at pos.
+
+    Rows are taken in rotate-half pairs (j, j + HALF) of each head, so both halves of a RoPE
+    rotation land in the same program. V heads pass through unrotated.
+    Q: (q_heads * 2 HALF,); KC, VC: (kv_heads, max_context, 2 HALF) of this layer.
+    """
+    pid = tl.program_id(0)
+    p = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # pair index over all heads
+    p_mask = p < n_pairs
+    p = tl.minimum(p, n_pairs - 1)
+    head = p // HALF
+    j = p % HALF
+    rows_a = head * (2 * HALF) + j
+    rows_b = rows_a + HALF
+    a, b, ss = _dot_row_pairs(W, X, NW, rows_a, rows_b, K, stride_w,
+                              True, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+    rstd = tl.rsqrt(ss / K + eps)
+    a = a * rstd
+    b = b * rstd
+    if HAS_BIAS:
+        a += tl.load(B + rows_a).to(tl.float32)
+        b += tl.load(B + rows_b).to(tl.float32)
+    pos = tl.load(POS)
+    c = tl.load(COS + pos * HALF + j)
+    s = tl.load(SIN + pos * HALF + j)
+    is_q = p < q_pairs
+    is_k = (p >= q_pairs) & (p < q_pairs + k_pairs)
+    is_v = p >= q_pairs + k_pairs
+    ra = tl.where(is_v, a, a * c - b * s)
+    rb = tl.where(is_v, b, b * c + a * s)
+    tl.store(Q + rows_a, ra.to(Q.dtype.element_ty), mask=p_mask & is_q)
+    tl.store(Q + rows_b, rb.to(Q.dtype.element_ty), mask=p_mask & is_q)
+    kv_pair = tl.where(is_k, p - q_pairs, p - q_pairs - k_pairs)  # pair index within K or V
+    slot = (kv_pair // HALF) * cache_head_stride + pos * (2 * HALF) + kv_pair % HALF
+    tl.store(KC + slot, ra.to(KC.dtype.element_ty), mask=p_mask & is_k)
+    tl.store(KC + slot + HALF, rb.to(KC.dtype.element_ty), mask=p_mask & is_k)
+    tl.store(VC + slot, ra.to(VC.dtype.element_ty), mask=p_mask & is_v)
+    tl.store(VC + slot + HALF, rb.to(VC.dtype.element_ty), mask=p_mask & is_v)
+
+
+# -- launch wrappers ------------------------------------------------------------------------------
+def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
+         kind=None):
+    """out (N,) = W (N or 2N, K) @ rmsnorm(x (K,)) [+ residual (N,)]; see gemv_kernel."""
+    n = out.shape[0]
+    k = x.shape[0]
+    kind = kind or ('gated' if gated else 'gemv')
+    block_n, block_k, warps, stages = config or gemv_config(kind, n, k, x.device.type == 'cpu')
+    norm = norm_weight is not None
+    res = residual is not None
+    grid = (triton.cdiv(n, block_n),)
+    gemv_kernel[grid](w, x, norm_weight if norm else x, residual if res else out, out,
+                      n, k, w.stride(0), eps, NORM=norm, RESIDUAL=res, GATED=gated,
+                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                      STAGES=stages, num_warps=warps)
+    return out
+
+
+def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_heads, kv_heads,
+             eps, config=None):
+    """One layer's QKV projection with RoPE; writes q and the cache row at device-side pos.
+
+    cos, sin: (max_context, head_dim / 2) fp32 tables; k_cache, v_cache: (kv_heads, T, head_dim).
+    """
+    head_dim = k_cache.shape[-1]
+    half = head_dim // 2
+    kdim = x.shape[0]
+    n_pairs = (q_heads + 2 * kv_heads) * half
+    on_cpu = x.device.type == 'cpu'
+    block_n, block_k, warps, stages = config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu)
+    grid = (triton.cdiv(n_pairs, block_n),)
+    qkv_rope_kernel[grid](w, bias if bias is not None else w, x, norm_weight, cos, sin, pos,
+                          q, k_cache, v_cache, kdim, w.stride(0), eps,
+                          n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
+                          HALF=half, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                          BLOCK_K=block_k, EVEN_K=kdim % block_k == 0, STAGES=stages,
+                          num_warps=warps)

@@ -1,0 +1,210 @@
+"""Backend `fused`: a lean batch-1 decoder over a transformers model's own weights.
+
+At construction the Q/K/V and gate/up weights of each layer are concatenated once, and the
+transformers modules are re-pointed at row slices of the packed copies, so the weights exist
+once in memory and the `hf` backend keeps working on the same model.
+
+Two paths compute the same function:
+- Triton (CUDA default): five kernels a layer (QKV+norm+RoPE+cache write, split-K attention,
+  o_proj+residual, gate/up+norm+SiLU, down+residual), no host sync, one graph per step.
+- torch (CPU default, and prefill everywhere): the same packed weights through torch ops.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _supported(model, max_context):
+    config = model.config
+    if getattr(config, 'hidden_act', 'silu') != 'silu':
+        raise ValueError(f'fused backend supports SiLU MLPs, not {config.hidden_act!r}')
+    # A window at least as long as the cache changes nothing; a shorter one would (Mistral
+    # v0.1 slides every layer; Qwen2 with use_sliding_window, the layers its layer_types name).
+    window = getattr(config, 'sliding_window', None)
+    types = getattr(config, 'layer_types', None)
+    if window is not None and window < max_context and (
+            types is None or 'sliding_attention' in types):
+        raise ValueError(f'fused backend has no sliding-window attention (window {window} < '
+                         f'max_context {max_context})')
+    layer = model.model.layers[0]
+    if layer.self_attn.o_proj.bias is not None or layer.mlp.down_proj.bias is not None:
+        raise ValueError('fused backend supports biases on q/k/v only')
+
+
+def _pack(modules, attr):
+    """Concatenate `attr` of modules along dim 0; re-point each module at its slice.
+
+    The packed tensor is remembered on the first module, so a second backend on the same model
+    (another max_context, say) shares it instead of packing again.
+    """
+    tensors = [getattr(m, attr) for m in modules]
+    if tensors[0] is None:
+        return None
+    packed = getattr(modules[0], '_fused_packed', {}).get(attr)
+    if packed is not None and _still_slices_of(packed, tensors):
+        return packed
+    packed = torch.cat([t.data for t in tensors], dim=0)
+    offset = 0
+    for t in tensors:
+        rows = t.shape[0]
+        t.data = packed[offset:offset + rows]  # a view: the original storage is freed
+        offset += rows
+    modules[0]._fused_packed = {**getattr(modules[0], '_fused_packed', {}), attr: packed}
+    return packed
+
+
+def _still_slices_of(packed, tensors):
+    ptr = packed.data_ptr()
+    for t in tensors:
+        if t.data_ptr() != ptr or t.dtype != packed.dtype:
+            return False
+        ptr += t.numel() * t.element_size()
+    return ptr == packed.data_ptr() + packed.numel() * packed.element_size()
+
+
+def rms_norm(x, weight, eps):
+    """transformers' RMSNorm: statistics in fp32, scaled by the weight in the input dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (T, heads, D); cos, sin: (T, D / 2) fp32, rotate-half convention."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float().split(half, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class Layer:
+    def __init__(self, block):
+        attn, mlp = block.self_attn, block.mlp
+        self.wqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'weight')  # ((Hq+2Hkv)D, H)
+        self.bqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'bias')
+        self.wo = attn.o_proj.weight  # (H, Hq D)
+        self.wgu = _pack([mlp.gate_proj, mlp.up_proj], 'weight')  # (2I, H)
+        self.wd = mlp.down_proj.weight  # (H, I)
+        self.ln1 = block.input_layernorm.weight
+        self.ln2 = block.post_attention_layernorm.weight
+
+
+class FusedBackend:
+    name = 'fused'
+
+    def __init__(self, model, max_context, use_triton=None, attention_config=None):
+        _supported(model, max_context)
+        config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_context = max_context
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, 'head_dim', None) or (
+            config.hidden_size // self.q_heads)
+        self.eps = config.rms_norm_eps
+        inner = model.model
+        self.scale = getattr(inner.layers[0].self_attn, 'scaling', self.head_dim ** -0.5)
+        with torch.no_grad():
+            self.layers = [Layer(block) for block in inner.layers]
+        self.embed = inner.embed_tokens.weight  # (V, H)
+        self.norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight  # (V, H); the embedding itself when tied
+        self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
+        shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.use_triton = self.device.type == 'cuda' if use_triton is None else use_triton
+        if self.use_triton:
+            self._init_triton(attention_config)
+
+    def _rope_tables(self, rotary, max_context):
+        """cos, sin (max_context, D / 2) fp32 from the model's own rotary module (any scaling)."""
+        positions = torch.arange(max_context, device=self.device)[None]
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions)  # (1, T, D) with both halves equal
+        half = self.head_dim // 2
+        return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+    def _init_triton(self, attention_config):
+        from decode_monitor.engine.fused.attention import DecodeAttention  # imports Triton
+        from decode_monitor.engine.fused import configs, gemv
+        if self.device.type == 'cuda':
+            configs.use_builtin(torch.cuda.get_device_name(self.device))
+        self._gemv = gemv
+        self.attention = DecodeAttention(self.q_heads, self.kv_heads, self.head_dim,
+                                         self.max_context, self.device, scale=self.scale,
+                                         config=attention_config)
+        hidden = self.embed.shape[1]
+        inter = self.layers[0].wd.shape[1]
+        qd = self.q_heads * self.head_dim
+        new = dict(dtype=self.dtype, device=self.device)
+        self.h = torch.empty(1, hidden, **new)  # residual stream, updated in place
+        self.q = torch.empty(qd, **new)
+        self.att = torch.empty(qd, **new)
+        self.act = torch.empty(inter, **new)
+        self.logits = torch.empty(1, self.lm_head.shape[0], dtype=torch.float32,
+                                  device=self.device)
+        self._caches = [(self.k_cache[i], self.v_cache[i]) for i in range(len(self.layers))]
+
+    # -- the seam ---------------------------------------------------------------------------
+    def seek(self, pos):
+        """Nothing to do: every K/V write lands at the position read from the pos tensor."""
+
+    @torch.no_grad()
+    def randomize_cache(self):
+        self.k_cache.normal_()
+        self.v_cache.normal_()
+
+    @torch.no_grad()
+    def prefill(self, ids, start_pos=0):
+        """ids (1, T) written at positions start_pos.. -> logits (1, vocab) fp32 of the last."""
+        return self._torch_forward(ids, start_pos)
+
+    @torch.no_grad()
+    def forward_one(self, token, pos):
+        """token (1, 1), pos (1,) device tensors -> logits (1, vocab) fp32.
+
+        On the Triton path the result is a static buffer, overwritten by the next step.
+        """
+        if not self.use_triton:
+            return self._torch_forward(token, int(pos))  # a host read: CPU/reference only
+        gemv, h, eps = self._gemv, self.h, self.eps
+        torch.index_select(self.embed, 0, token.view(1), out=h)
+        h = h.view(-1)
+        for layer, (k_cache, v_cache) in zip(self.layers, self._caches):
+            gemv.qkv_rope(layer.wqkv, layer.bqkv, h, layer.ln1, self.cos, self.sin, pos,
+                          self.q, k_cache, v_cache, self.q_heads, self.kv_heads, eps)
+            self.attention(self.q, k_cache, v_cache, pos, self.att)
+            gemv.gemv(layer.wo, self.att, h, residual=h)
+            gemv.gemv(layer.wgu, h, self.act, norm_weight=layer.ln2, gated=True, eps=eps)
+            gemv.gemv(layer.wd, self.act, h, residual=h)
+        gemv.gemv(self.lm_head, h, self.logits[0], norm_weight=self.norm, eps=eps, kind='head')
+        return self.logits
+
+    # -- torch path -------------------------------------------------------------------------
+    def _torch_forward(self, ids, start):
+        n = ids.shape[1]
+        end = start + n
+        if end > self.max_context:
+            raise ValueError(f'positions up to {end - 1} exceed max_context {self.max_context}')
+        positions = torch.arange(start, end, device=self.device)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D / 2)
+        mask = positions[:, None] >= torch.arange(end, device=self.device)[None, :]  # (T, end)
+        qd, kd = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        h = F.embedding(ids[0], self.embed)  # (T, H)
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(rms_norm(h, layer.ln1, self.eps), layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split([qd, kd, kd], dim=-1)
+            q = apply_rope(q.view(n, self.q_heads, self.head_dim), cos, sin)
+            k = apply_rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+            self.k_cache[i, :, start:end] = k.transpose(0, 1)
+            self.v_cache[i, :, start:end] = v.view(n, self.kv_heads, -1).transpose(0, 1)
+            att = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], self.k_cache[i, None, :, :end],
+                self.v_cache[i, None, :, :end], attn_mask=mask, scale=self.scale,
+                enable_gqa=True)  # (1, Hq, T, D)
+            h = h + F.linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
+            gate, up = F.linear(rms_norm(h, layer.ln2, self.eps), layer.wgu).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.wd)
+        return F.linear(rms_norm(h[-1:], self.norm, self.eps), self.lm_head).float()
