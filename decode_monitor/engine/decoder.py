@@ -32,12 +32,16 @@ class Step:
 
 
 def register_backend(name, factory):
-    """Make `factory(model, max_context)` selectable as `backend=name`."""
+    """Make `factory(model, max_context)` selectable as `backend=name`.
+
+    A factory that takes `weights=` (a quantised format) and has `floor_model()` can serve
+    quantised weights; the others serve the model's weights as they are.
+    """
     BACKENDS[name] = factory
 
 
 class Decoder:
-    def __init__(self, loaded, mode='graph', backend='hf', max_context=2048):
+    def __init__(self, loaded, mode='graph', backend='hf', max_context=2048, weights='bf16'):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, not {mode!r}')
         if backend not in BACKENDS:
@@ -45,8 +49,18 @@ class Decoder:
         self.loaded = loaded
         self.device = loaded.model.device
         self.max_context = max_context
-        self.backend = BACKENDS[backend](loaded.model, max_context)
-        self.floor = FloorModel.for_model(loaded.model)
+        if weights == 'bf16':
+            self.backend = BACKENDS[backend](loaded.model, max_context)
+        elif backend == 'fused':
+            self.backend = BACKENDS[backend](loaded.model, max_context, weights=weights)
+        else:
+            raise ValueError(f'weights {weights!r} need backend fused (backend {backend!r} '
+                             'serves the model as loaded)')
+        self.weights = weights
+        if hasattr(self.backend, 'floor_model'):
+            self.floor = self.backend.floor_model()  # the bytes as this backend stores them
+        else:
+            self.floor = FloorModel.for_model(loaded.model)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.sampling = SamplingState(self.device)

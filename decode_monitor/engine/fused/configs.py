@@ -19,6 +19,11 @@ GEMV_DEFAULTS = {
     'qkv': (4, 512, 4, 1),  # q/k/v (+ RMSNorm, bias, RoPE, cache write); BLOCK_N row pairs
     'head': (8, 512, 4, 1),  # lm_head (+ final RMSNorm), fp32 logits
 }
+# Quantised weights ('<kind>.int8', '<kind>.int4'): a row is 2-4x fewer bytes, so a program
+# takes more rows (and, for int4, longer K chunks) to keep as many bytes in flight.
+for _kind in tuple(GEMV_DEFAULTS):
+    GEMV_DEFAULTS[f'{_kind}.int8'] = (8, 512, 4, 1)
+    GEMV_DEFAULTS[f'{_kind}.int4'] = (8, 1024, 4, 1)
 GEMV_TUNED = {}  # (kind, N, K) -> config
 # The CPU interpreter pays per program, not per byte: few, large programs.
 INTERPRETER_GEMV = (64, 256, 4, 1)
@@ -43,7 +48,10 @@ BUILTIN = {
 }
 
 
-def gemv_config(kind, n, k, on_cpu=False):
+def gemv_config(kind, n, k, on_cpu=False, fmt='bf16'):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMV kind, shape and weight format."""
+    if fmt != 'bf16':
+        kind = f'{kind}.{fmt}'
     if on_cpu:
         block_n, block_k, warps, stages = INTERPRETER_GEMV
     else:

@@ -16,70 +16,137 @@ import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused.configs import gemv_config
+from decode_monitor.engine.fused.quant import QuantWeight
 
 
 @triton.jit
-def _dot_rows(W, X, NW, rows, K: tl.constexpr, stride_w,
-              NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr, STAGES: tl.constexpr):
-    """sum_k W[rows, k] * x'[k] (BLOCK_N,), and sum_k x[k]^2; x' = g * x when NORM."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    w_rows = W + rows.to(tl.int64)[:, None] * stride_w  # (BLOCK_N, 1) pointers
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        cols = k0 + tl.arange(0, BLOCK_K)
+def _codes_to_float(v, BIAS: tl.constexpr):
+    """int32 codes in [-2^22, 2^22) -> exact fp32 via the exponent trick (no int->float convert).
+
+    The bits 0x4B000000 + j read as the float 2^23 + j for 0 <= j < 2^23; BIAS shifts the codes
+    into that range and is subtracted back in floating point.
+    """
+    return (v + (0x4B000000 + BIAS)).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+
+
+@triton.jit
+def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
+              GW: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, EVEN_K: tl.constexpr):
+    """x'[k0 + STEP * i + OFF] as an (NG, GW) tile, and its sum of squares before the norm weight."""
+    i = tl.arange(0, NG)[:, None] * GW + tl.arange(0, GW)[None, :]
+    cols = k0 + STEP * i + OFF
+    if EVEN_K:
+        x = tl.load(X + cols).to(tl.float32)
+    else:
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+    ss = x * x
+    if NORM:
         if EVEN_K:
-            x = tl.load(X + cols).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :])
+            x = x * tl.load(NW + cols).to(tl.float32)
         else:
-            kmask = cols < K
-            x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        if NORM:
-            ss += x * x
-            if EVEN_K:
-                x = x * tl.load(NW + cols).to(tl.float32)
-            else:
-                x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-    return tl.sum(acc, axis=1), tl.sum(ss, axis=0)
+            x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return x, ss
 
 
 @triton.jit
-def _dot_row_pairs(W, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w,
-                   NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, STAGES: tl.constexpr):
-    """Like _dot_rows for two row sets sharing one pass over x: (a, b, sum of x^2)."""
-    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    wa_rows = W + rows_a.to(tl.int64)[:, None] * stride_w
-    wb_rows = W + rows_b.to(tl.int64)[:, None] * stride_w
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(X + cols).to(tl.float32)
-            wa = tl.load(wa_rows + cols[None, :])
-            wb = tl.load(wb_rows + cols[None, :])
-        else:
-            kmask = cols < K
-            x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
-            wa = tl.load(wa_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-            wb = tl.load(wb_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        if NORM:
-            ss += x * x
-            if EVEN_K:
-                x = x * tl.load(NW + cols).to(tl.float32)
-            else:
-                x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
-        acc_a += wa.to(tl.float32) * x[None, :]
-        acc_b += wb.to(tl.float32) * x[None, :]
-    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
+def _quant_rows(W, S, Z, rows, k0, xa, xb, xsum, K: tl.constexpr, stride_w, stride_s,
+                FMT: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """One K chunk of a quantised matrix's rows: (BLOCK_N, NG) per-group partial dots, scaled.
+
+    int8: xa is the chunk of x' (NG, GROUP); int4: xa, xb are its even and odd elements
+    (NG, GROUP / 2) and xsum their per-group sum, which carries the offset term m * sum(x).
+    """
+    r = rows.to(tl.int64)[:, None, None]
+    i = tl.arange(0, NG)[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
+    per_byte: tl.constexpr = 2 if FMT == 2 else 1
+    byte = k0 // per_byte + i  # (1, NG, GW) column of the stored codes
+    if EVEN_K:
+        codes = tl.load(W + r * stride_w + byte).to(tl.int32)
+    else:
+        codes = tl.load(W + r * stride_w + byte, mask=byte < K // per_byte, other=0).to(tl.int32)
+    g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG) group index
+    g_mask = g < K // GROUP
+    s_off = rows.to(tl.int64)[:, None] * stride_s + g
+    s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
+    if FMT == 1:
+        dots = tl.sum(_codes_to_float(codes, 128) * xa[None, :, :], axis=2)
+        return dots * s
+    lo = _codes_to_float(codes & 15, 0)
+    hi = _codes_to_float(codes >> 4, 0)
+    dots = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)
+    m = tl.load(Z + s_off, mask=g_mask, other=0.0).to(tl.float32)
+    return dots * s + m * xsum[None, :]
 
 
 @triton.jit
-def gemv_kernel(W, X, NW, R, Y, N, K: tl.constexpr, stride_w, eps,
+def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
+         NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+         STAGES: tl.constexpr):
+    """(W x')[rows_a], (W x')[rows_b] (zeros unless PAIR), and sum_k x[k]^2; x' = g * x if NORM.
+
+    FMT 0: W dense (N, K); 1: int8 codes (N, K) with scales S; 2: int4 pairs (N, K / 2) with
+    scales S and offsets Z. Both row sets share one pass over x (gate/up, RoPE's row pairs).
+    """
+    if FMT == 0:
+        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        wa_rows = W + rows_a.to(tl.int64)[:, None] * stride_w
+        wb_rows = W + rows_b.to(tl.int64)[:, None] * stride_w
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(X + cols).to(tl.float32)
+                wa = tl.load(wa_rows + cols[None, :])
+                if PAIR:
+                    wb = tl.load(wb_rows + cols[None, :])
+            else:
+                kmask = cols < K
+                x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
+                wa = tl.load(wa_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+                if PAIR:
+                    wb = tl.load(wb_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+            if NORM:
+                ss += x * x
+                if EVEN_K:
+                    x = x * tl.load(NW + cols).to(tl.float32)
+                else:
+                    x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
+            acc_a += wa.to(tl.float32) * x[None, :]
+            if PAIR:
+                acc_b += wb.to(tl.float32) * x[None, :]
+        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
+    else:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        GW: tl.constexpr = GROUP // 2 if FMT == 2 else GROUP
+        acc_a = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+        ss = tl.zeros((NG, GW), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            if FMT == 2:
+                xa, ssa = _x_groups(X, NW, k0, K, NORM, NG, GW, 2, 0, EVEN_K)
+                xb, ssb = _x_groups(X, NW, k0, K, NORM, NG, GW, 2, 1, EVEN_K)
+                ss += ssa + ssb
+                xsum = tl.sum(xa + xb, axis=1)
+            else:
+                xa, ssa = _x_groups(X, NW, k0, K, NORM, NG, GW, 1, 0, EVEN_K)
+                ss += ssa
+                xb = xa
+                xsum = tl.sum(xa, axis=1)
+            acc_a += _quant_rows(W, S, Z, rows_a, k0, xa, xb, xsum, K, stride_w, stride_s,
+                                 FMT, GROUP, NG, GW, EVEN_K)
+            if PAIR:
+                acc_b += _quant_rows(W, S, Z, rows_b, k0, xa, xb, xsum, K, stride_w,
+                                     stride_s, FMT, GROUP, NG, GW, EVEN_K)
+        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(tl.sum(ss, axis=1), axis=0)
+
+
+@triton.jit
+def gemv_kernel(W, S, Z, X, NW, R, Y, N, K: tl.constexpr, stride_w, stride_s, eps,
                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                FMT: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 STAGES: tl.constexpr):
     """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
@@ -91,16 +158,16 @@ def gemv_kernel(W, X, NW, R, Y, N, K: tl.constexpr, stride_w, eps,
     row_mask = rows < N
     rows = tl.minimum(rows, N - 1)  # clamped tail rows load valid memory; their store is masked
     if GATED:
-        g, u, ss = _dot_row_pairs(W, X, NW, rows, rows + N, K, stride_w,
-                                  NORM, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+        g, u, ss = _dot(W, S, Z, X, NW, rows, rows + N, K, stride_w, stride_s,
+                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
         if NORM:
             rstd = tl.rsqrt(ss / K + eps)
             g = g * rstd
             u = u * rstd
         y = g * tl.sigmoid(g) * u
     else:
-        y, ss = _dot_rows(W, X, NW, rows, K, stride_w, NORM, BLOCK_N, BLOCK_K, EVEN_K,
-                          STAGES)
+        y, _, ss = _dot(W, S, Z, X, NW, rows, rows, K, stride_w, stride_s,
+                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
         if NORM:
             y = y * tl.rsqrt(ss / K + eps)
     if RESIDUAL:
@@ -109,9 +176,10 @@ def gemv_kernel(W, X, NW, R, Y, N, K: tl.constexpr, stride_w, eps,
 
 
 @triton.jit
-def qkv_rope_kernel(W, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stride_w, eps,
-                    n_pairs, q_pairs, k_pairs, cache_head_stride,
-                    HALF: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stride_w,
+                    stride_s, eps, n_pairs, q_pairs, k_pairs, cache_head_stride,
+                    HALF: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
     """rmsnorm -> [q; k; v] = Wqkv x (+ b) -> RoPE on q, k -> q to Q, k and v to the cache at pos.
 
@@ -127,8 +195,8 @@ def qkv_rope_kernel(W, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stri
     j = p % HALF
     rows_a = head * (2 * HALF) + j
     rows_b = rows_a + HALF
-    a, b, ss = _dot_row_pairs(W, X, NW, rows_a, rows_b, K, stride_w,
-                              True, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+    a, b, ss = _dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
+                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
     rstd = tl.rsqrt(ss / K + eps)
     a = a * rstd
     b = b * rstd
@@ -154,20 +222,38 @@ def qkv_rope_kernel(W, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stri
 
 
 # -- launch wrappers ------------------------------------------------------------------------------
+_FMT_CODES = {'bf16': 0, 'int8': 1, 'int4': 2}
+
+
+def _weight_args(w):
+    """(W, S, Z, stride_w, stride_s, fmt name, FMT, GROUP) of a dense tensor or a QuantWeight."""
+    if isinstance(w, QuantWeight):
+        offset = w.offset if w.offset is not None else w.scale
+        return (w.q, w.scale, offset, w.q.stride(0), w.scale.stride(0), w.fmt,
+                _FMT_CODES[w.fmt], w.group)
+    return w, w, w, w.stride(0), 0, 'bf16', 0, 1
+
+
 def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
          kind=None):
-    """out (N,) = W (N or 2N, K) @ rmsnorm(x (K,)) [+ residual (N,)]; see gemv_kernel."""
+    """out (N,) = W (N or 2N, K) @ rmsnorm(x (K,)) [+ residual (N,)]; see gemv_kernel.
+
+    w: a dense tensor or a QuantWeight (int8 / int4, dequantised in the kernel).
+    """
     n = out.shape[0]
     k = x.shape[0]
     kind = kind or ('gated' if gated else 'gemv')
-    block_n, block_k, warps, stages = config or gemv_config(kind, n, k, x.device.type == 'cpu')
+    W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
+    block_n, block_k, warps, stages = config or gemv_config(
+        kind, n, k, x.device.type == 'cpu', fmt)
+    block_k = max(block_k, group)
     norm = norm_weight is not None
     res = residual is not None
     grid = (triton.cdiv(n, block_n),)
-    gemv_kernel[grid](w, x, norm_weight if norm else x, residual if res else out, out,
-                      n, k, w.stride(0), eps, NORM=norm, RESIDUAL=res, GATED=gated,
-                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                      STAGES=stages, num_warps=warps)
+    gemv_kernel[grid](W, S, Z, x, norm_weight if norm else x, residual if res else out, out,
+                      n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res, GATED=gated,
+                      FMT=fmt_code, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+                      EVEN_K=k % block_k == 0, STAGES=stages, num_warps=warps)
     return out
 
 
@@ -182,11 +268,14 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     kdim = x.shape[0]
     n_pairs = (q_heads + 2 * kv_heads) * half
     on_cpu = x.device.type == 'cpu'
-    block_n, block_k, warps, stages = config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu)
+    W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
+    block_n, block_k, warps, stages = config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu,
+                                                            fmt)
+    block_k = max(block_k, group)
     grid = (triton.cdiv(n_pairs, block_n),)
-    qkv_rope_kernel[grid](w, bias if bias is not None else w, x, norm_weight, cos, sin, pos,
-                          q, k_cache, v_cache, kdim, w.stride(0), eps,
+    qkv_rope_kernel[grid](W, S, Z, bias if bias is not None else W, x, norm_weight, cos, sin,
+                          pos, q, k_cache, v_cache, kdim, stride_w, stride_s, eps,
                           n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
-                          HALF=half, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                          BLOCK_K=block_k, EVEN_K=kdim % block_k == 0, STAGES=stages,
-                          num_warps=warps)
+                          HALF=half, HAS_BIAS=bias is not None, FMT=fmt_code, GROUP=group,
+                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=kdim % block_k == 0,
+                          STAGES=stages, num_warps=warps)

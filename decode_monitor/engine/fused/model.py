@@ -8,9 +8,17 @@ Two paths compute the same function:
 - Triton (CUDA default): five kernels a layer (QKV+norm+RoPE+cache write, split-K attention,
   o_proj+residual, gate/up+norm+SiLU, down+residual), no host sync, one graph per step.
 - torch (CPU default, and prefill everywhere): the same packed weights through torch ops.
+
+`weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up, down) and lm_head at
+construction (see quant.py); the kernels read the codes and dequantise in registers, the torch
+path multiplies by the dequantised matrices, and the floor counts the bytes actually stored.
+The input embedding stays dense: a step reads one row of it.
 """
 import torch
 import torch.nn.functional as F
+
+from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.fused.quant import FORMATS, dense, quantize, weight_nbytes
 
 
 def _supported(model, max_context):
@@ -76,8 +84,11 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+MATRICES = ('wqkv', 'wo', 'wgu', 'wd')
+
+
 class Layer:
-    def __init__(self, block):
+    def __init__(self, block, weights='bf16'):
         attn, mlp = block.self_attn, block.mlp
         self.wqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'weight')  # ((Hq+2Hkv)D, H)
         self.bqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'bias')
@@ -86,13 +97,33 @@ class Layer:
         self.wd = mlp.down_proj.weight  # (H, I)
         self.ln1 = block.input_layernorm.weight
         self.ln2 = block.post_attention_layernorm.weight
+        if weights != 'bf16':
+            for name in MATRICES:
+                setattr(self, name, quantize(getattr(self, name), weights))
+
+    def nbytes(self):
+        tensors = [getattr(self, name) for name in MATRICES] + [self.ln1, self.ln2]
+        return sum(weight_nbytes(t) for t in tensors + ([self.bqkv] if self.bqkv is not None
+                                                         else []))
+
+    def dense(self):
+        """A copy of this layer with every matrix dense (dequantised): the torch path's view."""
+        copy = object.__new__(Layer)
+        copy.__dict__.update(self.__dict__)
+        for name in MATRICES:
+            setattr(copy, name, dense(getattr(self, name), self.ln1.dtype))
+        return copy
 
 
 class FusedBackend:
     name = 'fused'
 
-    def __init__(self, model, max_context, use_triton=None, attention_config=None):
+    def __init__(self, model, max_context, use_triton=None, attention_config=None,
+                 weights='bf16'):
         _supported(model, max_context)
+        if weights not in FORMATS:
+            raise ValueError(f'weights must be one of {FORMATS}, not {weights!r}')
+        self.weights = weights
         config = model.config
         self.device = model.device
         self.dtype = model.dtype
@@ -105,15 +136,23 @@ class FusedBackend:
         inner = model.model
         self.scale = getattr(inner.layers[0].self_attn, 'scaling', self.head_dim ** -0.5)
         with torch.no_grad():
-            self.layers = [Layer(block) for block in inner.layers]
-        self.embed = inner.embed_tokens.weight  # (V, H)
-        self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight  # (V, H); the embedding itself when tied
+            self.layers = [Layer(block, weights) for block in inner.layers]
+            self.embed = inner.embed_tokens.weight  # (V, H)
+            self.norm = inner.norm.weight
+            self.lm_head = model.lm_head.weight  # (V, H); the embedding itself when tied
+            if weights != 'bf16':
+                self.lm_head = quantize(self.lm_head, weights)
+        self.use_triton = self.device.type == 'cuda' if use_triton is None else use_triton
+        # The torch path multiplies dense matrices. As the CPU reference path it keeps them;
+        # beside the kernels (prefill) it dequantises a layer at a time, keeping the memory cut.
+        self._keep_dense = weights != 'bf16' and not self.use_triton
+        if self._keep_dense:
+            self._dense_layers = [layer.dense() for layer in self.layers]
+            self._dense_head = dense(self.lm_head, self.dtype)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.use_triton = self.device.type == 'cuda' if use_triton is None else use_triton
         if self.use_triton:
             self._init_triton(attention_config)
 
@@ -143,9 +182,26 @@ class FusedBackend:
         self.q = torch.empty(qd, **new)
         self.att = torch.empty(qd, **new)
         self.act = torch.empty(inter, **new)
-        self.logits = torch.empty(1, self.lm_head.shape[0], dtype=torch.float32,
+        self.logits = torch.empty(1, self.vocab_size, dtype=torch.float32,
                                   device=self.device)
         self._caches = [(self.k_cache[i], self.v_cache[i]) for i in range(len(self.layers))]
+
+    @property
+    def vocab_size(self):
+        return self.lm_head.shape[0]
+
+    def floor_model(self):
+        """The floor of this backend's step: the bytes of the weights as stored (quantised or not).
+
+        Every layer matrix, norm and bias, the final norm, lm_head in full and one embedding row;
+        a tied lm_head that stays dense is the embedding itself, counted once in full.
+        """
+        total = sum(layer.nbytes() for layer in self.layers)
+        total += weight_nbytes(self.norm) + weight_nbytes(self.lm_head)
+        if self.lm_head is not self.embed:
+            total += self.embed.shape[1] * self.embed.element_size()
+        kv = len(self.layers) * 2 * self.kv_heads * self.head_dim * self.k_cache.element_size()
+        return FloorModel(total, kv)
 
     # -- the seam ---------------------------------------------------------------------------
     def seek(self, pos):
@@ -193,7 +249,9 @@ class FusedBackend:
         mask = positions[:, None] >= torch.arange(end, device=self.device)[None, :]  # (T, end)
         qd, kd = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         h = F.embedding(ids[0], self.embed)  # (T, H)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._dense_layers if self._keep_dense else self.layers):
+            if self.weights != 'bf16' and not self._keep_dense:
+                layer = layer.dense()
             qkv = F.linear(rms_norm(h, layer.ln1, self.eps), layer.wqkv, layer.bqkv)
             q, k, v = qkv.split([qd, kd, kd], dim=-1)
             q = apply_rope(q.view(n, self.q_heads, self.head_dim), cos, sin)
@@ -207,4 +265,5 @@ class FusedBackend:
             h = h + F.linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
             gate, up = F.linear(rms_norm(h, layer.ln2, self.eps), layer.wgu).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.wd)
-        return F.linear(rms_norm(h[-1:], self.norm, self.eps), self.lm_head).float()
+        head = self._dense_head if self._keep_dense else dense(self.lm_head, self.dtype)
+        return F.linear(rms_norm(h[-1:], self.norm, self.eps), head).float()

@@ -1,0 +1,187 @@
+"""Weight-only int8 / int4 on the fused backend, on the CPU.
+
+- Quantise / dequantise round trip: codes in range, every weight within half a step of its
+  dequantised value, weights already on the grid come back exactly.
+- The quantised Triton kernels (interpreter) against torch's F.linear on the dequantised matrix,
+  for every fusion (residual, RMSNorm input, SiLU gate, fp32 logits, QKV + RoPE + cache write).
+- The backend: Triton path = torch path on a tiny model, in both formats; the floor counts the
+  bytes as stored, checked against a count from the model's shapes alone.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ['TRITON_INTERPRET'] = '1'
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from decode_monitor.engine.decoder import Decoder  # noqa: E402
+from decode_monitor.engine.floor import FloorModel  # noqa: E402
+from decode_monitor.engine.fused import FusedBackend  # noqa: E402
+from decode_monitor.engine.fused import gemv as G  # noqa: E402
+from decode_monitor.engine.fused.quant import group_size_for, quantize  # noqa: E402
+
+DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
+FORMATS = ('int8', 'int4')
+CONFIGS = [(4, 128, 4, 1), (2, 256, 4, 2), None]  # GPU-like small blocks; the interpreter's
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+# -- round trip ----------------------------------------------------------------------------------
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_round_trip_within_half_a_step(fmt, dtype):
+    w = (randn(48, 256, seed=1) * 0.05).to(dtype)
+    w[3, :128] = 0  # an all-zero group: scale 0, must come back as zeros
+    qw = quantize(w, fmt)
+    assert qw.group == 128 and qw.shape == (48, 256)
+    deq = qw.dequantize(torch.float32)
+    step = qw.scale.float().repeat_interleave(128, dim=1)
+    assert (deq - w.float()).abs().le(step / 2 * 1.001 + 1e-6).all()
+    assert deq[3, :128].eq(0).all()
+    if fmt == 'int8':
+        assert qw.q.dtype == torch.int8 and qw.q.abs().max() <= 127
+        assert qw.nbytes == 48 * 256 + 48 * 2 * qw.scale.element_size()
+    else:
+        assert qw.q.dtype == torch.uint8 and qw.q.shape == (48, 128)
+        assert qw.nbytes == 48 * 128 + 2 * 48 * 2 * qw.scale.element_size()
+    assert rel(deq, w) < (0.01 if fmt == 'int8' else 0.12)
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_weights_on_the_grid_come_back_exactly(fmt):
+    gen = torch.Generator().manual_seed(2)
+    n, k, group = 8, 128, 64
+    scale = torch.rand(n, k // group, generator=gen) + 0.5
+    if fmt == 'int8':
+        codes = torch.randint(-127, 128, (n, k), generator=gen)
+        codes[:, ::group] = 127  # each group reaches the top code, so max|w| / 127 = scale
+        w = codes.float() * scale.repeat_interleave(group, 1)
+    else:
+        codes = torch.randint(0, 16, (n, k), generator=gen)
+        codes[:, ::group], codes[:, 1::group] = 0, 15  # min and max of each group on the grid
+        offset = torch.randn(n, k // group, generator=gen)
+        w = codes.float() * scale.repeat_interleave(group, 1) + offset.repeat_interleave(group, 1)
+    qw = quantize(w, fmt, group=group)
+    assert torch.allclose(qw.dequantize(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_group_size_and_bad_input():
+    assert group_size_for(3584) == 128 and group_size_for(576) == 64 and group_size_for(96) == 32
+    with pytest.raises(ValueError, match='group size'):
+        group_size_for(100)
+    with pytest.raises(ValueError, match='int8 or int4'):
+        quantize(torch.zeros(4, 128), 'int3')
+
+
+# -- kernels --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('config', CONFIGS)
+@pytest.mark.parametrize('n,k', [(72, 256), (50, 384), (90, 576)])  # 384, 576: K % BLOCK_K != 0
+def test_quant_gemv_residual_and_norm(fmt, config, n, k):
+    qw = quantize(randn(n, k, seed=n), fmt)
+    w = qw.dequantize()
+    x, h, g = randn(k, seed=3), randn(n, seed=4), randn(k, seed=5).abs() + 0.5
+    out = h.clone()
+    G.gemv(qw, x, out, residual=out, config=config)
+    assert rel(out, h + F.linear(x, w)) < 1e-5
+    xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * g
+    logits = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, logits, norm_weight=g, eps=1e-5, config=config, kind='head')
+    assert rel(logits, F.linear(xn, w)) < 1e-5
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('config', CONFIGS)
+def test_quant_gated(fmt, config):
+    n, k = 40, 256
+    qw = quantize(randn(2 * n, k, seed=6), fmt)
+    x, g = randn(k, seed=7), randn(k, seed=8).abs() + 0.5
+    gate, up = F.linear(x * torch.rsqrt(x.pow(2).mean() + 1e-5) * g, qw.dequantize()).chunk(2)
+    out = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, out, norm_weight=g, gated=True, eps=1e-5, config=config)
+    assert rel(out, F.silu(gate) * up) < 1e-5
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt):
+    q_heads, kv_heads, d, k, t = 4, 2, 32, 128, 16
+    rows = (q_heads + 2 * kv_heads) * d
+    qw = quantize(randn(rows, k, seed=9), fmt)
+    x, g, bias = randn(k, seed=10), randn(k, seed=11).abs() + 0.5, randn(rows, seed=12)
+    angles = torch.arange(t, device=DEV)[:, None] * torch.rand(d // 2, device=DEV)
+    cos, sin, pos = angles.cos(), angles.sin(), torch.tensor([5], device=DEV)
+    outs = []
+    for w in (qw, qw.dequantize()):  # the dense kernel is checked against transformers
+        q = torch.full((q_heads * d,), float('nan'), device=DEV)
+        kc, vc = (torch.zeros(kv_heads, t, d, device=DEV) for _ in range(2))
+        G.qkv_rope(w, bias, x, g, cos, sin, pos, q, kc, vc, q_heads, kv_heads, 1e-5,
+                   config=(4, 128, 4, 1))
+        outs.append((q, kc, vc))
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-5
+    assert outs[0][1][:, 5].abs().sum() > 0 and outs[0][1][:, 4].abs().sum() == 0
+
+
+# -- backend ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_triton_path_equals_torch_path(tiny, fmt):
+    model = tiny.model
+    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for use_triton in (False, True):
+        backend = FusedBackend(model, 64, use_triton=use_triton, weights=fmt)
+        logits = [backend.prefill(prompt).clone()]
+        token = logits[0].argmax(-1, keepdim=True)
+        for i in range(3):
+            logits.append(backend.forward_one(token, torch.tensor([9 + i])).clone())
+            token = logits[-1].argmax(-1, keepdim=True)
+        outs.append(logits)
+    for a, b in zip(*outs):
+        assert rel(b, a) < 1e-4
+    dense = FusedBackend(model, 64, use_triton=False).prefill(prompt)
+    assert rel(outs[0][0], dense) > 1e-4  # the quantised model is a different model...
+    assert rel(outs[0][0], dense) < (0.05 if fmt == 'int8' else 0.5)  # ...but close
+
+
+def _count_bytes(config, fmt, dtype_bytes):
+    """Bytes per step from the model's shapes alone: what the stored formats must add up to."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = config.hidden_size // config.num_attention_heads
+    qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    matrices = [(qkv_rows, h), (h, config.num_attention_heads * d), (2 * i, h), (h, i)]
+    matrices = matrices * config.num_hidden_layers + [(v, h)]
+    per_weight, per_group = {'int8': (1, 1), 'int4': (0.5, 2)}[fmt]
+    total = 0
+    for n, k in matrices:
+        total += n * k * per_weight + n * (k // group_size_for(k)) * per_group * dtype_bytes
+    norms = (2 * config.num_hidden_layers + 1) * h * dtype_bytes
+    return int(total + norms + h * dtype_bytes)  # + one embedding row
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_floor_counts_stored_bytes(tiny, fmt):
+    model = tiny.model
+    dense = Decoder(tiny, mode='eager', backend='fused', max_context=64)
+    assert dense.floor == FloorModel.for_model(model)  # unquantised: the model's own count
+    quant = Decoder(tiny, mode='eager', backend='fused', max_context=64, weights=fmt)
+    assert quant.floor.weight_bytes == _count_bytes(model.config, fmt, 4)
+    assert quant.floor.kv_bytes_per_token == dense.floor.kv_bytes_per_token
+    ratio = dense.floor.weight_bytes / quant.floor.weight_bytes
+    assert 3.0 < ratio < 4.0 if fmt == 'int8' else 6.0 < ratio < 8.0  # from fp32 weights
+
+
+def test_quantised_weights_need_the_fused_backend(tiny):
+    with pytest.raises(ValueError, match='need backend fused'):
+        Decoder(tiny, mode='eager', backend='hf', max_context=64, weights='int4')
+    with pytest.raises(ValueError, match='weights must be one of'):
+        FusedBackend(tiny.model, 64, weights='fp8')
