@@ -32,7 +32,7 @@ def _codes_to_float(v, BIAS: tl.constexpr):
 @triton.jit
 def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
               GW: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, EVEN_K: tl.constexpr):
-    """x'[k0 + STEP * i + OFF] as an (NG, GW) tile, and its sum of squares before the norm weight."""
+    """x'[k0 + STEP * i + OFF] as an (NG, GW) tile, and the squares of x (before the norm)."""
     i = tl.arange(0, NG)[:, None] * GW + tl.arange(0, GW)[None, :]
     cols = k0 + STEP * i + OFF
     if EVEN_K:

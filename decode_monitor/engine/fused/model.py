@@ -9,8 +9,8 @@ Two paths compute the same function:
   o_proj+residual, gate/up+norm+SiLU, down+residual), no host sync, one graph per step.
 - torch (CPU default, and prefill everywhere): the same packed weights through torch ops.
 
-`weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up, down) and lm_head at
-construction (see quant.py); the kernels read the codes and dequantise in registers, the torch
+`weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up,
+down) and lm_head at construction (see quant.py); the kernels read the codes and dequantise in registers, the torch
 path multiplies by the dequantised matrices, and the floor counts the bytes actually stored.
 The input embedding stays dense: a step reads one row of it.
 """
@@ -102,9 +102,8 @@ class Layer:
                 setattr(self, name, quantize(getattr(self, name), weights))
 
     def nbytes(self):
-        tensors = [getattr(self, name) for name in MATRICES] + [self.ln1, self.ln2]
-        return sum(weight_nbytes(t) for t in tensors + ([self.bqkv] if self.bqkv is not None
-                                                         else []))
+        tensors = [getattr(self, name) for name in MATRICES] + [self.ln1, self.ln2, self.bqkv]
+        return sum(weight_nbytes(t) for t in tensors if t is not None)
 
     def dense(self):
         """A copy of this layer with every matrix dense (dequantised): the torch path's view."""
