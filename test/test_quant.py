@@ -36,7 +36,7 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
-# -- round trip ----------------------------------------------------------------------------------
+# -- round trip -----------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_round_trip_within_half_a_step(fmt, dtype):
@@ -83,7 +83,7 @@ def test_group_size_and_bad_input():
         quantize(torch.zeros(4, 128), 'int3')
 
 
-# -- kernels --------------------------------------------------------------------------------------
+# -- kernels --------------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 @pytest.mark.parametrize('config', CONFIGS)
 @pytest.mark.parametrize('n,k', [(72, 256), (50, 384), (90, 576)])  # K % BLOCK_K != 0 too
@@ -132,7 +132,7 @@ def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt):
     assert outs[0][1][:, 5].abs().sum() > 0 and outs[0][1][:, 4].abs().sum() == 0
 
 
-# -- backend ---------------------------------------------------------------------------------------
+# -- backend --------------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_triton_path_equals_torch_path(tiny, fmt):
     model = tiny.model

@@ -10,8 +10,9 @@ Two paths compute the same function:
 - torch (CPU default, and prefill everywhere): the same packed weights through torch ops.
 
 `weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up,
-down) and lm_head at construction (see quant.py); the kernels read the codes and dequantise in registers, the torch
-path multiplies by the dequantised matrices, and the floor counts the bytes actually stored.
+down) and lm_head at construction (see quant.py); the kernels read the codes and dequantise in
+registers, the torch path multiplies by the dequantised matrices, and the floor counts the bytes
+actually stored.
 The input embedding stays dense: a step reads one row of it.
 """
 import torch
