@@ -10,7 +10,7 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-OVERRIDES = ('model', 'device', 'mode', 'backend')
+OVERRIDES = ('model', 'device', 'mode', 'backend', 'weights')
 
 
 def _node(context):
@@ -45,6 +45,7 @@ def generate_launch_description():
         DeclareLaunchArgument('device', default_value='', description='auto, cpu, cuda, cuda:N'),
         DeclareLaunchArgument('mode', default_value='', description='graph or eager'),
         DeclareLaunchArgument('backend', default_value='', description='auto, hf or fused'),
+        DeclareLaunchArgument('weights', default_value='', description='bf16, int8 or int4'),
         DeclareLaunchArgument('mirror_diagnostics', default_value='',
                               description='true: also publish on /diagnostics'),
     ]

@@ -20,20 +20,21 @@ def test_study_grid_is_the_papers():
     assert g.models == ('qwen2.5-7b', 'llama-3-8b', 'mistral-7b')
     assert g.contexts == (2048, 4096, 8192, 16384)
     assert g.modes == ('eager', 'graph') and g.backends == ('hf',)
-    assert g.dtype == 'bfloat16' and g.sessions == 10
+    assert g.dtype == 'bfloat16' and g.sessions == 10 and g.weights == ('bf16',)
     assert len(g.cells()) == 24
     assert os.path.samefile(g.source, os.path.join(ROOT, 'config', 'bench.yaml'))
 
 
 def test_quick_grid_parses():
     g = G.load('quick')
-    assert g.models == ('tiny',) and g.sessions >= 2
+    assert g.models == ('tiny',) and g.sessions >= 2 and g.weights == ('bf16',)
     assert os.path.samefile(g.source, os.path.join(ROOT, 'config', 'bench_quick.yaml'))
 
 
 def test_minimal_grid_takes_defaults(tmp_path):
     g = G.load(_write(tmp_path, {'models': ['tiny'], 'contexts': [16]}))
     assert g.modes == ('eager', 'graph') and g.backends == ('hf',) and g.order == 'random'
+    assert g.weights == ('bf16',)
     assert g.verdict.min_floor_fraction == {} and g.verdict.max_step_ms is None
 
 
@@ -56,6 +57,11 @@ BASE = {'models': ['tiny'], 'contexts': [16, 32]}
     ({'contexts': [16, True]}, 'contexts[1]'),
     ({'modes': ['eager', 'turbo']}, 'modes[1]'),
     ({'backends': ['nope']}, 'backends[0]'),
+    ({'weights': []}, 'weights'),
+    ({'weights': ['bf16', 'int8', 'int8']}, 'weights'),
+    ({'weights': ['bf16', 'fp8'], 'backends': ['fused']}, 'weights[1]'),
+    ({'weights': ['bf16', 'int4']}, 'weights[1]'),  # backends defaults to [hf]
+    ({'weights': ['int8'], 'backends': ['hf']}, 'weights[0]'),
     ({'dtype': 'int3'}, 'dtype'),
     ({'device': 'tpu'}, 'device'),
     ({'sessions': 0}, 'sessions'),
@@ -122,3 +128,46 @@ def test_overrides_replace_and_validate():
         G.with_overrides(g, contexts=[-1])
     with pytest.raises(G.GridError, match=r'command line: models\[0\]'):
         G.with_overrides(g, models=['gpt-17'])
+
+
+# -- weights ------------------------------------------------------------------------------------
+def test_weight_formats_are_the_engines():
+    from decode_monitor.engine.fused.quant import FORMATS
+    assert G.WEIGHTS == FORMATS
+
+
+def test_quantised_weights_without_fused_name_the_key_and_the_backends(tmp_path):
+    path = _write(tmp_path, dict(BASE, backends=['hf'], weights=['bf16', 'int4']))
+    with pytest.raises(G.GridError, match=r'weights\[1\]: int4 needs backend fused .* only hf'):
+        G.load(path)
+
+
+def test_cells_pair_quantised_weights_with_fused_only(tmp_path):
+    g = G.load(_write(tmp_path, dict(BASE, contexts=[16], modes=['eager'],
+                                     backends=['hf', 'fused'], weights=['bf16', 'int8', 'int4'])))
+    assert g.weights == ('bf16', 'int8', 'int4')
+    assert g.cells() == [('tiny', 16, 'hf', 'eager', 'bf16'),
+                         ('tiny', 16, 'fused', 'eager', 'bf16'),
+                         ('tiny', 16, 'fused', 'eager', 'int8'),
+                         ('tiny', 16, 'fused', 'eager', 'int4')]
+    only_quantised = G.with_overrides(g, weights=['int4'], modes=['eager', 'graph'])
+    assert [(c[2], c[3], c[4]) for c in only_quantised.cells()] == [
+        ('fused', 'eager', 'int4'), ('fused', 'graph', 'int4')]
+
+
+def test_weights_override():
+    g = G.load('quick')
+    o = G.with_overrides(g, backends=['hf', 'fused'], weights=['bf16', 'int8'])
+    assert o.weights == ('bf16', 'int8') and o.backends == ('hf', 'fused')
+    with pytest.raises(G.GridError, match=r'command line: weights\[0\]: int8 needs backend'):
+        G.with_overrides(g, weights=['int8'])  # the quick grid's backends: [hf]
+    with pytest.raises(G.GridError, match=r'command line: weights\[1\]'):
+        G.with_overrides(g, backends=['fused'], weights=['bf16', 'int2'])
+
+
+def test_weights_flag_on_the_command_line(capsys):
+    from decode_monitor.bench.cli import main
+    assert main(['--grid', 'quick', '--weights', 'int8']) == 2
+    assert 'weights[0]: int8 needs backend fused' in capsys.readouterr().err
+    assert main(['--grid', 'quick', '--weights', 'int3']) == 2  # argparse: not a choice
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

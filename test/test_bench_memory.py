@@ -67,3 +67,62 @@ def test_memory_limit_caps_free_memory():
     assert memory.free_bytes('cpu', limit_gb=0.5) == min(ram, 0.5e9)
     gpu = memory.gpu_free_bytes()
     assert memory.free_bytes('cuda', limit_gb=0.5) == (0.5e9 if gpu is None else min(gpu, 0.5e9))
+
+
+# -- quantised weights ------------------------------------------------------------------------
+def test_linear_params_are_the_matrices_and_lm_head(qwen):
+    hidden, vocab, layers = 3584, 152064, 28
+    embedding = vocab * hidden  # untied: lm_head is another vocab x hidden matrix, counted
+    norms = layers * 2 * hidden + hidden
+    qkv_biases = layers * (28 + 2 * 4) * 128
+    assert qwen.linear_params == qwen.params - embedding - norms - qkv_biases
+
+
+def test_quantised_copy_adds_a_half_or_a_quarter_of_the_dense_linear_bytes(qwen):
+    dense = qwen.linear_params * 2  # bf16
+    int8 = memory.quantised_copy_bytes(qwen.linear_params, 'int8', 'bfloat16')
+    int4 = memory.quantised_copy_bytes(qwen.linear_params, 'int4', 'bfloat16')
+    assert int8 / dense == pytest.approx(0.5 + 1 / 128)  # codes + one bf16 scale per 128
+    assert int4 / dense == pytest.approx(0.25 + 2 / 128)  # codes + scale and offset per 128
+    assert memory.quantised_copy_bytes(qwen.linear_params, 'bf16', 'bfloat16') == 0
+    base = memory.cell_bytes(qwen, 2048)
+    assert memory.cell_bytes(qwen, 2048, weights='int8') == pytest.approx(base + int8)
+    # Off CUDA the fused torch path also holds a dequantised dense copy.
+    assert memory.cell_bytes(qwen, 2048, weights='int4', device='cpu') == pytest.approx(
+        base + int4 + dense)
+
+
+def test_quantised_copy_estimate_matches_the_fused_backends_bytes():
+    import torch
+    from decode_monitor.engine.decoder import Decoder
+    from decode_monitor.engine.fused.model import MATRICES
+    from decode_monitor.engine.fused.quant import QuantWeight, weight_nbytes
+    from decode_monitor.engine.sources import load_model
+    loaded = load_model('tiny', dtype=torch.float32)
+    linear = memory.linear_params(loaded.model)
+    assert linear == memory.model_shape('tiny').linear_params
+    for fmt in ('int8', 'int4'):
+        backend = Decoder(loaded, mode='eager', backend='fused', max_context=32,
+                          weights=fmt).backend
+        stored = [getattr(layer, n) for layer in backend.layers for n in MATRICES]
+        stored.append(backend.lm_head)
+        assert all(isinstance(w, QuantWeight) for w in stored)
+        # Every K of tiny is a multiple of 128, so the estimate is exact here.
+        assert memory.quantised_copy_bytes(linear, fmt, 'float32') == sum(
+            weight_nbytes(w) for w in stored)
+
+
+def test_precheck_sizes_each_weight_format(qwen):
+    grid = dataclasses.replace(G.load('study'), models=('qwen2.5-7b',), contexts=(2048,),
+                               modes=('eager',), backends=('hf', 'fused'),
+                               weights=('bf16', 'int8', 'int4'), memory_margin_gb=1.0)
+    need = {w: memory.cell_bytes(qwen, 2048 + grid.warmup + grid.steps, 'bfloat16', 1.0, w)
+            for w in grid.weights}
+    assert need['bf16'] < need['int4'] < need['int8']
+    free = (need['int4'] + need['int8']) / 2  # bf16 and int4 fit, int8 does not
+    runnable, skipped, _ = precheck(grid, 'cuda', free=free, shapes={'qwen2.5-7b': qwen})
+    assert runnable['qwen2.5-7b'] == [(2048, 'hf', 'eager', 'bf16'),
+                                      (2048, 'fused', 'eager', 'bf16'),
+                                      (2048, 'fused', 'eager', 'int4')]
+    assert [(s['backend'], s['weights']) for s in skipped] == [('fused', 'int8')]
+    assert skipped[0]['need_gb'] == pytest.approx(need['int8'] / 1e9)

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from decode_monitor.bench import analysis, plots, report, verdict
+from decode_monitor.bench import analysis, plots, quantised, report, verdict
 from decode_monitor.bench import grid as G
 from decode_monitor.bench.cli import finish, main
 from decode_monitor.bench.session import cell_order
@@ -23,10 +23,13 @@ def nvml(reasons=()):
             'throttled': bool(perf.intersection(reasons))}
 
 
-def sample(model, ctx, mode, session, ms, floor_ms=5.0, jpt=2.0, reasons=(), backend='hf'):
+def sample(model, ctx, mode, session, ms, floor_ms=5.0, jpt=2.0, reasons=(), backend='hf',
+           weights=None):
+    """A measured cell; without `weights` it has no such field, as results written before
+    weights became an axis do not."""
     rng = np.random.default_rng(zlib.crc32(repr((model, ctx, mode, session)).encode()))
     steps = list(ms * rng.normal(1.0, 0.002, 21))
-    return {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode, 'session': session,
+    return {**({} if weights is None else {'weights': weights}), 'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode, 'session': session,
             'status': 'ok', 'steps': 21, 'warmup': 3, 'step_ms': steps,
             'floor_ms_peak': floor_ms, 'floor_ms_copy': floor_ms * 1.1,
             'peak_bandwidth': 3.0e12, 'copy_bandwidth': 3.0e12 / 1.1,
@@ -177,7 +180,8 @@ def test_verdict_against_reference():
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp('report')
     res = results(study_like(), [SKIP])
-    outcome, cells, speedups = finish(res, str(out), thresholds(max_step_ms=19.0), 0.95, 1000)
+    outcome, cells, speedups, _ = finish(res, str(out), thresholds(max_step_ms=19.0), 0.95,
+                                         1000)
     return out, res, cells, speedups, outcome
 
 
@@ -187,6 +191,7 @@ def test_csv_has_one_row_per_sample_and_skip(written):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(res['samples']) + 1
     assert rows[0]['status'] == 'skipped' and rows[0]['reason'] == SKIP['reason']
+    assert {r['weights'] for r in rows} == {'bf16'}
     ok = [r for r in rows if r['status'] == 'ok']
     for row in ok:
         s = next(x for x in res['samples'] if (x['ctx'], x['mode'], x['session'])
@@ -202,8 +207,10 @@ def test_summary_json_rows(written):
     rows = json.loads((out / 'summary.json').read_text())
     assert [(r['ctx'], r['mode']) for r in rows] == [(c['ctx'], c['mode']) for c in cells]
     for r, c in zip(rows, cells):
-        assert set(r) >= {'model', 'ctx', 'backend', 'mode', 'ms_per_step', 'floor_fraction',
-                          'sessions'}
+        assert set(r) >= {'model', 'ctx', 'backend', 'mode', 'weights', 'ms_per_step',
+                          'floor_fraction', 'sessions'}
+        assert r['weights'] == 'bf16'  # samples without the field: written before weights
+        assert 'quantised_speedup' not in r
         assert r['ms_per_step'] == pytest.approx(c['ms_per_step'].value)
         assert r['sessions'] == 4
         assert ('graph_speedup' in r) == (r['mode'] == 'graph')
@@ -232,7 +239,7 @@ def test_plots_are_pngs(written):
 
 def test_no_speedup_plot_without_graph_cells(tmp_path):
     res = results([s for s in study_like() if s['mode'] == 'eager'])
-    _, cells, speedups = finish(res, str(tmp_path), thresholds(), 0.95, 500)
+    _, cells, speedups, _ = finish(res, str(tmp_path), thresholds(), 0.95, 500)
     assert speedups == []
     assert (tmp_path / plots.STEP_MS).exists() and not (tmp_path / plots.SPEEDUP).exists()
 
@@ -271,3 +278,95 @@ def test_report_subcommand_rejudges_with_other_thresholds(tmp_path, capsys):
     assert main(['report', str(path), '--grid', str(strict)]) == 1
     assert 'verdict: FAIL' in capsys.readouterr().out
     assert json.loads(path.read_text())['verdict']['passed'] is False
+
+
+# -- quantised weights ----------------------------------------------------------------------------
+def quantised_like(sessions=4):
+    """fused bf16 20 ms, int8 12.5 ms (1.6x; bytes 1/2), int4 10 ms (2x; bytes 1/4), hf beside."""
+    out = []
+    for s in range(sessions):
+        offset = 1.0 + 0.02 * s
+        for weights, ms, floor_ms in (('bf16', 20.0, 5.0), ('int8', 12.5, 2.5),
+                                      ('int4', 10.0, 1.25)):
+            out.append(sample('m', 2048, 'eager', s, ms * offset, floor_ms, backend='fused',
+                              weights=weights))
+        out.append(sample('m', 2048, 'eager', s, 30.0 * offset, weights='bf16'))  # hf
+    # a quantised cell without its bf16 partner in session 9 is left out of the pairs
+    out.append(sample('m', 2048, 'eager', 9, 11.0, 2.5, backend='fused', weights='int8'))
+    return out
+
+
+def test_quantised_speedup_is_paired_and_set_against_the_byte_ratio():
+    res = results(quantised_like())
+    rows = quantised.speedups(res, resamples=2000)
+    assert [(r['backend'], r['mode'], r['weights'], r['pairs']) for r in rows] == [
+        ('fused', 'eager', 'int8', 4), ('fused', 'eager', 'int4', 4)]
+    for r, speedup, byte_ratio in zip(rows, (1.6, 2.0), (2.0, 4.0)):
+        assert r['speedup'].value == pytest.approx(speedup, rel=0.003)
+        assert r['speedup'].lo <= r['speedup'].value <= r['speedup'].hi
+        assert r['byte_ratio'] == pytest.approx(byte_ratio)
+        share = r['share_of_byte_ratio']
+        assert share.value == pytest.approx(speedup / byte_ratio, rel=0.003)
+        assert (share.lo, share.hi) == pytest.approx((r['speedup'].lo / byte_ratio,
+                                                      r['speedup'].hi / byte_ratio))
+    bf16 = [statistics.median(s['step_ms']) for s in res['samples']
+            if s['backend'] == 'fused' and s['weights'] == 'bf16']
+    assert rows[0]['bf16_ms'] == pytest.approx(statistics.fmean(bf16))
+    only_hf = results([s for s in res['samples'] if s['backend'] == 'hf'])
+    assert quantised.speedups(only_hf, resamples=500) == []
+
+
+def test_cells_and_graph_speedups_are_per_weight_format():
+    samples = quantised_like()
+    for s in range(4):
+        for weights, ms in (('bf16', 16.0), ('int8', 10.0)):
+            samples.append(sample('m', 2048, 'graph', s, ms * (1.0 + 0.02 * s), backend='fused',
+                                  weights=weights))
+    res = results(samples)
+    cells = analysis.cell_stats(res, resamples=500)
+    assert [(c['backend'], c['mode'], c['weights']) for c in cells] == [
+        ('fused', 'eager', 'bf16'), ('fused', 'eager', 'int8'), ('fused', 'eager', 'int4'),
+        ('fused', 'graph', 'bf16'), ('fused', 'graph', 'int8'), ('hf', 'eager', 'bf16')]
+    graph = {s['weights']: s['speedup'].value for s in analysis.speedups(res, resamples=500)}
+    assert graph == pytest.approx({'bf16': 20.0 / 16.0, 'int8': 12.5 / 10.0}, rel=0.01)
+
+
+def test_report_and_summary_of_quantised_weights(tmp_path):
+    res = results(quantised_like())
+    _, cells, _, rows = finish(res, str(tmp_path), thresholds(), 0.95, 1000)
+    text = (tmp_path / 'report.md').read_text()
+    assert '| m | 2048 | fused | eager | int4 | ' in text  # the results table's weights column
+    section = text.split(f'## {quantised.TITLE}')[1].split('\n## ')[0]
+    table = [line for line in section.splitlines() if line.startswith('| m |')]
+    assert len(table) == 2
+    int8 = rows[0]
+    assert table[0].startswith('| m | 2048 | fused | eager | int8 | ')
+    assert (f"| {int8['bf16_ms']:.3f} | {int8['quantised_ms']:.3f} | "
+            f"{int8['speedup'].value:.3f}× [") in table[0]
+    assert '| 2.00× | 80% [' in table[0] and '| 4.00× | 50% [' in table[1]
+    summary = {(r['backend'], r['weights']): r
+               for r in json.loads((tmp_path / 'summary.json').read_text())}
+    assert len(summary) == len(cells) == 4
+    assert summary[('fused', 'int8')]['quantised_speedup'] == pytest.approx(1.6, rel=0.003)
+    assert summary[('fused', 'int8')]['byte_ratio'] == pytest.approx(2.0)
+    assert summary[('fused', 'int4')]['speedup_share_of_byte_ratio'] == pytest.approx(
+        0.5, rel=0.003)
+    lo, hi = summary[('fused', 'int4')]['quantised_speedup_ci']
+    assert lo <= summary[('fused', 'int4')]['quantised_speedup'] <= hi
+    assert 'quantised_speedup' not in summary[('fused', 'bf16')]
+    with open(tmp_path / 'results.csv') as f:
+        assert {r['weights'] for r in csv.DictReader(f)} == {'bf16', 'int8', 'int4'}
+
+
+def test_compare_reads_results_without_weights_as_bf16(tmp_path, capsys):
+    old, new = tmp_path / 'old.json', tmp_path / 'new.json'
+    report.write_json(old, results([sample('m', 2048, 'eager', s, 20.0) for s in range(4)]))
+    report.write_json(new, results(
+        [sample('m', 2048, 'eager', s, 30.0, weights='bf16') for s in range(4)]
+        + [sample('m', 2048, 'eager', s, 10.0, backend='fused', weights='int8')
+           for s in range(4)]))
+    assert main(['compare', str(old), str(new)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if '| 2048 | hf | eager | bf16 |' in line)
+    assert '1.500× [' in row
+    assert 'only in B: m 2048 fused eager int8' in text

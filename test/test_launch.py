@@ -27,7 +27,7 @@ def test_launch_file_names_exist_in_setup_and_config():
     declared = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, 'id', '') == 'DeclareLaunchArgument'}
     assert declared == {'namespace', 'params_file', 'model', 'device', 'mode', 'backend',
-                        'mirror_diagnostics'}
+                        'weights', 'mirror_diagnostics'}
 
 
 @pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,

@@ -27,6 +27,7 @@ def test_defaults_are_valid_and_match_the_shipped_yaml():
 @pytest.mark.parametrize('changes, needle', [
     (dict(mode='fast'), 'mode'), (dict(dtype='int3'), 'dtype'), (dict(backend='x'), 'backend'),
     (dict(device='gpu'), 'device'), (dict(model=' '), 'model'),
+    (dict(weights='fp8'), 'weights'), (dict(weights='int4', backend='hf'), 'weights'),
     (dict(default_max_new_tokens=2000), 'default_max_new_tokens'),
     (dict(max_new_tokens_cap=4096), 'max_new_tokens_cap'),
 ])

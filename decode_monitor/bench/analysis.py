@@ -1,19 +1,35 @@
-"""From raw samples to per-cell statistics, graph speedups and run-to-run comparisons."""
+"""From raw samples to per-cell statistics, graph speedups and run-to-run comparisons.
+
+A cell is (model, ctx, backend, mode, weights). Results written before weights became an axis
+have no `weights` field: they were all unquantised, so a missing field reads as 'bf16'.
+"""
 from collections import defaultdict
 import statistics
 
 from decode_monitor.telemetry import stats
 
 MODE_ORDER = {'eager': 0, 'graph': 1}
+WEIGHTS_ORDER = {'bf16': 0, 'int8': 1, 'int4': 2}  # most bytes first
+KEY_FIELDS = ('model', 'ctx', 'backend', 'mode', 'weights')
+
+
+def weights_of(record):
+    return record.get('weights') or 'bf16'
 
 
 def cell_key(sample):
-    return (sample['model'], sample['ctx'], sample['backend'], sample['mode'])
+    return (sample['model'], sample['ctx'], sample['backend'], sample['mode'],
+            weights_of(sample))
+
+
+def key_dict(key):
+    return dict(zip(KEY_FIELDS, key))
 
 
 def sort_key(key):
-    model, ctx, backend, mode = key
-    return (model, ctx, backend, MODE_ORDER.get(mode, 9), mode)
+    model, ctx, backend, mode, weights = key
+    return (model, ctx, backend, MODE_ORDER.get(mode, 9), mode,
+            WEIGHTS_ORDER.get(weights, 9), weights)
 
 
 def session_median(sample):
@@ -65,11 +81,9 @@ def cell_stats(results, confidence=0.95, resamples=9999):
         frac_peak = [f / m if f is not None else None for f, m in zip(floor_peak, medians)]
         frac_copy = [f / m for f, m in zip(floor_copy, medians)]
         reasons, throttled_sessions = _throttle(samples)
-        model, ctx, backend, mode = key
         est = _est(medians, confidence, resamples, seed)
         out.append({
-            'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
-            'sessions': len(samples), 'session_medians_ms': medians,
+            **key_dict(key), 'sessions': len(samples), 'session_medians_ms': medians,
             'ms_per_step': est,
             'session_cv': (statistics.stdev(medians) / est.value if len(medians) > 1
                            else None),
@@ -92,21 +106,31 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+def graph_key(cell):
+    """What a graph speedup is per: the cell without its mode."""
+    return (cell['model'], cell['ctx'], cell['backend'], weights_of(cell))
+
+
+def _graph_sort_key(key):
+    model, ctx, backend, weights = key
+    return (model, ctx, backend, WEIGHTS_ORDER.get(weights, 9), weights)
+
+
 def speedups(results, confidence=0.95, resamples=9999):
-    """Graph over eager per (model, ctx, backend): paired by session, eager ms / graph ms."""
+    """Graph over eager per (model, ctx, backend, weights): paired by session, eager / graph ms."""
     by_session = defaultdict(dict)
     for s in ok_samples(results):
-        model, ctx, backend, mode = cell_key(s)
-        by_session[(model, ctx, backend)].setdefault(s['session'], {})[mode] = session_median(s)
+        by_session[graph_key(s)].setdefault(s['session'], {})[s['mode']] = session_median(s)
     out = []
-    for seed, key in enumerate(sorted(by_session)):
+    for seed, key in enumerate(sorted(by_session, key=_graph_sort_key)):
         pairs = [v for _, v in sorted(by_session[key].items()) if 'eager' in v and 'graph' in v]
         if not pairs:
             continue
         eager = [p['eager'] for p in pairs]
         graph = [p['graph'] for p in pairs]
-        model, ctx, backend = key
-        out.append({'model': model, 'ctx': ctx, 'backend': backend, 'pairs': len(pairs),
+        model, ctx, backend, weights = key
+        out.append({'model': model, 'ctx': ctx, 'backend': backend, 'weights': weights,
+                    'pairs': len(pairs),
                     'speedup': stats.paired_ratio_ci(eager, graph, confidence, resamples,
                                                      seed)})
     return out
@@ -122,7 +146,7 @@ def compare(results_a, results_b, confidence=0.95, resamples=9999):
     a, b = medians(results_a), medians(results_b)
     rows = []
     for seed, key in enumerate(sorted(set(a) & set(b), key=sort_key)):
-        rows.append({'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3],
+        rows.append({**key_dict(key),
                      'a_ms': statistics.fmean(a[key]), 'b_ms': statistics.fmean(b[key]),
                      'ratio': stats.ratio_ci(b[key], a[key], confidence, resamples, seed)})
     only_a = sorted(set(a) - set(b), key=sort_key)
@@ -146,8 +170,7 @@ def skipped_cells(results):
             entry['sessions'] += 1
         if s['status'] == 'error':
             entry['status'] = 'error'
-    return [dict(zip(('model', 'ctx', 'backend', 'mode'), k), **v)
-            for k, v in sorted(out.items(), key=lambda kv: sort_key(kv[0]))]
+    return [dict(key_dict(k), **v) for k, v in sorted(out.items(), key=lambda kv: sort_key(kv[0]))]
 
 
 def failed_samples(results):

@@ -20,15 +20,18 @@ DEFAULT_OUTPUT = 'bench-results'
 
 def _run_parser():
     p = argparse.ArgumentParser(
-        prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes '
-        'and backends in fresh processes; write results.json, results.csv, report.md, plots '
-        'and a pass/fail verdict. Subcommands: compare A.json B.json; report results.json.')
+        prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
+        'backends and weight formats in fresh processes; write results.json, results.csv, '
+        'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
+        'report results.json.')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
     p.add_argument('--contexts', nargs='+', type=int, metavar='CTX')
     p.add_argument('--modes', nargs='+', choices=grid_mod.MODES)
     p.add_argument('--backends', nargs='+')
+    p.add_argument('--weights', nargs='+', choices=grid_mod.WEIGHTS,
+                   help='weight formats (int8/int4 run on backend fused only)')
     p.add_argument('--sessions', type=int, help='fresh processes per cell')
     p.add_argument('--steps', type=int, help='timed steps per cell and session')
     p.add_argument('--warmup', type=int, help='discarded steps before the timed ones')
@@ -66,30 +69,37 @@ def _report_parser():
 
 
 def finish(results, out_dir, thresholds, confidence, resamples):
-    """Analyse raw results, write every output, return the verdict."""
-    from decode_monitor.bench import analysis, plots, report, verdict
+    """Analyse raw results, write every output.
+
+    Returns (verdict, cell statistics, graph speedups, quantised-weights speedups).
+    """
+    from decode_monitor.bench import analysis, plots, quantised, report, verdict
     reference = None
     if thresholds.reference:
         reference = verdict.load_results(thresholds.reference)
     cells = analysis.cell_stats(results, confidence, resamples)
     speedups = analysis.speedups(results, confidence, resamples)
+    quantised_rows = quantised.speedups(results, confidence, resamples)
     outcome = verdict.evaluate(results, thresholds, reference, confidence, resamples, cells)
     results['verdict'] = outcome
     names = plots.write_plots(out_dir, cells, speedups,
                               results.get('environment', {}).get('device_name'))
-    report.write_all(out_dir, results, cells, speedups, outcome, names, confidence)
-    return outcome, cells, speedups
+    report.write_all(out_dir, results, cells, speedups, outcome, names, confidence,
+                     quantised_rows)
+    return outcome, cells, speedups, quantised_rows
 
 
-def _print_table(cells, speedups, confidence, outcome, out_dir):
-    from decode_monitor.bench import report
+def _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir):
+    from decode_monitor.bench import quantised, report
     if cells:
         print(report.results_table(cells, speedups, confidence))
+    if quantised_rows:
+        print('\n'.join(quantised.markdown_section(quantised_rows, confidence)))
     print(f"verdict: {'PASS' if outcome['passed'] else 'FAIL'}"
           + (f" ({'; '.join(outcome['reasons'])})" if outcome['reasons'] else ''))
     for c in outcome['cells']:
         if not c['passed']:
-            print(f"  {c['model']} ctx {c['ctx']} {c['backend']} {c['mode']}: "
+            print(f"  {c['model']} ctx {c['ctx']} {c['backend']} {c['mode']} {c['weights']}: "
                   + '; '.join(c['reasons']))
     print(f'outputs: {os.path.abspath(out_dir)}')
 
@@ -99,8 +109,8 @@ def cmd_run(argv):
     grid = grid_mod.load(args.grid)
     grid = grid_mod.with_overrides(
         grid, models=args.models, contexts=args.contexts, modes=args.modes,
-        backends=args.backends, sessions=args.sessions, steps=args.steps, warmup=args.warmup,
-        device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
+        backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
+        warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         reference=args.reference)
     if grid.verdict.reference and not os.path.isfile(grid.verdict.reference):
@@ -108,9 +118,9 @@ def cmd_run(argv):
     from decode_monitor.bench.run import run_grid
     results = run_grid(grid, args.output, argv, profile=args.profile,
                        progress=not args.no_progress)
-    outcome, cells, speedups = finish(results, args.output, grid.verdict, grid.confidence,
-                                      grid.resamples)
-    _print_table(cells, speedups, grid.confidence, outcome, args.output)
+    outcome, cells, speedups, quantised_rows = finish(
+        results, args.output, grid.verdict, grid.confidence, grid.resamples)
+    _print_table(cells, speedups, quantised_rows, grid.confidence, outcome, args.output)
     return PASS if outcome['passed'] else FAIL
 
 
@@ -132,8 +142,9 @@ def cmd_report(argv):
     out_dir = args.output or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(out_dir, exist_ok=True)
     results.pop('verdict', None)
-    outcome, cells, speedups = finish(results, out_dir, thresholds, confidence, resamples)
-    _print_table(cells, speedups, confidence, outcome, out_dir)
+    outcome, cells, speedups, quantised_rows = finish(results, out_dir, thresholds, confidence,
+                                                      resamples)
+    _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir)
     return PASS if outcome['passed'] else FAIL
 
 
@@ -149,11 +160,12 @@ def cmd_compare(argv):
     rows, only_a, only_b = analysis.compare(a, b, args.confidence)
     print(f'A: {args.a} ({device_name(a)})')
     print(f'B: {args.b} ({device_name(b)})')
-    print(f'| model | ctx | backend | mode | A ms | B ms | B/A [{args.confidence:.0%} CI] |')
-    print('|---|---:|---|---|---:|---:|---:|')
+    print(f'| model | ctx | backend | mode | weights | A ms | B ms '
+          f'| B/A [{args.confidence:.0%} CI] |')
+    print('|---|---:|---|---|---|---:|---:|---:|')
     for r in rows:
-        print(f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['a_ms']:.3f} "
-              f"| {r['b_ms']:.3f} | {stats.format_ratio(r['ratio'])} |")
+        print(f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['weights']} "
+              f"| {r['a_ms']:.3f} | {r['b_ms']:.3f} | {stats.format_ratio(r['ratio'])} |")
     for label, keys in (('only in A', only_a), ('only in B', only_b)):
         for k in keys:
             print(f'{label}: {" ".join(map(str, k))}')

@@ -12,6 +12,16 @@ DTYPES = ('auto', 'bfloat16', 'float16', 'float32')  # auto: bfloat16 on a GPU, 
 DEVICES = ('auto', 'cuda', 'cpu')
 ORDERS = ('random', 'alternate')
 MODES = ('eager', 'graph')
+# Weight formats: the engine's (decode_monitor.engine.fused.quant.FORMATS), repeated here so that
+# reading a grid or `bench --help` does not import torch. bf16 = unquantised (the model's dtype).
+WEIGHTS = ('bf16', 'int8', 'int4')
+# Backends that can serve quantised weights (the Decoder refuses the others).
+QUANTISED_BACKENDS = ('fused',)
+
+
+def pairs_with(backend, weights):
+    """Whether a cell of this backend can run these weights: bf16 runs on every backend."""
+    return weights == 'bf16' or backend in QUANTISED_BACKENDS
 
 
 class GridError(ValueError):
@@ -33,6 +43,7 @@ class Grid:
     contexts: tuple
     modes: tuple = MODES
     backends: tuple = ('hf',)
+    weights: tuple = ('bf16',)
     dtype: str = 'bfloat16'
     device: str = 'auto'
     sessions: int = 10
@@ -52,9 +63,14 @@ class Grid:
     source: str = None  # the file it came from
 
     def cells(self):
-        """Every (model, ctx, backend, mode) of the grid, in file order."""
-        return [(m, c, b, mode) for m in self.models for c in self.contexts
-                for b in self.backends for mode in self.modes]
+        """Every (model, ctx, backend, mode, weights) of the grid, in file order.
+
+        Quantised weights pair only with the backends that serve them: a grid of backends
+        [hf, fused] and weights [bf16, int4] has hf×bf16, fused×bf16 and fused×int4 cells.
+        """
+        return [(m, c, b, mode, w) for m in self.models for c in self.contexts
+                for b in self.backends for mode in self.modes for w in self.weights
+                if pairs_with(b, w)]
 
     def as_dict(self):
         return asdict(self)
@@ -194,11 +210,12 @@ def _build(raw, source, base_dir):
     backends = _nonempty_list('backends', get('backends', ['hf']))
     backends = tuple(_choice(f'backends[{i}]', b, known_backends)
                      for i, b in enumerate(backends))
+    weights = _weights(get('weights', ['bf16']), backends)
     profile_context = get('profile_context')
     if profile_context is not None:
         _pos_int('profile_context', profile_context)
     return Grid(
-        models=models, contexts=contexts, modes=modes, backends=backends,
+        models=models, contexts=contexts, modes=modes, backends=backends, weights=weights,
         dtype=_choice('dtype', get('dtype', defaults.dtype), DTYPES),
         device=_choice('device', get('device', defaults.device), DEVICES),
         sessions=_pos_int('sessions', get('sessions', defaults.sessions)),
@@ -221,6 +238,19 @@ def _build(raw, source, base_dir):
         resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
         verdict=_verdict(get('verdict'), base_dir),
         source=source)
+
+
+def _weights(raw, backends):
+    weights = _nonempty_list('weights', raw)
+    weights = tuple(_choice(f'weights[{i}]', w, WEIGHTS) for i, w in enumerate(weights))
+    if not any(b in QUANTISED_BACKENDS for b in backends):
+        for i, w in enumerate(weights):
+            if w != 'bf16':
+                # Without a backend that serves it the format would silently have no cells.
+                raise GridError(f'weights[{i}]: {w} needs backend '
+                                f'{" or ".join(QUANTISED_BACKENDS)} in backends, which lists '
+                                f'only {", ".join(backends)}')
+    return weights
 
 
 def _confidence(value):
@@ -271,8 +301,8 @@ def load(name_or_path):
 
 
 # CLI flag -> grid key; values are validated exactly like the file's.
-OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'sessions', 'steps', 'warmup', 'device',
-             'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs')
+OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'sessions', 'steps', 'warmup',
+             'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs')
 
 
 def with_overrides(grid, **values):
@@ -290,7 +320,7 @@ def with_overrides(grid, **values):
         verdict['reference'] = changes.pop('reference')
     for key, value in changes.items():
         raw[key] = list(value) if isinstance(value, tuple) else value
-    for key in ('models', 'contexts', 'modes', 'backends'):
+    for key in ('models', 'contexts', 'modes', 'backends', 'weights'):
         raw[key] = list(raw[key])
     raw['verdict'] = verdict
     try:

@@ -1,6 +1,7 @@
 """Memory pre-check: will a cell fit before anything is allocated?
 
 need = weights (parameters x dtype size, counted on the meta device)
+     + for int8/int4 cells, the quantised copy of the linear weights (see quantised_copy_bytes)
      + static KV cache for the cell (layers x 2 x kv_heads x head_dim x max_context x dtype size)
      + the hf backend's transient attention buffers (K/V repeated to the query heads, one layer)
      + logits + a fixed margin (CUDA context, library workspaces, graph pools).
@@ -12,6 +13,13 @@ import os
 
 GB = 1e9
 DTYPE_BYTES = {'bfloat16': 2, 'float16': 2, 'float32': 4}
+# Quantised copies (decode_monitor/engine/fused/quant.py): bytes of code per weight, and how
+# many values of the model's dtype each group of weights stores (int8: a scale; int4: a scale
+# and an offset). 128 is the group size of every study model; a K that 128 does not divide gets
+# 64 or 32, a few more scale bytes than counted here.
+CODE_BYTES = {'int8': 1.0, 'int4': 0.5}
+GROUP_VALUES = {'int8': 1, 'int4': 2}
+QUANT_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    linear_params: int = 0  # weights of the linear layers and lm_head: what int8/int4 quantise
 
 
 @dataclass(frozen=True)
@@ -32,21 +41,31 @@ class Fit:
     reason: str = None
 
 
-def shape_from_config(config, params):
+def shape_from_config(config, params, linear_params=0):
     heads = config.num_attention_heads
     head_dim = getattr(config, 'head_dim', None) or config.hidden_size // heads
     kv_heads = getattr(config, 'num_key_value_heads', None) or heads
     return ModelShape(int(params), config.num_hidden_layers, heads, kv_heads, head_dim,
-                      config.vocab_size)
+                      config.vocab_size, int(linear_params))
+
+
+def linear_params(model):
+    """Weights of every nn.Linear, lm_head included: the matrices the fused backend quantises.
+
+    A tied lm_head is the embedding, counted here anyway: quantising it makes a separate copy.
+    """
+    import torch
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def count_params(config):
-    """Parameters of the model `config` describes, counted on the meta device (no memory)."""
+    """(all parameters, linear weights) of the model `config` describes, on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device('meta'):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+    # parameters() yields tied weights once
+    return sum(p.numel() for p in model.parameters()), linear_params(model)
 
 
 def model_config(source):
@@ -74,18 +93,37 @@ def model_config(source):
 
 def model_shape(source):
     config = model_config(source)
-    return shape_from_config(config, count_params(config))
+    return shape_from_config(config, *count_params(config))
 
 
-def cell_bytes(shape, max_context, dtype='bfloat16', margin_gb=0.0):
-    """Bytes a cell needs: weights + KV cache + transient attention/logits buffers + margin."""
+def quantised_copy_bytes(linear_weights, weights, dtype, dense_copy=False):
+    """An estimate of the bytes an int8/int4 cell adds to the loaded dense model (0 for bf16).
+
+    The dense weights stay loaded (the same model serves every cell of a session), so the
+    quantised codes and their group scales come on top: about 1/2 (int8) or 1/4 (int4) of the
+    linear weights' bf16 bytes. dense_copy: the fused backend's torch path (its default off
+    CUDA) also keeps a dequantised dense copy of those weights to multiply by.
+    """
+    if weights == 'bf16':
+        return 0.0
     elem = DTYPE_BYTES[dtype]
-    weights = shape.params * elem
+    per_weight = CODE_BYTES[weights] + GROUP_VALUES[weights] * elem / QUANT_GROUP
+    return linear_weights * (per_weight + (elem if dense_copy else 0))
+
+
+def cell_bytes(shape, max_context, dtype='bfloat16', margin_gb=0.0, weights='bf16',
+               device='cuda'):
+    """Bytes a cell needs: weights (+ a quantised copy) + KV cache + transient attention/logits
+    buffers + margin. An estimate, meant to skip cells that cannot fit, not to predict a peak.
+    """
+    elem = DTYPE_BYTES[dtype]
+    weight_bytes = shape.params * elem + quantised_copy_bytes(
+        shape.linear_params, weights, dtype, dense_copy=device != 'cuda')
     kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * max_context * elem
     repeated_kv = 2 * shape.heads * shape.head_dim * max_context * elem
     scores = shape.heads * max_context * 4
     logits = shape.vocab * 4 * 2
-    return weights + kv + repeated_kv + scores + logits + margin_gb * GB
+    return weight_bytes + kv + repeated_kv + scores + logits + margin_gb * GB
 
 
 def check(need_bytes, free_bytes):

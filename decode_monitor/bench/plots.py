@@ -10,19 +10,30 @@ STEP_MS = 'step_ms_vs_ctx.png'
 FRACTION = 'floor_fraction_vs_ctx.png'
 SPEEDUP = 'graph_speedup.png'
 _MARKERS = {'eager': 'o', 'graph': 's'}
+_LINESTYLES = {'bf16': '-', 'int8': '--', 'int4': ':'}
+# The floor of each weight format: darker = more bytes.
+_FLOOR_COLOURS = {'bf16': 'black', 'int8': 'dimgray', 'int4': 'darkgray'}
 
 
 def _models(cells):
     return sorted({c['model'] for c in cells})
 
 
+def _weights(record):
+    return record.get('weights') or 'bf16'
+
+
 def _series(cells, model):
-    """(backend, mode) -> sorted [(ctx, cell)]"""
+    """(backend, mode, weights) -> sorted [(ctx, cell)]"""
     out = {}
     for c in cells:
         if c['model'] == model:
-            out.setdefault((c['backend'], c['mode']), []).append((c['ctx'], c))
+            out.setdefault((c['backend'], c['mode'], _weights(c)), []).append((c['ctx'], c))
     return {k: sorted(v, key=lambda t: t[0]) for k, v in sorted(out.items())}
+
+
+def _label(backend, mode, weights):
+    return f'{backend} {mode}' + ('' if weights == 'bf16' else f' {weights}')
 
 
 def _errors(ests):
@@ -58,20 +69,24 @@ def step_ms_plot(cells, out_dir, title):
     models = _models(cells)
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        floors = {}
-        for (backend, mode), points in _series(cells, model).items():
+        floors = {}  # (basis, weights) -> {ctx: ms}: quantised weights have their own floor
+        for (backend, mode, weights), points in _series(cells, model).items():
             ctx = [p[0] for p in points]
             ests = [p[1]['ms_per_step'] for p in points]
             ax.errorbar(ctx, [e.value for e in ests], yerr=_errors(ests), capsize=3,
-                        marker=_MARKERS.get(mode, '^'), label=f'{backend} {mode}')
+                        marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
+                        label=_label(backend, mode, weights))
             for c, cell in points:
-                floors.setdefault('peak', {})[c] = cell['floor_ms_peak']
-                floors.setdefault('copy', {})[c] = cell['floor_ms_copy']
-        for basis, style in (('peak', 'k-'), ('copy', 'k--')):
-            pts = sorted((c, f) for c, f in floors.get(basis, {}).items() if f is not None)
+                floors.setdefault(('peak', weights), {})[c] = cell['floor_ms_peak']
+                floors.setdefault(('copy', weights), {})[c] = cell['floor_ms_copy']
+        for (basis, weights), by_ctx in sorted(floors.items()):
+            pts = sorted((c, f) for c, f in by_ctx.items() if f is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, linewidth=1,
-                        label=f'floor ({basis} bandwidth)')
+                name = 'floor' if weights == 'bf16' else f'{weights} floor'
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        '-' if basis == 'peak' else '--', linewidth=1,
+                        color=_FLOOR_COLOURS.get(weights, 'black'),
+                        label=f'{name} ({basis} bandwidth)')
         _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
         ax.set_ylabel('ms per decode step')
         ax.set_ylim(bottom=0)
@@ -86,13 +101,14 @@ def fraction_plot(cells, out_dir, title):
     models = _models(cells)
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        for (backend, mode), points in _series(cells, model).items():
+        for (backend, mode, weights), points in _series(cells, model).items():
             basis = 'peak' if points[0][1]['floor_fraction'] is not None else 'copy'
             key = 'floor_fraction' if basis == 'peak' else 'copy_fraction'
             ests = [p[1][key] for p in points]
             ax.errorbar([p[0] for p in points], [e.value * 100 for e in ests],
                         yerr=[[v * 100 for v in side] for side in _errors(ests)], capsize=3,
-                        marker=_MARKERS.get(mode, '^'), label=f'{backend} {mode} (vs {basis})')
+                        marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
+                        label=f'{_label(backend, mode, weights)} (vs {basis})')
         _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
         ax.set_ylabel('achieved % of the memory floor')
         ax.set_ylim(0, 100)
@@ -107,12 +123,16 @@ def speedup_plot(speedups, out_dir, title):
     models = sorted({s['model'] for s in speedups})
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        for backend in sorted({s['backend'] for s in speedups if s['model'] == model}):
+        series = sorted({(s['backend'], _weights(s)) for s in speedups if s['model'] == model})
+        for backend, weights in series:
             rows = sorted((s for s in speedups if s['model'] == model
-                           and s['backend'] == backend), key=lambda s: s['ctx'])
+                           and (s['backend'], _weights(s)) == (backend, weights)),
+                          key=lambda s: s['ctx'])
             ests = [s['speedup'] for s in rows]
+            name = backend if weights == 'bf16' else f'{backend} {weights}'
             ax.errorbar([s['ctx'] for s in rows], [e.value for e in ests], yerr=_errors(ests),
-                        capsize=4, marker='o', label=f'{backend}: eager / graph')
+                        capsize=4, marker='o', linestyle=_LINESTYLES.get(weights, '-'),
+                        label=f'{name}: eager / graph')
         ax.axhline(1.0, color='k', linewidth=0.8)
         _ctx_axis(ax, [s['ctx'] for s in speedups if s['model'] == model])
         ax.set_ylabel('CUDA-graph speedup (×)')

@@ -5,12 +5,12 @@ import math
 import os
 import statistics
 
-from decode_monitor.bench import analysis
+from decode_monitor.bench import analysis, quantised
 from decode_monitor.bench.profile import CLASS_LABELS, CLASSES
 from decode_monitor.telemetry import stats
 
 CSV_FIELDS = (
-    'model', 'ctx', 'backend', 'mode', 'session', 'status', 'reason', 'steps', 'warmup',
+    'model', 'ctx', 'backend', 'mode', 'weights', 'session', 'status', 'reason', 'steps', 'warmup',
     'median_ms', 'mean_ms', 'p90_ms', 'min_ms', 'max_ms', 'floor_ms_peak', 'floor_ms_copy',
     'floor_fraction', 'copy_fraction', 'bytes_per_step', 'peak_bandwidth_gbs',
     'copy_bandwidth_gbs', 'sm_clock_mhz', 'mem_clock_mhz', 'temperature_c', 'power_w',
@@ -32,14 +32,15 @@ def _json_default(obj):
 def csv_rows(results):
     rows = []
     for s in results.get('skipped', []):
-        rows.append({'model': s['model'], 'ctx': s['ctx'], 'backend': s['backend'],
-                     'mode': s['mode'], 'status': 'skipped', 'reason': s['reason']})
+        rows.append({**analysis.key_dict(analysis.cell_key(s)), 'status': 'skipped',
+                     'reason': s['reason']})
     for s in sorted(results['samples'], key=lambda s: (analysis.sort_key(analysis.cell_key(s)),
                                                        s['session'])):
         row = {k: s.get(k) for k in ('model', 'ctx', 'backend', 'mode', 'session', 'status',
                                      'reason', 'steps', 'warmup', 'floor_ms_peak',
                                      'floor_ms_copy', 'bytes_per_step', 'energy_j',
                                      'joules_per_token')}
+        row['weights'] = analysis.weights_of(s)
         if s.get('status') == 'ok':
             summary = stats.summarize(s['step_ms'])
             median = summary['median']
@@ -77,12 +78,18 @@ def _csv_value(v):
     return v
 
 
-def summary_rows(cells, speedups):
-    """One row per measured cell (the committed summary.json)."""
-    speed = {(s['model'], s['ctx'], s['backend']): s for s in speedups}
+def summary_rows(cells, speedups, quantised_rows=()):
+    """One row per measured cell (the committed summary.json).
+
+    A graph cell's row carries its graph speedup; an int8/int4 cell's row carries its speedup
+    over bf16 and the byte ratio (the quantised section's row), so the file stays one row per
+    cell.
+    """
+    speed = {analysis.graph_key(s): s for s in speedups}
+    quant = quantised.summary_fields(quantised_rows)
     rows = []
     for c in cells:
-        row = {'model': c['model'], 'ctx': c['ctx'], 'backend': c['backend'], 'mode': c['mode'],
+        row = {**analysis.key_dict(analysis.cell_key(c)),
                'ms_per_step': c['ms_per_step'].value,
                'ms_per_step_ci': [c['ms_per_step'].lo, c['ms_per_step'].hi],
                'floor_ms': c['floor_ms_peak'] if c['floor_ms_peak'] is not None
@@ -91,10 +98,11 @@ def summary_rows(cells, speedups):
                'copy_fraction': _value(c['copy_fraction']),
                'joules_per_token': _value(c['joules_per_token']),
                'sessions': c['sessions']}
-        s = speed.get((c['model'], c['ctx'], c['backend']))
+        s = speed.get(analysis.graph_key(c))
         if c['mode'] == 'graph' and s is not None:
             row['graph_speedup'] = s['speedup'].value
             row['graph_speedup_ci'] = [s['speedup'].lo, s['speedup'].hi]
+        row.update(quant.get(analysis.cell_key(c), {}))
         rows.append({k: _clean(v) for k, v in row.items()})
     return rows
 
@@ -125,18 +133,18 @@ def _fmt(v, digits=3):
 
 
 def results_table(cells, speedups, confidence):
-    speed = {(s['model'], s['ctx'], s['backend']): s for s in speedups}
+    speed = {analysis.graph_key(s): s for s in speedups}
     ci = f'{confidence:.0%} CI'
-    lines = [f'| model | ctx | backend | mode | ms/step [{ci}] | floor ms | % of floor '
+    lines = [f'| model | ctx | backend | mode | weights | ms/step [{ci}] | floor ms | % of floor '
              f'| % of copy ceiling | J/token [{ci}] | graph speedup [{ci}] | N |',
-             '|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|']
+             '|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
     for c in cells:
-        s = speed.get((c['model'], c['ctx'], c['backend']))
+        s = speed.get(analysis.graph_key(c))
         speedup = stats.format_ratio(s['speedup']) if c['mode'] == 'graph' and s else '—'
         floor = c['floor_ms_peak'] if c['floor_ms_peak'] is not None else c['floor_ms_copy']
         jpt = c['joules_per_token']  # None without NVML
         lines.append(
-            f"| {c['model']} | {c['ctx']} | {c['backend']} | {c['mode']} "
+            f"| {c['model']} | {c['ctx']} | {c['backend']} | {c['mode']} | {c['weights']} "
             f"| {stats.format_estimate(c['ms_per_step'], 3)} | {_fmt(floor)} "
             f"| {_pct(c['floor_fraction'])} | {_pct(c['copy_fraction'])} "
             f"| {stats.format_estimate(jpt, 2)} | {speedup} | {c['sessions']} |")
@@ -154,6 +162,7 @@ def _environment_table(results):
             ('peak bandwidth source', env.get('peak_source')),
             ('copy bandwidth (GB/s), median of sessions', _gbs(_copy_bw(results))),
             ('dtype', grid.get('dtype')),
+            ('weight formats', ', '.join(grid.get('weights') or ['bf16'])),
             ('sessions × steps (warm-up)',
              f"{grid.get('sessions')} × {grid.get('steps')} ({grid.get('warmup')})"),
             ('cell order', grid.get('order')),
@@ -187,6 +196,16 @@ def _copy_bw(results):
     return statistics.median(values) if values else None
 
 
+def _cell_cells(record):
+    """A cell's key as Markdown table cells: 'm | 2048 | hf | eager | bf16'."""
+    return ' | '.join(str(v) for v in analysis.cell_key(record))
+
+
+def _cell_words(record):
+    model, ctx, backend, mode, weights = analysis.cell_key(record)
+    return f'{model} ctx {ctx} {backend} {mode} {weights}'
+
+
 def profile_section(profiles):
     profiles = sorted(profiles, key=lambda p: analysis.sort_key(analysis.cell_key(p)))
     ok = [p for p in profiles if p.get('status') == 'ok']
@@ -197,29 +216,28 @@ def profile_section(profiles):
         lines += [f'Time per decode step by class ({source}; ms, mean over the profiled steps). '
                   'Idle = span between the first and last event minus the time any event ran; '
                   'the profiler itself adds host-side time, so idle is an upper bound.', '',
-                  f'| model | ctx | backend | mode | span ms | busy ms | idle ms (%) | events '
-                  f'| {header} |',
-                  '|---|---:|---|---|---:|---:|---:|---:|' + '---:|' * len(CLASSES)]
+                  f'| model | ctx | backend | mode | weights | span ms | busy ms | idle ms (%) '
+                  f'| events | {header} |',
+                  '|---|---:|---|---|---|---:|---:|---:|---:|' + '---:|' * len(CLASSES)]
         for p in ok:
             a = p['anatomy']
             classes = ' | '.join(f"{a['by_class_ms'][c]:.3f}" for c in CLASSES)
-            lines.append(f"| {p['model']} | {p['ctx']} | {p['backend']} | {p['mode']} "
-                         f"| {a['span_ms']:.3f} | {a['busy_ms']:.3f} "
+            lines.append(f"| {_cell_cells(p)} | {a['span_ms']:.3f} | {a['busy_ms']:.3f} "
                          f"| {a['idle_ms']:.3f} ({a['idle_fraction']:.0%}) "
                          f"| {a['events_per_step']:.0f} | {classes} |")
         lines += ['', 'Longest events per step:', '']
         for p in ok:
             top = ', '.join(f"`{t['name'][:60]}` {t['ms_per_step']:.3f} ms"
                             for t in p['anatomy']['top'][:4])
-            lines.append(f"- {p['model']} ctx {p['ctx']} {p['backend']} {p['mode']}: {top}")
+            lines.append(f"- {_cell_words(p)}: {top}")
     for p in profiles:
         if p.get('status') != 'ok':
-            lines.append(f"- {p['model']} ctx {p['ctx']} {p['backend']} {p['mode']}: "
-                         f"{p['status']} ({p.get('reason')})")
+            lines.append(f"- {_cell_words(p)}: {p['status']} ({p.get('reason')})")
     return '\n'.join(lines)
 
 
-def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95):
+def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
+             quantised_rows=()):
     parts = ['# Decode bench report', '',
              'Batch-1 decode step time per cell: per-session medians of the timed steps '
              '(device events, warm-up discarded), then the mean over fresh sessions with a '
@@ -227,18 +245,22 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95):
              'in full, one embedding row, the valid KV prefix and the new K/V) over peak '
              'bandwidth; % of floor = floor / step time. The copy ceiling uses the measured '
              'device-to-device copy bandwidth instead. Graph speedup = eager / graph step '
-             'time, paired by session.', '', '## Environment', '', _environment_table(results),
+             'time, paired by session. Weights = the format of the stored weights: bf16 = '
+             'unquantised (the run\'s dtype), int8/int4 = weight-only quantised (backend '
+             'fused), the floor counting their bytes as stored.', '', '## Environment', '',
+             _environment_table(results),
              '', '## Results', '']
     if results.get('environment', {}).get('peak_bandwidth') is None:
         parts += ['No peak bandwidth is known for this device (no NVML, no override): the floor '
                   'column uses the measured copy bandwidth and % of floor is not given.', '']
     parts.append(results_table(cells, speedups, confidence) if cells else 'No cell was measured.')
+    parts += quantised.markdown_section(quantised_rows, confidence)
     skipped = analysis.skipped_cells(results)
     if skipped:
-        parts += ['', '## Skipped cells', '', '| model | ctx | backend | mode | status | reason |',
-                  '|---|---:|---|---|---|---|']
-        parts += [f"| {s['model']} | {s['ctx']} | {s['backend']} | {s['mode']} | {s['status']} "
-                  f"| {s['reason']} |" for s in skipped]
+        parts += ['', '## Skipped cells', '',
+                  '| model | ctx | backend | mode | weights | status | reason |',
+                  '|---|---:|---|---|---|---|---|']
+        parts += [f"| {_cell_cells(s)} | {s['status']} | {s['reason']} |" for s in skipped]
     if any(c['joules_per_token'] is not None for c in cells):
         parts += ['', 'J/token = NVML energy-counter difference over the warm-up and timed steps '
                   'of a cell, divided by their number. The counter advances in steps (period '
@@ -250,7 +272,7 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95):
     throttled = [c for c in cells if c['throttle_reasons']]
     if throttled:
         parts += ['', '## Throttling', '']
-        parts += [f"- {c['model']} ctx {c['ctx']} {c['mode']}: {', '.join(c['throttle_reasons'])}"
+        parts += [f"- {_cell_words(c)}: {', '.join(c['throttle_reasons'])}"
                   f" (sessions {', '.join(map(str, c['throttled_sessions']))})"
                   for c in throttled]
     if results.get('profile'):
@@ -273,17 +295,19 @@ def verdict_text(verdict):
                  f"{'allowed' if t['allow_throttling'] else 'not allowed'}"
                  + (f", reference {t['reference']} (tolerance {t['reference_tolerance']:.0%})"
                     if t['reference'] else ''))
-    lines += ['', '| model | ctx | backend | mode | result | reasons |',
-              '|---|---:|---|---|---|---|']
+    lines += ['', '| model | ctx | backend | mode | weights | result | reasons |',
+              '|---|---:|---|---|---|---|---|']
     for c in verdict['cells']:
-        lines.append(f"| {c['model']} | {c['ctx']} | {c['backend']} | {c['mode']} "
-                     f"| {'pass' if c['passed'] else 'FAIL'} | {'; '.join(c['reasons'])} |")
+        lines.append(f"| {_cell_cells(c)} | {'pass' if c['passed'] else 'FAIL'} "
+                     f"| {'; '.join(c['reasons'])} |")
     return '\n'.join(lines)
 
 
-def write_all(out_dir, results, cells, speedups, verdict, plots, confidence):
+def write_all(out_dir, results, cells, speedups, verdict, plots, confidence,
+              quantised_rows=()):
     write_json(os.path.join(out_dir, 'results.json'), results)
     write_csv(os.path.join(out_dir, 'results.csv'), results)
-    write_json(os.path.join(out_dir, 'summary.json'), summary_rows(cells, speedups))
+    write_json(os.path.join(out_dir, 'summary.json'),
+               summary_rows(cells, speedups, quantised_rows))
     with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
-        f.write(markdown(results, cells, speedups, verdict, plots, confidence))
+        f.write(markdown(results, cells, speedups, verdict, plots, confidence, quantised_rows))

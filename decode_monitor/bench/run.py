@@ -67,37 +67,42 @@ def precheck(grid, device, free=None, shapes=None):
     """Split the grid into runnable cells per model and skipped cells with reasons.
 
     free: bytes available (None: read now); shapes: model -> ModelShape (None: count now).
-    Returns (runnable: {model: [(ctx, backend, mode)]}, skipped: [dict], notes: [str]).
+    Returns (runnable: {model: [(ctx, backend, mode, weights)]}, skipped: [dict], notes: [str]).
     """
     if free is None:
         free = memory.free_bytes(device, grid.memory_limit_gb)
     notes = []
     if free is None:
         notes.append('free memory unknown: no memory pre-check')
+    shapes = dict(shapes or {})
+    fits = {}  # (model, ctx, weights) -> Fit: the need depends on nothing else
     runnable, skipped = {}, []
-    for model in grid.models:
-        shape = (shapes or {}).get(model)
-        if shape is None:
-            try:
-                shape = memory.model_shape(model)
-            except Exception as exc:
-                notes.append(f'{model}: no memory estimate ({type(exc).__name__}: {exc})')
-        for ctx in grid.contexts:
-            fit = None
-            if shape is not None and free is not None:
-                need = memory.cell_bytes(shape, ctx + grid.warmup + grid.steps, grid.dtype,
-                                         grid.memory_margin_gb)
-                fit = memory.check(need, free)
-            for backend in grid.backends:
-                for mode in grid.modes:
-                    if fit is not None and not fit.fits:
-                        skipped.append({'model': model, 'ctx': ctx, 'backend': backend,
-                                        'mode': mode, 'status': 'skipped', 'reason': fit.reason,
-                                        'need_gb': fit.need_bytes / memory.GB,
-                                        'free_gb': fit.free_bytes / memory.GB})
-                    else:
-                        runnable.setdefault(model, []).append((ctx, backend, mode))
+    for model, ctx, backend, mode, weights in grid.cells():
+        if model not in shapes:
+            shapes[model] = _shape_or_none(model, notes)
+        fit = None
+        if shapes[model] is not None and free is not None:
+            if (model, ctx, weights) not in fits:
+                need = memory.cell_bytes(shapes[model], ctx + grid.warmup + grid.steps,
+                                         grid.dtype, grid.memory_margin_gb, weights, device)
+                fits[(model, ctx, weights)] = memory.check(need, free)
+            fit = fits[(model, ctx, weights)]
+        if fit is not None and not fit.fits:
+            skipped.append({'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
+                            'weights': weights, 'status': 'skipped', 'reason': fit.reason,
+                            'need_gb': fit.need_bytes / memory.GB,
+                            'free_gb': fit.free_bytes / memory.GB})
+        else:
+            runnable.setdefault(model, []).append((ctx, backend, mode, weights))
     return runnable, skipped, notes
+
+
+def _shape_or_none(model, notes):
+    try:
+        return memory.model_shape(model)
+    except Exception as exc:
+        notes.append(f'{model}: no memory estimate ({type(exc).__name__}: {exc})')
+        return None
 
 
 def session_spec(grid, device, runnable, index, profile=False):
@@ -110,7 +115,8 @@ def session_spec(grid, device, runnable, index, profile=False):
         contexts = sorted({c[0] for cells in runnable.values() for c in cells})
         ctx = grid.profile_context or (contexts[0] if contexts else None)
         spec['profile'] = {'context': ctx, 'steps': grid.profile_steps,
-                           'backends': list(grid.backends), 'modes': list(grid.modes)}
+                           'backends': list(grid.backends), 'modes': list(grid.modes),
+                           'weights': list(grid.weights)}
     return spec
 
 
@@ -194,11 +200,13 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log):
         def on_event(event, index=index, seen=seen):
             kind = event.pop('event')
             if kind == 'sample':
-                seen.add((event['model'], event['ctx'], event['backend'], event['mode']))
+                seen.add((event['model'], event['ctx'], event['backend'], event['mode'],
+                          event['weights']))
                 results['samples'].append(event)
                 bar.update(1)
                 bar.set_postfix_str(f"s{index} {event['model']} {event['ctx']} "
-                                    f"{event['mode']} {event['status']}", refresh=False)
+                                    f"{event['backend']} {event['mode']} {event['weights']} "
+                                    f"{event['status']}", refresh=False)
             elif kind == 'session':
                 results['sessions'].append(event)
             elif kind == 'profile':
@@ -212,10 +220,10 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log):
         results['sessions_completed'] += 1
         missing = [(m, *c) for m, cells in runnable.items() for c in cells
                    if (m, *c) not in seen]
-        for model, ctx, backend, mode in missing:
+        for model, ctx, backend, mode, weights in missing:
             results['samples'].append(
                 {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
-                 'session': index, 'status': 'error',
+                 'weights': weights, 'session': index, 'status': 'error',
                  'reason': f'session process ended ({ending}) before this cell '
                            'reported (see sessions.log)'})
             bar.update(1)

@@ -24,11 +24,12 @@ def emit(event, **payload):
 
 
 def cell_order(cells, order, seed, session):
-    """Cells of one model in the order a session runs them.
+    """Cells (ctx, backend, mode[, weights]) of one model in the order a session runs them.
 
     random: shuffled by a generator seeded from (seed, session), so a rerun repeats it.
     alternate: contexts ascending in even sessions and descending in odd ones; within a context
-    the modes (and backends) swap their order from one session to the next.
+    the modes (and backends, and weight formats) swap their order from one session to the next,
+    so neither side of a paired comparison always runs first.
     """
     cells = list(cells)
     if order == 'random':
@@ -40,7 +41,7 @@ def cell_order(cells, order, seed, session):
     contexts = sorted({c[0] for c in cells}, reverse=flip)
     out = []
     for ctx in contexts:
-        group = sorted((c for c in cells if c[0] == ctx), key=lambda c: (c[2], c[1]),
+        group = sorted((c for c in cells if c[0] == ctx), key=lambda c: (c[2], c[1], c[3:]),
                        reverse=flip)
         out.extend(group)
     return out
@@ -129,9 +130,10 @@ class Session:
             self.run_model(entry)
         emit('done', session=self.index)
 
-    def _base(self, source, ctx, backend, mode):
+    def _base(self, source, ctx, backend, mode, weights):
         return {'model': source, 'ctx': ctx, 'backend': backend, 'mode': mode,
-                'session': self.index, 'steps': self.steps, 'warmup': self.warmup}
+                'weights': weights, 'session': self.index, 'steps': self.steps,
+                'warmup': self.warmup}
 
     def run_model(self, entry):
         from decode_monitor.engine.sources import load_model
@@ -144,12 +146,12 @@ class Session:
             load_s = time.perf_counter() - t0
         except Exception as exc:
             reason = f'model load failed: {type(exc).__name__}: {exc}'
-            for ctx, backend, mode in cells:
-                emit('sample', **self._base(source, ctx, backend, mode), status='error',
-                     reason=reason)
+            for cell in cells:
+                emit('sample', **self._base(source, *cell), status='error', reason=reason)
             return
-        for ctx, backend, mode in cells:
-            emit('sample', **self.run_cell(loaded, source, ctx, backend, mode), load_s=load_s)
+        for ctx, backend, mode, weights in cells:
+            emit('sample', **self.run_cell(loaded, source, ctx, backend, mode, weights),
+                 load_s=load_s)
             _free_cuda_memory()
         profile = self.spec.get('profile')
         if profile:
@@ -157,26 +159,29 @@ class Session:
         del loaded
         _free_cuda_memory()
 
-    def _kv_fits(self, loaded, max_context):
-        """In-process check once the weights are resident: KV + attention buffers vs free."""
-        from decode_monitor.bench.memory import cell_bytes, check, shape_from_config
-        shape = shape_from_config(loaded.config, 0)
-        need = cell_bytes(shape, max_context, self.spec['dtype'])
-        return check(need, self.torch.cuda.mem_get_info()[0])
+    def _cell_fits(self, loaded, max_context, weights):
+        """In-process check once the dense weights are resident: what the cell adds (KV,
+        attention buffers, a quantised copy of the weights) vs free memory."""
+        from decode_monitor.bench import memory
+        shape = memory.shape_from_config(loaded.config, 0, memory.linear_params(loaded.model))
+        need = memory.cell_bytes(shape, max_context, self.spec['dtype'], weights=weights,
+                                 device=self.device)
+        return memory.check(need, self.torch.cuda.mem_get_info()[0])
 
-    def run_cell(self, loaded, source, ctx, backend, mode):
+    def run_cell(self, loaded, source, ctx, backend, mode, weights):
         from decode_monitor.engine.decoder import Decoder
-        out = self._base(source, ctx, backend, mode)
+        out = self._base(source, ctx, backend, mode, weights)
         max_context = ctx + self.warmup + self.steps
         if self.device == 'cuda':
-            fit = self._kv_fits(loaded, max_context)
+            fit = self._cell_fits(loaded, max_context, weights)
             if not fit.fits:
                 out.update(status='skipped', reason=fit.reason)
                 return out
         decoder = None
         try:
             t0 = time.perf_counter()
-            decoder = Decoder(loaded, mode=mode, backend=backend, max_context=max_context)
+            decoder = Decoder(loaded, mode=mode, backend=backend, max_context=max_context,
+                              weights=weights)
             out['build_s'] = time.perf_counter() - t0
             if decoder.mode != mode:
                 status = 'error' if self.device == 'cuda' else 'skipped'
@@ -220,28 +225,30 @@ class Session:
         return m
 
     def run_profile(self, loaded, source, profile):
+        from decode_monitor.bench.grid import pairs_with
         from decode_monitor.bench.profile import profile_steps
         from decode_monitor.engine.decoder import Decoder
         ctx, steps = profile['context'], profile['steps']
-        for backend in profile['backends']:
-            for mode in profile['modes']:
-                base = self._base(source, ctx, backend, mode)
-                decoder = None
-                try:
-                    decoder = Decoder(loaded, mode=mode, backend=backend,
-                                      max_context=ctx + 3 + steps)
-                    if decoder.mode != mode:
-                        emit('profile', **base, status='skipped',
-                             reason=decoder.fallback_reason)
-                        continue
-                    emit('profile', **base, status='ok',
-                         anatomy=profile_steps(decoder, ctx, steps, warmup=3))
-                except Exception as exc:
-                    emit('profile', **base, status='error',
-                         reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
-                finally:
-                    del decoder
-                    _free_cuda_memory()
+        runs = [(b, mode, w) for b in profile['backends'] for mode in profile['modes']
+                for w in profile['weights'] if pairs_with(b, w)]
+        for backend, mode, weights in runs:
+            base = self._base(source, ctx, backend, mode, weights)
+            decoder = None
+            try:
+                decoder = Decoder(loaded, mode=mode, backend=backend,
+                                  max_context=ctx + 3 + steps, weights=weights)
+                if decoder.mode != mode:
+                    emit('profile', **base, status='skipped',
+                         reason=decoder.fallback_reason)
+                    continue
+                emit('profile', **base, status='ok',
+                     anatomy=profile_steps(decoder, ctx, steps, warmup=3))
+            except Exception as exc:
+                emit('profile', **base, status='error',
+                     reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
+            finally:
+                del decoder
+                _free_cuda_memory()
 
 
 def main():

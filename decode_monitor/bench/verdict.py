@@ -58,10 +58,10 @@ def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=999
             f"session {s['session']}: {s.get('reason')}")
     rows = []
     for seed, cell in enumerate(cells):
-        key = (cell['model'], cell['ctx'], cell['backend'], cell['mode'])
+        key = analysis.cell_key(cell)
         reasons = [f'error in {e}' for e in errors.pop(key, [])]
         reasons += _threshold_reasons(cell, thresholds)
-        row = {'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3]}
+        row = analysis.key_dict(key)
         if ref_medians is not None:
             mine = cell['session_medians_ms']
             if key in ref_medians:
@@ -80,8 +80,8 @@ def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=999
         row['reasons'] = reasons
         rows.append(row)
     for key, errs in sorted(errors.items(), key=lambda kv: analysis.sort_key(kv[0])):
-        rows.append({'model': key[0], 'ctx': key[1], 'backend': key[2], 'mode': key[3],
-                     'passed': False, 'reasons': [f'error in {e}' for e in errs]})
+        rows.append({**analysis.key_dict(key), 'passed': False,
+                     'reasons': [f'error in {e}' for e in errs]})
     run_reasons = []
     if results.get('interrupted'):
         run_reasons.append('the run was interrupted')

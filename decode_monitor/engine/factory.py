@@ -22,6 +22,7 @@ class DecoderSettings:
     mode: str = 'graph'  # graph | eager
     backend: str = 'auto'  # auto | hf | fused
     max_context: int = 2048
+    weights: str = 'bf16'  # bf16 (as loaded) | int8 | int4 (weight-only, fused backend)
 
     def resolved_device(self):
         if self.device == 'auto':
@@ -39,6 +40,8 @@ class DecoderSettings:
 
     def resolved_backend(self, device):
         if self.backend == 'auto':
+            if self.weights != 'bf16':  # only fused serves quantised weights, on any device
+                return 'fused'
             return 'fused' if device.startswith('cuda') and 'fused' in BACKENDS else 'hf'
         return self.backend
 
@@ -51,4 +54,4 @@ def build_decoder(settings):
         raise ValueError(f'backend must be auto or one of {sorted(BACKENDS)}, not {backend!r}')
     loaded = load_model(settings.model, device=device, dtype=dtype)
     return Decoder(loaded, mode=settings.mode, backend=backend,
-                   max_context=settings.max_context)
+                   max_context=settings.max_context, weights=settings.weights)

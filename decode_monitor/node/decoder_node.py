@@ -64,7 +64,7 @@ class LlmDecoderNode(Node):
             peak, source = None, 'unavailable (no NVML); fractions use measured bandwidth'
         self.info.update(
             model=decoder.loaded.name, dtype=str(decoder.loaded.model.dtype).replace('torch.', ''),
-            backend=decoder.backend.name, mode=decoder.mode,
+            backend=decoder.backend.name, weights=decoder.weights, mode=decoder.mode,
             graph_fallbacks=decoder.graph_fallbacks,
             fallback_reason=decoder.fallback_reason, peak_bandwidth=peak, peak_source=source,
             measured_bandwidth=measured)
@@ -72,7 +72,8 @@ class LlmDecoderNode(Node):
             self.get_logger().warning(decoder.fallback_reason)
         self.get_logger().info(
             f'ready: {decoder.loaded.name} on {decoder.device}, {decoder.mode} mode, '
-            f'{decoder.backend.name} backend, max_context {decoder.max_context}')
+            f'{decoder.backend.name} backend, {decoder.weights} weights, '
+            f'max_context {decoder.max_context}')
         return decoder
 
     def _publish_stream(self, request_id, index, text):

@@ -45,6 +45,8 @@ PARAMETERS = {
     'mode': ('graph', 'graph (one CUDA graph per step) or eager; graph falls back to eager '
              'with a WARN when it cannot be captured', {}),
     'backend': ('auto', 'auto, hf (transformers forward) or fused', {}),
+    'weights': ('bf16', 'bf16 (as loaded), int8 or int4: weight-only quantisation at load '
+                'time, fused backend only', {}),
     'max_context': (2048, 'static KV cache length in tokens (prompt + new tokens)',
                     _int(16, 1 << 20)),
     'default_max_new_tokens': (128, 'new tokens when a request does not say', _int(1, 1 << 20)),
@@ -88,6 +90,10 @@ def validate(values):
     choice('mode', MODES)
     choice('dtype', ('auto',) + tuple(DTYPES))
     choice('backend', ('auto', 'hf', 'fused'))
+    choice('weights', ('bf16', 'int8', 'int4'))
+    if values['weights'] != 'bf16' and values['backend'] == 'hf':
+        raise ParameterError(f'parameter weights={values["weights"]!r} needs backend fused '
+                             '(or auto); hf serves the weights as loaded')
     device = values['device']
     if device not in ('auto', 'cpu', 'cuda') and not (
             device.startswith('cuda:') and device[5:].isdigit()):
@@ -100,7 +106,7 @@ def validate(values):
         raise ParameterError('max_new_tokens_cap must be below max_context (room for a prompt)')
     return NodeConfig(
         settings=DecoderSettings(values['model'], device, values['dtype'], values['mode'],
-                                 values['backend'], values['max_context']),
+                                 values['backend'], values['max_context'], values['weights']),
         limits=Limits(default_max_new_tokens=values['default_max_new_tokens'],
                       max_new_tokens=values['max_new_tokens_cap'],
                       max_request_bytes=values['max_request_bytes']),

@@ -34,6 +34,7 @@ def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds):
         ('model', info.get('model')),
         ('dtype', info.get('dtype')),
         ('backend', info.get('backend')),
+        ('weights', info.get('weights')),
         ('mode requested', info.get('mode_requested')),
         ('mode', info.get('mode')),
         ('graph fallbacks', info.get('graph_fallbacks')),

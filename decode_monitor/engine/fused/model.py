@@ -218,6 +218,11 @@ class FusedBackend:
         return self._torch_forward(ids, start_pos)
 
     @torch.no_grad()
+    def logits_at_every_position(self, ids):
+        """ids (1, T) from position 0 -> logits (T, vocab) fp32: teacher-forced evaluation."""
+        return self._torch_forward(ids, 0, last_only=False)
+
+    @torch.no_grad()
     def forward_one(self, token, pos):
         """token (1, 1), pos (1,) device tensors -> logits (1, vocab) fp32.
 
@@ -239,7 +244,7 @@ class FusedBackend:
         return self.logits
 
     # -- torch path -------------------------------------------------------------------------
-    def _torch_forward(self, ids, start):
+    def _torch_forward(self, ids, start, last_only=True):
         n = ids.shape[1]
         end = start + n
         if end > self.max_context:
@@ -266,4 +271,5 @@ class FusedBackend:
             gate, up = F.linear(rms_norm(h, layer.ln2, self.eps), layer.wgu).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.wd)
         head = self._dense_head if self._keep_dense else dense(self.lm_head, self.dtype)
-        return F.linear(rms_norm(h[-1:], self.norm, self.eps), head).float()
+        h = h[-1:] if last_only else h
+        return F.linear(rms_norm(h, self.norm, self.eps), head).float()

@@ -77,14 +77,39 @@ def quantize(w, fmt, group=None):
         s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         q = torch.round(wg / s).clamp_(-127, 127).to(torch.int8).view(n, k)
         return QuantWeight('int8', q.contiguous(), scale.contiguous(), None, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    offset = lo.to(dtype)
-    scale = ((hi - offset.float()) / 15).to(dtype)
-    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    codes = torch.round((wg - offset.float()[..., None]) / s).clamp_(0, 15).to(torch.uint8)
+    scale, offset, codes = _int4_best_range(wg, dtype)
     codes = codes.view(n, k // 2, 2)
     q = codes[..., 0] | (codes[..., 1] << 4)
     return QuantWeight('int4', q.contiguous(), scale.contiguous(), offset.contiguous(), group)
+
+
+# Fractions of each group's [min, max] range tried for int4. With 16 levels, giving up the
+# extremes of a group buys a finer step for everything else; per group, the range with the least
+# squared error wins (min/max itself is the first candidate, so it never gets worse).
+INT4_RANGE_SHRINK = tuple(1.0 - 0.02 * i for i in range(13))
+
+
+def _int4_codes(wg, lo, hi, dtype):
+    offset = lo.to(dtype)
+    scale = ((hi - offset.float()) / 15).to(dtype)
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    codes = torch.round((wg - offset.float()[..., None]) / s).clamp_(0, 15)
+    error = (codes * scale.float()[..., None] + offset.float()[..., None] - wg).square().sum(-1)
+    return scale, offset, codes, error
+
+
+def _int4_best_range(wg, dtype):
+    """Scale, offset and codes (uint8) per group of wg (N, groups, G), least squared error."""
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    mid = (lo + hi) / 2
+    best = _int4_codes(wg, lo, hi, dtype)
+    for shrink in INT4_RANGE_SHRINK[1:]:
+        cand = _int4_codes(wg, mid + (lo - mid) * shrink, mid + (hi - mid) * shrink, dtype)
+        better = cand[3] < best[3]
+        best = tuple(torch.where(better[..., None] if c.dim() == 3 else better, c, b)
+                     for c, b in zip(cand, best))
+    scale, offset, codes, _ = best
+    return scale, offset, codes.to(torch.uint8)
 
 
 def weight_nbytes(w):
