@@ -72,22 +72,29 @@ def _session(args):
         except Exception as exc:
             out['check'] = {'error': f'{type(exc).__name__}: {exc}'}
     modes = args.modes if args.full else [m for m in args.modes if m == 'graph']
-    cells = [(c, b, m) for c in args.ctx for b in args.backends for m in modes]
+    cells = [(c, b, m, w) for c in args.ctx for b in args.backends for m in modes
+             for w in (args.weights if b == 'fused' else ['bf16'])]
     random.Random(args.index).shuffle(cells)
-    for ctx, backend, mode in cells:
-        dec = Decoder(loaded, mode=mode, backend=backend, max_context=ctx)
+    out['quantise_s'] = {}
+    for ctx, backend, mode, weights in cells:
+        t = time.time()
+        dec = Decoder(loaded, mode=mode, backend=backend, max_context=ctx, weights=weights)
+        if weights != 'bf16':  # the first build of a format quantises; later ones reuse it
+            out['quantise_s'].setdefault(weights, time.time() - t)
         pos = ctx - args.warmup - args.steps
         times = dec.time_steps(pos, args.steps, warmup=args.warmup)
         mean_pos = pos + args.warmup + (args.steps - 1) / 2
         out['cells'].append({'ctx': ctx, 'backend': backend, 'mode': dec.mode,
                              'mode_requested': mode, 'fallback': dec.fallback_reason,
-                             'median_ms': statistics.median(times), 'times_ms': times,
-                             'floor_bytes': floor.bytes_per_step(mean_pos)})
+                             'weights': weights, 'median_ms': statistics.median(times),
+                             'times_ms': times, 'floor_bytes': dec.floor.bytes_per_step(mean_pos),
+                             'model_floor_bytes': floor.bytes_per_step(mean_pos)})
         if args.profile and cuda and backend == 'fused' and mode == 'graph' and ctx == args.ctx[0]:
             try:  # the profile is a diagnosis; the timings stand without it
-                out['profile'] = _profile(dec, torch, statistics.median(times))
+                out.setdefault('profiles', {})[weights] = _profile(
+                    dec, torch, statistics.median(times))
             except Exception as exc:
-                out['profile'] = {'error': f'{type(exc).__name__}: {exc}'}
+                out.setdefault('profiles', {})[weights] = {'error': f'{type(exc).__name__}: {exc}'}
         del dec
         if cuda:
             torch.cuda.empty_cache()
@@ -171,7 +178,7 @@ def _orchestrate(args, t0):
             cmd = [sys.executable, os.path.abspath(__file__), '--session', '--model', model,
                    '--index', str(s), '--steps', str(args.steps), '--warmup', str(args.warmup),
                    '--ctx', *map(str, args.ctx), '--backends', *args.backends,
-                   '--modes', *args.modes, '--device', args.device]
+                   '--modes', *args.modes, '--weights', *args.weights, '--device', args.device]
             if s < args.full_sessions:  # eager cells and start-up in the first sessions only
                 cmd += ['--full', '--startup']
             if s == 0:
@@ -215,7 +222,8 @@ def summarise(raw):
     cells = {}
     for sess in raw:
         for c in sess['cells']:
-            key = (sess['model'], c['ctx'], c['backend'], c['mode_requested'])
+            key = (sess['model'], c['ctx'], c['backend'], c['mode_requested'],
+                   c.get('weights', 'bf16'))
             cell = cells.setdefault(key, {'sessions': {}, 'floor_bytes': c['floor_bytes'],
                                           'gpu': sess['gpu'], 'peak': sess['peak_bandwidth'],
                                           'copy': [], 'modes_run': set()})
@@ -223,26 +231,31 @@ def summarise(raw):
             cell['copy'].append(sess['copy_bandwidth'])
             cell['modes_run'].add(c['mode'])
     rows = []
-    for (model, ctx, backend, mode), cell in sorted(cells.items()):
+    for (model, ctx, backend, mode, weights), cell in sorted(cells.items()):
         medians = list(cell['sessions'].values())
         ms = statistics.median(medians)
         mean = stats.mean_ci(medians)
         floor_ms = cell['floor_bytes'] / cell['peak'] * 1e3
         copy = statistics.median(cell['copy'])
-        row = {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
+        row = {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode, 'weights': weights,
                'ms_per_step': ms, 'ms_per_step_ci': [_num(mean.lo), _num(mean.hi)],
                'floor_ms': floor_ms, 'floor_fraction': floor_ms / ms,
                'copy_fraction': cell['floor_bytes'] / copy * 1e3 / ms,
                'sessions': len(medians), 'session_medians_ms': medians, 'gpu': cell['gpu'],
                'bytes_per_step': cell['floor_bytes'], 'peak_bandwidth_gbs': cell['peak'] / 1e9,
                'copy_bandwidth_gbs': copy / 1e9, 'modes_run': sorted(cell['modes_run'])}
-        hf = cells.get((model, ctx, 'hf', mode))
-        if backend != 'hf' and hf is not None:
-            both = sorted(set(cell['sessions']) & set(hf['sessions']))
-            speed = stats.paired_ratio_ci([hf['sessions'][i] for i in both],
+        for ref_key, name in (((model, ctx, 'hf', mode, 'bf16'), 'speedup_vs_hf'),
+                              ((model, ctx, 'fused', mode, 'bf16'), 'speedup_vs_bf16')):
+            ref = cells.get(ref_key)
+            if ref is None or ref is cell or backend == 'hf':
+                continue
+            both = sorted(set(cell['sessions']) & set(ref['sessions']))
+            speed = stats.paired_ratio_ci([ref['sessions'][i] for i in both],
                                           [cell['sessions'][i] for i in both])
-            row['speedup_vs_hf'] = speed.value
-            row['speedup_vs_hf_ci'] = [_num(speed.lo), _num(speed.hi)]
+            row[name] = speed.value
+            row[name + '_ci'] = [_num(speed.lo), _num(speed.hi)]
+            if name == 'speedup_vs_bf16':
+                row['byte_ratio_vs_bf16'] = ref['floor_bytes'] / cell['floor_bytes']
         rows.append(row)
     return rows
 
@@ -252,18 +265,23 @@ def _num(x):
 
 
 def table(rows):
-    lines = [f"{'model':11s} {'ctx':>5s} {'mode':5s} | {'hf ms':>7s} {'floor':>6s} | "
-             f"{'fused ms':>8s} {'floor':>6s} | {'speed-up':>8s} | sessions"]
-    by = {(r['model'], r['ctx'], r['mode'], r['backend']): r for r in rows}
-    for (model, ctx, mode, backend), r in sorted(by.items()):
+    lines = [f"{'model':11s} {'ctx':>5s} {'mode':5s} {'weights':7s} | {'hf ms':>7s} "
+             f"{'floor':>6s} | {'fused ms':>8s} {'floor':>6s} | {'vs hf':>7s} | "
+             f"{'vs bf16':>7s} {'bytes':>6s} | sessions"]
+    by = {(r['model'], r['ctx'], r['mode'], r['backend'], r.get('weights', 'bf16')): r
+          for r in rows}
+    for (model, ctx, mode, backend, weights), r in sorted(by.items()):
         if backend != 'fused':
             continue
-        hf = by.get((model, ctx, mode, 'hf'))
+        hf = by.get((model, ctx, mode, 'hf', 'bf16'))
         hf_txt = (f"{hf['ms_per_step']:7.2f} {100 * hf['floor_fraction']:5.1f}%" if hf
                   else f"{'-':>7s} {'-':>6s}")
-        speed = f"{r['speedup_vs_hf']:7.2f}x" if 'speedup_vs_hf' in r else f"{'-':>8s}"
-        lines.append(f"{model:11s} {ctx:5d} {mode:5s} | {hf_txt} | {r['ms_per_step']:8.2f} "
-                     f"{100 * r['floor_fraction']:5.1f}% | {speed} | {r['sessions']}")
+        speed = f"{r['speedup_vs_hf']:6.2f}x" if 'speedup_vs_hf' in r else f"{'-':>7s}"
+        quant = (f"{r['speedup_vs_bf16']:6.2f}x {r['byte_ratio_vs_bf16']:5.2f}x"
+                 if 'speedup_vs_bf16' in r else f"{'-':>7s} {'-':>6s}")
+        lines.append(f"{model:11s} {ctx:5d} {mode:5s} {weights:7s} | {hf_txt} | "
+                     f"{r['ms_per_step']:8.2f} {100 * r['floor_fraction']:5.1f}% | {speed} | "
+                     f"{quant} | {r['sessions']}")
     return '\n'.join(lines)
 
 
@@ -273,6 +291,8 @@ def main():
     ap.add_argument('--ctx', nargs='+', type=int, default=[2048, 16384])
     ap.add_argument('--backends', nargs='+', default=['fused', 'hf'])
     ap.add_argument('--modes', nargs='+', default=['graph', 'eager'])
+    ap.add_argument('--weights', nargs='+', default=['bf16'],
+                    help='weight formats of the fused backend: bf16 int8 int4')
     ap.add_argument('--sessions', type=int, default=5)
     ap.add_argument('--steps', type=int, default=40)
     ap.add_argument('--warmup', type=int, default=8)

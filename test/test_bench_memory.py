@@ -94,6 +94,7 @@ def test_quantised_copy_adds_a_half_or_a_quarter_of_the_dense_linear_bytes(qwen)
 
 def test_quantised_copy_estimate_matches_the_fused_backends_bytes():
     import torch
+    from decode_monitor.engine import fused  # noqa: F401  registers backend fused
     from decode_monitor.engine.decoder import Decoder
     from decode_monitor.engine.fused.model import MATRICES
     from decode_monitor.engine.fused.quant import QuantWeight, weight_nbytes

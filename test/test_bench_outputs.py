@@ -29,8 +29,9 @@ def sample(model, ctx, mode, session, ms, floor_ms=5.0, jpt=2.0, reasons=(), bac
     weights became an axis do not."""
     rng = np.random.default_rng(zlib.crc32(repr((model, ctx, mode, session)).encode()))
     steps = list(ms * rng.normal(1.0, 0.002, 21))
-    return {**({} if weights is None else {'weights': weights}), 'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode, 'session': session,
-            'status': 'ok', 'steps': 21, 'warmup': 3, 'step_ms': steps,
+    weights_field = {} if weights is None else {'weights': weights}
+    return {**weights_field, 'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
+            'session': session, 'status': 'ok', 'steps': 21, 'warmup': 3, 'step_ms': steps,
             'floor_ms_peak': floor_ms, 'floor_ms_copy': floor_ms * 1.1,
             'peak_bandwidth': 3.0e12, 'copy_bandwidth': 3.0e12 / 1.1,
             'bytes_per_step': floor_ms * 3.0e9, 'energy_j': jpt * 24,

@@ -7,6 +7,7 @@
 - The backend: Triton path = torch path on a tiny model, in both formats; the floor counts the
   bytes as stored, checked against a count from the model's shapes alone.
 """
+import copy
 import os
 
 import torch
@@ -61,8 +62,8 @@ def test_round_trip_within_half_a_step(fmt, dtype):
         err = torch.where(inside, err, 0)
         minmax = quantize_int4_minmax(w.float())
         group_sse = (deq - w.float()).square().view(48, 2, 128).sum(-1)
-        assert dtype != torch.float32 or (group_sse <= (minmax - w.float()).square().view(48, 2, 128).sum(-1)
-                * 1.0001 + 1e-9).all()
+        minmax_sse = (minmax - w.float()).square().view(48, 2, 128).sum(-1)
+        assert dtype != torch.float32 or (group_sse <= minmax_sse * 1.0001 + 1e-9).all()
     assert err.le(step / 2 * 1.001 + 1e-6).all()
     assert deq[3, :128].eq(0).all()
     if fmt == 'int8':
@@ -130,7 +131,8 @@ def test_quant_gated(fmt, config):
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
-def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt):
+@pytest.mark.parametrize('config', [(4, 128, 4, 1), (2, 256, 4, 2)])
+def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt, config):
     q_heads, kv_heads, d, k, t = 4, 2, 32, 128, 16
     rows = (q_heads + 2 * kv_heads) * d
     qw = quantize(randn(rows, k, seed=9), fmt)
@@ -142,7 +144,7 @@ def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt):
         q = torch.full((q_heads * d,), float('nan'), device=DEV)
         kc, vc = (torch.zeros(kv_heads, t, d, device=DEV) for _ in range(2))
         G.qkv_rope(w, bias, x, g, cos, sin, pos, q, kc, vc, q_heads, kv_heads, 1e-5,
-                   config=(4, 128, 4, 1))
+                   config=config)
         outs.append((q, kc, vc))
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
@@ -152,15 +154,15 @@ def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt):
 # -- backend --------------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_triton_path_equals_torch_path(tiny, fmt):
-    model = tiny.model
-    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    model = copy.deepcopy(tiny.model).to(DEV)  # the kernels run where the weights are
+    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3)).to(DEV)
     outs = []
     for use_triton in (False, True):
         backend = FusedBackend(model, 64, use_triton=use_triton, weights=fmt)
         logits = [backend.prefill(prompt).clone()]
         token = logits[0].argmax(-1, keepdim=True)
         for i in range(3):
-            logits.append(backend.forward_one(token, torch.tensor([9 + i])).clone())
+            logits.append(backend.forward_one(token, torch.tensor([9 + i], device=DEV)).clone())
             token = logits[-1].argmax(-1, keepdim=True)
         outs.append(logits)
     for a, b in zip(*outs):

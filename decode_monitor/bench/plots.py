@@ -6,6 +6,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from decode_monitor.bench.analysis import WEIGHTS_ORDER  # noqa: E402
+
 STEP_MS = 'step_ms_vs_ctx.png'
 FRACTION = 'floor_fraction_vs_ctx.png'
 SPEEDUP = 'graph_speedup.png'
@@ -29,7 +31,13 @@ def _series(cells, model):
     for c in cells:
         if c['model'] == model:
             out.setdefault((c['backend'], c['mode'], _weights(c)), []).append((c['ctx'], c))
-    return {k: sorted(v, key=lambda t: t[0]) for k, v in sorted(out.items())}
+    return {k: sorted(v, key=lambda t: t[0])
+            for k, v in sorted(out.items(), key=lambda kv: _by_format(kv[0]))}
+
+
+def _by_format(key):
+    """Sort key of a tuple ending in a weight format: bf16, int8, int4 (most bytes first)."""
+    return (*key[:-1], WEIGHTS_ORDER.get(key[-1], 9), key[-1])
 
 
 def _label(backend, mode, weights):
@@ -79,7 +87,7 @@ def step_ms_plot(cells, out_dir, title):
             for c, cell in points:
                 floors.setdefault(('peak', weights), {})[c] = cell['floor_ms_peak']
                 floors.setdefault(('copy', weights), {})[c] = cell['floor_ms_copy']
-        for (basis, weights), by_ctx in sorted(floors.items()):
+        for (basis, weights), by_ctx in sorted(floors.items(), key=lambda kv: _by_format(kv[0])):
             pts = sorted((c, f) for c, f in by_ctx.items() if f is not None)
             if pts:
                 name = 'floor' if weights == 'bf16' else f'{weights} floor'
@@ -123,7 +131,8 @@ def speedup_plot(speedups, out_dir, title):
     models = sorted({s['model'] for s in speedups})
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        series = sorted({(s['backend'], _weights(s)) for s in speedups if s['model'] == model})
+        series = sorted({(s['backend'], _weights(s)) for s in speedups if s['model'] == model},
+                        key=_by_format)
         for backend, weights in series:
             rows = sorted((s for s in speedups if s['model'] == model
                            and (s['backend'], _weights(s)) == (backend, weights)),

@@ -89,7 +89,7 @@ MATRICES = ('wqkv', 'wo', 'wgu', 'wd')
 
 
 class Layer:
-    def __init__(self, block, weights='bf16'):
+    def __init__(self, block):
         attn, mlp = block.self_attn, block.mlp
         self.wqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'weight')  # ((Hq+2Hkv)D, H)
         self.bqkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], 'bias')
@@ -98,9 +98,6 @@ class Layer:
         self.wd = mlp.down_proj.weight  # (H, I)
         self.ln1 = block.input_layernorm.weight
         self.ln2 = block.post_attention_layernorm.weight
-        if weights != 'bf16':
-            for name in MATRICES:
-                setattr(self, name, quantize(getattr(self, name), weights))
 
     def nbytes(self):
         tensors = [getattr(self, name) for name in MATRICES] + [self.ln1, self.ln2, self.bqkv]
@@ -136,12 +133,12 @@ class FusedBackend:
         inner = model.model
         self.scale = getattr(inner.layers[0].self_attn, 'scaling', self.head_dim ** -0.5)
         with torch.no_grad():
-            self.layers = [Layer(block, weights) for block in inner.layers]
+            self.layers = [Layer(block) for block in inner.layers]
             self.embed = inner.embed_tokens.weight  # (V, H)
             self.norm = inner.norm.weight
             self.lm_head = model.lm_head.weight  # (V, H); the embedding itself when tied
             if weights != 'bf16':
-                self.lm_head = quantize(self.lm_head, weights)
+                self._quantise(model, weights)
         self.use_triton = self.device.type == 'cuda' if use_triton is None else use_triton
         # The torch path multiplies dense matrices. As the CPU reference path it keeps them;
         # beside the kernels (prefill) it dequantises a layer at a time, keeping the memory cut.
@@ -155,6 +152,18 @@ class FusedBackend:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.use_triton:
             self._init_triton(attention_config)
+
+    def _quantise(self, model, weights):
+        """Swap in quantised matrices, made once per model and format and shared by every
+        backend built on it afterwards (another max_context, say)."""
+        cache = model.__dict__.setdefault('_fused_quantised', {})
+        if weights not in cache:
+            layers = [{name: quantize(getattr(layer, name), weights) for name in MATRICES}
+                      for layer in self.layers]
+            cache[weights] = (layers, quantize(self.lm_head, weights))
+        layers, self.lm_head = cache[weights]
+        for layer, matrices in zip(self.layers, layers):
+            layer.__dict__.update(matrices)
 
     def _rope_tables(self, rotary, max_context):
         """cos, sin (max_context, D / 2) fp32 from the model's own rotary module (any scaling)."""

@@ -7,8 +7,9 @@ registers, right after the load, so the bytes saved are bytes never read.
 - int8, symmetric: w ~ q * s, q in [-127, 127] (int8), one scale s per group of G weights of a
   row.
 - int4, asymmetric: w ~ q * s + m, q in [0, 15], one scale s and one offset m (the group's
-  minimum) per group; two weights per byte, w[n, 2j] in the low nibble and w[n, 2j + 1] in the
-  high nibble of byte [n, j].
+  minimum) per group; two weights per byte: byte j of a group's G / 2 bytes holds its weight j
+  in the low nibble and weight j + G / 2 in the high nibble, so each half of a group meets a
+  contiguous slice of x in the kernel.
 
 Scales and offsets are stored in the model's dtype and rounded *before* q is chosen, so q is the
 best code for the scale the kernel will actually use. Groups run along K inside one row, so any
@@ -57,7 +58,8 @@ class QuantWeight:
         s = self.scale.float().repeat_interleave(self.group, dim=1)  # (N, K)
         if self.fmt == 'int8':
             return (self.q.float() * s).to(dtype)
-        codes = torch.stack((self.q & 15, self.q >> 4), dim=-1).reshape(n, k).float()
+        half = self.q.view(n, k // self.group, self.group // 2)
+        codes = torch.cat((half & 15, half >> 4), dim=-1).reshape(n, k).float()
         m = self.offset.float().repeat_interleave(self.group, dim=1)
         return (codes * s + m).to(dtype)
 
@@ -78,8 +80,8 @@ def quantize(w, fmt, group=None):
         q = torch.round(wg / s).clamp_(-127, 127).to(torch.int8).view(n, k)
         return QuantWeight('int8', q.contiguous(), scale.contiguous(), None, group)
     scale, offset, codes = _int4_best_range(wg, dtype)
-    codes = codes.view(n, k // 2, 2)
-    q = codes[..., 0] | (codes[..., 1] << 4)
+    lo, hi = codes.split(group // 2, dim=-1)  # (N, groups, G / 2) each
+    q = (lo | (hi << 4)).view(n, k // 2)
     return QuantWeight('int4', q.contiguous(), scale.contiguous(), offset.contiguous(), group)
 
 
