@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.configs import attention_config
 
 _LOG2E = 1.4426950408889634
@@ -47,7 +48,8 @@ def decode_attention_kernel(Q, KC, VC, POS, PART_O, PART_M, PART_L, COUNTER, OUT
                             S_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
                             G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                             STAGES: tl.constexpr, IEEE: tl.constexpr,
-                            WHILE_LOOP: tl.constexpr):
+                            WHILE_LOOP: tl.constexpr, PDL: tl.constexpr):
+    pdl.await_previous_kernel(PDL)
     h = tl.program_id(0)
     sid = tl.program_id(1)
     length = tl.load(POS).to(tl.int32) + 1
@@ -134,7 +136,7 @@ class DecodeAttention:
             S_P2=triton.next_power_of_2(self.n_splits), G=self.group, G_P2=self.g_p2,
             G_PAD=self.g_pad, D=self.head_dim, BLOCK_T=self.block_t, STAGES=self.num_stages,
             IEEE=q.dtype == torch.float32, WHILE_LOOP=q.device.type == 'cpu',
-            num_warps=self.num_warps)
+            num_warps=self.num_warps, **pdl.launch_args(q.device))
         return out
 
 

@@ -15,6 +15,7 @@ GEMV rides along in its loop or epilogue instead of costing a launch and a round
 import triton
 import triton.language as tl
 
+from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.configs import gemv_config
 from decode_monitor.engine.fused.quant import QuantWeight
 
@@ -151,11 +152,12 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, N, K: tl.constexpr, stride_w, stride_s, ep
                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
                 FMT: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
 
     Y may alias R (residual add in place): each program reads and writes only its own rows.
     """
+    pdl.await_previous_kernel(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -183,13 +185,15 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr
                     stride_s, eps, n_pairs, q_pairs, k_pairs, cache_head_stride,
                     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                    PDL: tl.constexpr):
     """rmsnorm -> [q; k; v] = Wqkv x (+ b) -> RoPE on q, k -> q to Q, k and v to the cache at pos.
 
     Rows are taken in rotate-half pairs (j, j + HALF) of each head, so both halves of a RoPE
     rotation land in the same program. V heads pass through unrotated.
     Q: (q_heads * 2 HALF,); KC, VC: (kv_heads, max_context, 2 HALF) of this layer.
     """
+    pdl.await_previous_kernel(PDL)
     pid = tl.program_id(0)
     p = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # pair index over all heads
     p_mask = p < n_pairs
@@ -256,7 +260,8 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     gemv_kernel[grid](W, S, Z, x, norm_weight if norm else x, residual if res else out, out,
                       n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res, GATED=gated,
                       FMT=fmt_code, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-                      EVEN_K=k % block_k == 0, STAGES=stages, num_warps=warps)
+                      EVEN_K=k % block_k == 0, STAGES=stages, num_warps=warps,
+                      **pdl.launch_args(x.device))
     return out
 
 
@@ -281,4 +286,4 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
                           n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
                           HALF=half, HAS_BIAS=bias is not None, FMT=fmt_code, GROUP=group,
                           BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=kdim % block_k == 0,
-                          STAGES=stages, num_warps=warps)
+                          STAGES=stages, num_warps=warps, **pdl.launch_args(x.device))
