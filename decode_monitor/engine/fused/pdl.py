@@ -8,7 +8,10 @@ but its constant inputs, so the step computes exactly what it computes without P
 launch and scheduling latency overlap. Kernels that are not ours (embedding row, sampling) are
 launched without it and keep plain stream order.
 
-DECODE_MONITOR_PDL=0 turns it off (for A/B timing).
+Off by default: measured on an H100 (benchmarks/NOTES.md) it did not shorten the graphed step,
+whose launch gaps are already ~0.03 ms, and with the trigger before the wait it made the
+quantised steps slower. DECODE_MONITOR_PDL=1 turns it on, for the next experiment: prefetching
+each GEMV's first weight tiles before the wait, which is where the gain would be.
 """
 import functools
 import os
@@ -21,10 +24,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 @triton.jit
 def await_previous_kernel(PDL: tl.constexpr):
-    """Let the next kernel start launching, then wait for the previous one to complete."""
+    """Wait for the previous kernel to complete, then let the next one start launching.
+
+    Triggering only after the wait keeps at most one kernel's CTAs waiting ahead of the one that
+    runs; triggering first let a chain of waiting kernels take SM slots.
+    """
     if PDL:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
 
 
 def enabled(device):
@@ -35,7 +42,7 @@ def enabled(device):
 
 @functools.lru_cache(maxsize=None)  # asked at every launch; eager mode pays for each call
 def _enabled(device_type, index):
-    if os.environ.get('DECODE_MONITOR_PDL', '1') == '0' or os.environ.get('TRITON_INTERPRET'):
+    if os.environ.get('DECODE_MONITOR_PDL', '0') != '1' or os.environ.get('TRITON_INTERPRET'):
         return False
     return device_type == 'cuda' and torch.cuda.get_device_capability(index)[0] >= 9
 
