@@ -49,6 +49,19 @@ def shapes(name):
             ('head', p['vocab_size'], hidden, None)]
 
 
+def qkv_runner(w, x, g, heads, dev, cfg):
+    """A call of the q/k/v kernel (RoPE and cache write at position 5) on scratch outputs."""
+    hq, hkv = heads
+    d = 128
+    cos = torch.rand(64, d // 2, device=dev)
+    sin = torch.rand(64, d // 2, device=dev)
+    pos = torch.tensor([5], device=dev)
+    q = torch.empty(hq * d, device=dev, dtype=torch.bfloat16)
+    kc = torch.empty(hkv, 64, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.empty_like(kc)
+    return lambda: G.qkv_rope(w, None, x, g, cos, sin, pos, q, kc, vc, hq, hkv, 1e-5, config=cfg)
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -71,18 +84,8 @@ def bench_gemv(kind, n, k, heads, dev):
         ref = F.linear(xn if kind == 'head' else x.float(), w.float())
     res = torch.randn(n, device=dev, dtype=torch.bfloat16)
     if kind == 'qkv':
-        hq, hkv = heads
-        d = 128
-        cos = torch.rand(64, d // 2, device=dev)
-        sin = torch.rand(64, d // 2, device=dev)
-        pos = torch.tensor([5], device=dev)
-        q = torch.empty(hq * d, device=dev, dtype=torch.bfloat16)
-        kc = torch.empty(hkv, 64, d, device=dev, dtype=torch.bfloat16)
-        vc = torch.empty_like(kc)
-
         def make(cfg):
-            return lambda: G.qkv_rope(w, None, x, g, cos, sin, pos, q, kc, vc, hq, hkv, 1e-5,
-                                      config=cfg)
+            return qkv_runner(w, x, g, heads, dev, cfg)
     else:
         y = torch.empty(n, device=dev, dtype=torch.float32 if kind == 'head' else torch.bfloat16)
 

@@ -21,7 +21,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fused_kernels import MODELS, rel, shapes  # noqa: E402
+from fused_kernels import MODELS, qkv_runner, rel, shapes  # noqa: E402
 
 from decode_monitor.engine.fused import configs  # noqa: E402
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
@@ -39,16 +39,7 @@ CANDIDATES = {
 
 def _runner(kind, w, x, g, y, heads, dev, cfg):
     if kind == 'qkv':
-        hq, hkv = heads
-        d = 128
-        cos = torch.rand(64, d // 2, device=dev)
-        sin = torch.rand(64, d // 2, device=dev)
-        pos = torch.tensor([5], device=dev)
-        q = torch.empty(hq * d, device=dev, dtype=torch.bfloat16)
-        kc = torch.empty(hkv, 64, d, device=dev, dtype=torch.bfloat16)
-        vc = torch.empty_like(kc)
-        return lambda: G.qkv_rope(w, None, x, g, cos, sin, pos, q, kc, vc, hq, hkv, 1e-5,
-                                  config=cfg)
+        return qkv_runner(w, x, g, heads, dev, cfg)
     if kind == 'gemv':  # o_proj / down_proj, residual added in place
         return lambda: G.gemv(w, x, y, residual=y, config=cfg)
     return lambda: G.gemv(w, x, y, norm_weight=g, gated=kind == 'gated', eps=1e-5, config=cfg,
