@@ -34,8 +34,8 @@ class Step:
 def register_backend(name, factory):
     """Make `factory(model, max_context)` selectable as `backend=name`.
 
-    A factory that takes `weights=` (a quantised format) and has `floor_model()` can serve
-    quantised weights; the others serve the model's weights as they are.
+    A factory whose `formats` lists weight formats besides 'bf16' is also called with
+    `weights=`, and should then have `floor_model()`; the others serve the weights as loaded.
     """
     BACKENDS[name] = factory
 
@@ -49,13 +49,16 @@ class Decoder:
         self.loaded = loaded
         self.device = loaded.model.device
         self.max_context = max_context
+        factory = BACKENDS[backend]
         if weights == 'bf16':
-            self.backend = BACKENDS[backend](loaded.model, max_context)
-        elif backend == 'fused':
-            self.backend = BACKENDS[backend](loaded.model, max_context, weights=weights)
+            self.backend = factory(loaded.model, max_context)
+        elif weights in getattr(factory, 'formats', ()):
+            self.backend = factory(loaded.model, max_context, weights=weights)
         else:
-            raise ValueError(f'weights {weights!r} need backend fused (backend {backend!r} '
-                             'serves the model as loaded)')
+            able = ' or '.join(name for name, f in BACKENDS.items()
+                               if weights in getattr(f, 'formats', ()))
+            raise ValueError(f'weights {weights!r} need backend {able or "(none registered)"} '
+                             f'(backend {backend!r} serves the model as loaded)')
         self.weights = weights
         if hasattr(self.backend, 'floor_model'):
             self.floor = self.backend.floor_model()  # the bytes as this backend stores them

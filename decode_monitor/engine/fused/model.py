@@ -114,6 +114,7 @@ class Layer:
 
 class FusedBackend:
     name = 'fused'
+    formats = FORMATS  # weight formats it serves (Decoder(weights=...))
 
     def __init__(self, model, max_context, use_triton=None, attention_config=None,
                  weights='bf16'):
