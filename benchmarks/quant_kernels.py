@@ -27,13 +27,13 @@ from decode_monitor.engine.fused import configs  # noqa: E402
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize  # noqa: E402
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the winners of earlier sweeps and their neighbours
 CANDIDATES = {
     'int8': [(4, 512, 4, 1), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 512, 8, 1), (8, 1024, 8, 1),
              (16, 256, 4, 3)],
-    'int4': [(8, 512, 4, 3), (8, 1024, 4, 3), (32, 512, 8, 1), (16, 512, 4, 1),
-             (16, 1024, 8, 1), (4, 2048, 4, 1)],
+    'int4': [(8, 1024, 4, 3), (16, 512, 4, 3), (16, 1024, 4, 3), (32, 256, 4, 3),
+             (32, 512, 4, 3), (64, 256, 4, 3), (64, 256, 8, 3), (32, 1024, 4, 3),
+             (8, 2048, 4, 3)],
 }
 
 
@@ -52,8 +52,7 @@ def _tinygemm_ms(w, x):
         n, k = w.shape
         qw = quantize(w, 'int4')
         # tinygemm takes [N, K / 2] bytes, element 2j in the high nibble, 2j + 1 in the low
-        half = qw.q.view(n, k // 128, 64)
-        codes = torch.cat((half & 15, half >> 4), dim=-1).view(n, k // 2, 2)
+        codes = qw.codes().view(n, k // 2, 2)
         packed = torch.ops.aten._convert_weight_to_int4pack(codes[..., 0] << 4 | codes[..., 1], 8)
         # tinygemm dequantises (q - 8) * s + z: shift the offset by 8 steps
         zeros = qw.offset.float() + 8 * qw.scale.float()

@@ -130,6 +130,18 @@ def test_quant_gated(fmt, config):
     assert rel(out, F.silu(gate) * up) < 1e-5
 
 
+@pytest.mark.parametrize('magnitude', [2.0 ** 25, 2.0 ** -60])
+def test_int4_kernel_over_the_x_range_it_documents(magnitude):
+    """int4 products go through denormals scaled by 2^-48: exact for |x| in [2^-78, 2^26]."""
+    n, k = 24, 256
+    qw = quantize(randn(n, k, seed=13), 'int4')
+    x = randn(k, seed=14) * magnitude / 4  # |x| up to ~magnitude
+    out = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, out, config=(4, 128, 4, 1), kind='head')
+    assert torch.isfinite(out).all()
+    assert rel(out, F.linear(x.double(), qw.dequantize(torch.float64))) < 1e-5
+
+
 @pytest.mark.parametrize('fmt', FORMATS)
 @pytest.mark.parametrize('config', [(4, 128, 4, 1), (2, 256, 4, 2)])
 def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt, config):

@@ -12,75 +12,14 @@ GEMV rides along in its loop or epilogue instead of costing a launch and a round
 - Residual add: the o_proj / down_proj output is added to the residual stream in place.
 - Q/K/V: bias, RoPE and the K/V cache write at `pos` (read from device memory).
 """
+import torch
 import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.configs import gemv_config
+from decode_monitor.engine.fused.dequant import int4_dot, int8_dot
 from decode_monitor.engine.fused.quant import QuantWeight
-
-
-@triton.jit
-def _codes_to_float(v, BIAS: tl.constexpr):
-    """int32 codes in [-2^22, 2^22) -> exact fp32 via the exponent trick (no int->float convert).
-
-    The bits 0x4B000000 + j read as the float 2^23 + j for 0 <= j < 2^23; BIAS shifts the codes
-    into that range and is subtracted back in floating point.
-    """
-    return (v + (0x4B000000 + BIAS)).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
-
-
-@triton.jit
-def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
-              GW: tl.constexpr, STRIDE: tl.constexpr, OFF: tl.constexpr, EVEN_K: tl.constexpr):
-    """x'[k0 + STRIDE * g + OFF + j] as an (NG, GW) tile (g < NG, j < GW), and the squares
-    of x (before the norm)."""
-    cols = k0 + tl.arange(0, NG)[:, None] * STRIDE + OFF + tl.arange(0, GW)[None, :]
-    if EVEN_K:
-        x = tl.load(X + cols).to(tl.float32)
-    else:
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-    ss = x * x
-    if NORM:
-        if EVEN_K:
-            x = x * tl.load(NW + cols).to(tl.float32)
-        else:
-            x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
-    return x, ss
-
-
-@triton.jit
-def _quant_rows(W, S, Z, rows, k0, xa, xb, xsum, K: tl.constexpr, stride_w, stride_s,
-                FMT: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """One K chunk of a quantised matrix's rows: (BLOCK_N, NG) per-group partial dots, scaled.
-
-    int8: xa is the chunk of x' (NG, GROUP); int4: xa, xb are the first and second halves of
-    each group (NG, GROUP / 2) and xsum their per-group sum, which carries the offset term
-    m * sum(x).
-    Reducing each group before scaling costs a reduction per chunk and no multiply per weight;
-    scaling every weight and reducing once after the loop measured slower on an H100.
-    """
-    r = rows.to(tl.int64)[:, None, None]
-    i = tl.arange(0, NG)[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
-    per_byte: tl.constexpr = 2 if FMT == 2 else 1
-    byte = k0 // per_byte + i  # (1, NG, GW) column of the stored codes
-    if EVEN_K:
-        codes = tl.load(W + r * stride_w + byte).to(tl.int32)
-    else:
-        codes = tl.load(W + r * stride_w + byte, mask=byte < K // per_byte, other=0).to(tl.int32)
-    g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG) group index
-    g_mask = g < K // GROUP
-    s_off = rows.to(tl.int64)[:, None] * stride_s + g
-    s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
-    if FMT == 1:
-        dots = tl.sum(_codes_to_float(codes, 128) * xa[None, :, :], axis=2)
-        return dots * s
-    lo = _codes_to_float(codes & 15, 0)
-    hi = _codes_to_float(codes >> 4, 0)
-    dots = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)
-    m = tl.load(Z + s_off, mask=g_mask, other=0.0).to(tl.float32)
-    return dots * s + m * xsum[None, :]
 
 
 @triton.jit
@@ -90,8 +29,9 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
          STAGES: tl.constexpr):
     """(W x')[rows_a], (W x')[rows_b] (zeros unless PAIR), and sum_k x[k]^2; x' = g * x if NORM.
 
-    FMT 0: W dense (N, K); 1: int8 codes (N, K) with scales S; 2: int4 pairs (N, K / 2) with
-    scales S and offsets Z. Both row sets share one pass over x (gate/up, RoPE's row pairs).
+    FMT 0: W dense (N, K); 1: int8 codes (N, K) with scales S; 2: int4 code words (N, K / 8,
+    int32) with scales S and offsets Z (dequant.py). Both row sets share one pass over x (gate/up,
+    RoPE's row pairs).
     """
     if FMT == 0:
         acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -122,29 +62,11 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
             if PAIR:
                 acc_b += wb.to(tl.float32) * x[None, :]
         return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
-    else:
-        NG: tl.constexpr = BLOCK_K // GROUP
-        GW: tl.constexpr = GROUP // 2 if FMT == 2 else GROUP
-        acc_a = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-        ss = tl.zeros((NG, GW), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            if FMT == 2:
-                xa, ssa = _x_groups(X, NW, k0, K, NORM, NG, GW, GROUP, 0, EVEN_K)
-                xb, ssb = _x_groups(X, NW, k0, K, NORM, NG, GW, GROUP, GW, EVEN_K)
-                ss += ssa + ssb
-                xsum = tl.sum(xa + xb, axis=1)
-            else:
-                xa, ssa = _x_groups(X, NW, k0, K, NORM, NG, GW, GROUP, 0, EVEN_K)
-                ss += ssa
-                xb = xa
-                xsum = tl.sum(xa, axis=1)
-            acc_a += _quant_rows(W, S, Z, rows_a, k0, xa, xb, xsum, K, stride_w, stride_s,
-                                 FMT, GROUP, NG, GW, EVEN_K)
-            if PAIR:
-                acc_b += _quant_rows(W, S, Z, rows_b, k0, xa, xb, xsum, K, stride_w,
-                                     stride_s, FMT, GROUP, NG, GW, EVEN_K)
-        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(tl.sum(ss, axis=1), axis=0)
+    if FMT == 1:
+        return int8_dot(W, S, X, NW, rows_a, rows_b, K, stride_w, stride_s, NORM, PAIR, GROUP,
+                        BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+    return int4_dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s, NORM, PAIR, GROUP,
+                    BLOCK_N, BLOCK_K, EVEN_K, STAGES)
 
 
 @triton.jit
@@ -236,7 +158,8 @@ def _weight_args(w):
     """(W, S, Z, stride_w, stride_s, fmt name, FMT, GROUP) of a dense tensor or a QuantWeight."""
     if isinstance(w, QuantWeight):
         offset = w.offset if w.offset is not None else w.scale
-        return (w.q, w.scale, offset, w.q.stride(0), w.scale.stride(0), w.fmt,
+        codes = w.q.view(torch.int32) if w.fmt == 'int4' else w.q  # int4: whole 32-bit words
+        return (codes, w.scale, offset, codes.stride(0), w.scale.stride(0), w.fmt,
                 _FMT_CODES[w.fmt], w.group)
     return w, w, w, w.stride(0), 0, 'bf16', 0, 1
 

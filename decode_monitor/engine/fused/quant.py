@@ -7,9 +7,10 @@ registers, right after the load, so the bytes saved are bytes never read.
 - int8, symmetric: w ~ q * s, q in [-127, 127] (int8), one scale s per group of G weights of a
   row.
 - int4, asymmetric: w ~ q * s + m, q in [0, 15], one scale s and one offset m (the group's
-  minimum) per group; two weights per byte: byte j of a group's G / 2 bytes holds its weight j
-  in the low nibble and weight j + G / 2 in the high nibble, so each half of a group meets a
-  contiguous slice of x in the kernel.
+  minimum) per group; two weights per byte, stored in *lanes*: a group's G codes fill G / 8
+  32-bit words, and nibble i (bits 4i..4i+3) of word c holds weight c + i G / 8. The kernels
+  load whole words and take lane i out with one mask (dequant.py), and the weights of a lane
+  meet a contiguous slice of x.
 
 Scales and offsets are stored in the model's dtype and rounded *before* q is chosen, so q is the
 best code for the scale the kernel will actually use. Groups run along K inside one row, so any
@@ -51,17 +52,30 @@ class QuantWeight:
         tensors = [self.q, self.scale] + ([self.offset] if self.offset is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def codes(self):
+        """(N, K) codes in weight order: int8 in [-127, 127], or uint8 in [0, 15] for int4."""
+        if self.fmt == 'int8':
+            return self.q
+        n, k = self.shape
+        pairs = self.q.view(n, k // self.group, self.group // 8, 4)  # (.., word, byte)
+        lanes = torch.stack((pairs & 15, pairs >> 4), dim=-1).flatten(-2)  # (.., word, lane)
+        return lanes.transpose(-1, -2).reshape(n, k)
+
     def dequantize(self, dtype=None):
         """The (N, K) matrix the kernels multiply by, in `dtype` (default: the scales')."""
         dtype = dtype or self.scale.dtype
-        n, k = self.shape
         s = self.scale.float().repeat_interleave(self.group, dim=1)  # (N, K)
+        codes = self.codes().float()
         if self.fmt == 'int8':
-            return (self.q.float() * s).to(dtype)
-        half = self.q.view(n, k // self.group, self.group // 2)
-        codes = torch.cat((half & 15, half >> 4), dim=-1).reshape(n, k).float()
+            return (codes * s).to(dtype)
         m = self.offset.float().repeat_interleave(self.group, dim=1)
         return (codes * s + m).to(dtype)
+
+
+def _to_lanes(codes, group):
+    """(N, K) int4 codes -> stored order: word c of a group holds weights c + i G / 8, i < 8."""
+    n, k = codes.shape
+    return codes.view(n, k // group, 8, group // 8).transpose(-1, -2).reshape(n, k)
 
 
 def quantize(w, fmt, group=None):
@@ -80,8 +94,8 @@ def quantize(w, fmt, group=None):
         q = torch.round(wg / s).clamp_(-127, 127).to(torch.int8).view(n, k)
         return QuantWeight('int8', q.contiguous(), scale.contiguous(), None, group)
     scale, offset, codes = _int4_best_range(wg, dtype)
-    lo, hi = codes.split(group // 2, dim=-1)  # (N, groups, G / 2) each
-    q = (lo | (hi << 4)).view(n, k // 2)
+    lanes = _to_lanes(codes.view(n, k), group).view(n, k // 2, 2)
+    q = lanes[..., 0] | (lanes[..., 1] << 4)  # lane 2j in the low nibble of byte j
     return QuantWeight('int4', q.contiguous(), scale.contiguous(), offset.contiguous(), group)
 
 
