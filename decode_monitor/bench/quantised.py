@@ -67,14 +67,6 @@ def _mean_bytes(samples):
     return statistics.fmean(values) if values else None
 
 
-def _pct(est):
-    if est is None:
-        return '—'
-    if not est.has_ci:
-        return f'{est.value:.0%}'
-    return f'{est.value:.0%} [{est.lo:.0%}, {est.hi:.0%}]'
-
-
 def markdown_section(rows, confidence):
     """The report's section (a list of lines), empty when no quantised cell was measured."""
     if not rows:
@@ -96,7 +88,7 @@ def markdown_section(rows, confidence):
             f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['weights']} "
             f"| {r['bf16_ms']:.3f} | {r['quantised_ms']:.3f} "
             f"| {stats.format_ratio(r['speedup'])} | {ratio} "
-            f"| {_pct(r['share_of_byte_ratio'])} | {r['pairs']} |")
+            f"| {stats.format_percent(r['share_of_byte_ratio'], digits=0)} | {r['pairs']} |")
     return lines
 
 

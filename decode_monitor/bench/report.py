@@ -120,14 +120,6 @@ def _clean(v):
 
 
 # -- Markdown ------------------------------------------------------------------------------------
-def _pct(est):
-    if est is None:
-        return '—'
-    if not est.has_ci:
-        return f'{est.value:.1%}'
-    return f'{est.value:.1%} [{est.lo:.1%}, {est.hi:.1%}]'
-
-
 def _fmt(v, digits=3):
     return '—' if v is None else f'{v:.{digits}f}'
 
@@ -146,7 +138,8 @@ def results_table(cells, speedups, confidence):
         lines.append(
             f"| {c['model']} | {c['ctx']} | {c['backend']} | {c['mode']} | {c['weights']} "
             f"| {stats.format_estimate(c['ms_per_step'], 3)} | {_fmt(floor)} "
-            f"| {_pct(c['floor_fraction'])} | {_pct(c['copy_fraction'])} "
+            f"| {stats.format_percent(c['floor_fraction'])} "
+            f"| {stats.format_percent(c['copy_fraction'])} "
             f"| {stats.format_estimate(jpt, 2)} | {speedup} | {c['sessions']} |")
     return '\n'.join(lines)
 

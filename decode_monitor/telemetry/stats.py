@@ -163,6 +163,16 @@ def format_estimate(est, digits=2, unit=''):
     return f'{body} [{est.lo:.{digits}f}, {est.hi:.{digits}f}]'
 
 
+def format_percent(est, digits=1):
+    """'81.8% [81.6%, 82.0%]' of a fraction (or '81.8%' without a CI)."""
+    if est is None:
+        return '—'
+    body = f'{est.value:.{digits}%}'
+    if not est.has_ci:
+        return body
+    return f'{body} [{est.lo:.{digits}%}, {est.hi:.{digits}%}]'
+
+
 def format_ratio(est, digits=3):
     """The study's format: '1.259× [1.253, 1.267]'."""
     return format_estimate(est, digits=digits, unit='×')

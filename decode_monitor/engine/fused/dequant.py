@@ -34,8 +34,8 @@ def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
 
 
 @triton.jit
-def _group_scales(S, rows, k0, K: tl.constexpr, stride_s, GROUP: tl.constexpr,
-                  NG: tl.constexpr):
+def _group_offsets(rows, k0, K: tl.constexpr, stride_s, GROUP: tl.constexpr,
+                   NG: tl.constexpr):
     """(BLOCK_N, NG) offsets into the per-group tensors of this chunk, and their mask."""
     g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG) group index
     return rows.to(tl.int64)[:, None] * stride_s + g, g < K // GROUP
@@ -62,7 +62,7 @@ def _int8_rows(W, S, rows, k0, x, K: tl.constexpr, stride_w, stride_s, GROUP: tl
         codes = tl.load(W + r * stride_w + col).to(tl.int32)
     else:
         codes = tl.load(W + r * stride_w + col, mask=col < K, other=0).to(tl.int32)
-    s_off, g_mask = _group_scales(S, rows, k0, K, stride_s, GROUP, NG)
+    s_off, g_mask = _group_offsets(rows, k0, K, stride_s, GROUP, NG)
     s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32)
     return tl.sum(_codes_to_float(codes) * x[None, :, :], axis=2) * s
 
@@ -134,7 +134,7 @@ def _int4_scaled(S, Z, rows, k0, p, xs, K: tl.constexpr, stride_s, GROUP: tl.con
 
     Kept per slot, not reduced: the reduction across threads happens once, after the K loop.
     """
-    s_off, g_mask = _group_scales(S, rows, k0, K, stride_s, GROUP, NG)
+    s_off, g_mask = _group_offsets(rows, k0, K, stride_s, GROUP, NG)
     s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32) * _pow2(DOT_EXP)
     m = tl.load(Z + s_off, mask=g_mask, other=0.0).to(tl.float32)
     return p * s[:, :, None] + m[:, :, None] * xs[None, :, :]
