@@ -25,12 +25,15 @@ from decode_monitor.engine.fused.attention import DecodeAttention, default_split
 from decode_monitor.engine.presets import PRESETS
 
 MODELS = ('qwen2.5-7b', 'llama-3-8b', 'mistral-7b')
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per GEMV kind; stages > 1 pipelines weight loads.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]) per GEMV kind; stages > 1 pipelines
+# weight loads, split-K puts more programs on matrices with few row blocks.
 CANDIDATES = {
     'gemv': [(4, 512, 4, 1), (4, 512, 4, 3), (4, 512, 4, 5), (8, 512, 4, 4), (4, 1024, 4, 3),
-             (2, 1024, 4, 4)],
-    'gated': [(4, 512, 4, 1), (8, 512, 4, 1), (2, 512, 4, 3), (4, 512, 4, 3), (4, 256, 4, 4)],
-    'qkv': [(4, 512, 4, 1), (2, 512, 4, 3), (4, 512, 4, 3), (4, 256, 4, 4)],
+             (2, 1024, 4, 4), (4, 512, 4, 3, 2), (8, 512, 4, 4, 2), (8, 512, 4, 3, 7)],
+    'gated': [(4, 512, 4, 1), (8, 512, 4, 1), (2, 512, 4, 3), (4, 512, 4, 3), (4, 256, 4, 4),
+              (8, 512, 4, 3, 2)],
+    'qkv': [(4, 512, 4, 1), (2, 512, 4, 3), (4, 512, 4, 3), (4, 256, 4, 4), (4, 512, 4, 3, 2),
+            (8, 512, 4, 3, 7), (8, 256, 4, 4, 7)],
     'head': [(8, 512, 4, 1), (32, 1024, 8, 1), (16, 512, 4, 3), (32, 512, 8, 3)],
 }
 # Attention: (BLOCK_T, splits as a multiple of the default, num_warps, num_stages).

@@ -27,13 +27,19 @@ from decode_monitor.engine.fused import configs  # noqa: E402
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize  # noqa: E402
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the winners of earlier sweeps and their neighbours
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]): the winners of earlier sweeps and their
+# neighbours, then split-K variants (more programs for matrices with few row blocks).
 CANDIDATES = {
     'int8': [(4, 512, 4, 1), (4, 1024, 4, 3), (8, 512, 4, 3), (16, 512, 8, 1), (8, 1024, 8, 1),
-             (16, 256, 4, 3)],
+             (16, 256, 4, 3),
+             (4, 512, 4, 1, 2), (4, 1024, 4, 3, 2), (8, 512, 4, 3, 2), (8, 512, 4, 3, 4),
+             (16, 512, 4, 3, 7), (16, 256, 4, 3, 7)],
     'int4': [(8, 1024, 4, 3), (16, 512, 4, 3), (16, 1024, 4, 3), (32, 256, 4, 3),
              (32, 512, 4, 3), (64, 256, 4, 3), (64, 256, 8, 3), (32, 1024, 4, 3),
-             (8, 2048, 4, 3)],
+             (8, 2048, 4, 3),
+             (16, 512, 4, 3, 7), (16, 256, 4, 3, 7), (32, 256, 4, 3, 7), (64, 256, 4, 3, 2),
+             (64, 256, 4, 3, 4), (32, 256, 4, 3, 2), (32, 512, 4, 3, 4), (8, 2048, 4, 3, 2),
+             (16, 1024, 4, 3, 4), (64, 256, 4, 3, 7)],
 }
 
 
@@ -106,8 +112,7 @@ def bench_shape(kind, n, k, heads, dev, formats):
         ok = [c for c in entry['configs'] if 'ms' in c and (c['rel_err'] or 0) < 1e-2]
         entry['best'] = min(ok, key=lambda c: c['ms']) if ok else None
         if fmt == 'int4' and kind != 'qkv':
-            entry['tinygemm_ms'], entry['tinygemm_rel_err'] = _tinygemm_ms(
-                w[:n] if kind == 'gated' else w, x)
+            entry['tinygemm_ms'], entry['tinygemm_rel_err'] = _tinygemm_ms(w, x)  # all rows
         result[fmt] = entry
         del qw, deq
     return result

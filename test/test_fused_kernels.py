@@ -35,8 +35,9 @@ def rms_norm(x, weight):
     return norm(x)
 
 
-# GPU-sized blocks (small BLOCK_N, pipelined) and the interpreter's large blocks.
-CONFIGS = [(4, 64, 4, 1), (2, 128, 4, 3), None]
+# GPU-sized blocks (small BLOCK_N, pipelined), split-K (K in 3 shares, the last one short) and
+# the interpreter's large blocks.
+CONFIGS = [(4, 64, 4, 1), (2, 128, 4, 3), (4, 32, 4, 1, 3), None]
 
 
 @pytest.mark.parametrize('config', CONFIGS)
@@ -77,7 +78,44 @@ def test_gemv_gated_silu(config):
     assert rel(out, F.silu(F.linear(xn, gate)) * F.linear(xn, up)) < 1e-5
 
 
-@pytest.mark.parametrize('config', [(4, 64, 4, 1), (8, 128, 4, 3), None])
+def test_split_k_leaves_its_scratch_clean():
+    """Split-K programs add into fp32 scratch shared by every launch; each launch must leave it
+    zeroed and its tickets reset, or the next one (next layer, next graph replay) is wrong."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(72, 192, generator=gen).to(DEV)
+    gate_up = torch.randn(80, 192, generator=gen).to(DEV)
+    x = torch.randn(192, generator=gen).to(DEV)
+    g = torch.rand(192, generator=gen).to(DEV) + 0.5
+    gate, up = F.linear(rms_norm(x, g), gate_up).chunk(2)
+    for _ in range(3):
+        h = torch.randn(72, generator=gen).to(DEV)
+        expected = h + F.linear(x, w)
+        G.gemv(w, x, h, residual=h, config=(8, 32, 4, 1, 4))
+        assert rel(h, expected) < 1e-5
+        out = torch.full((40,), float('nan'), device=DEV)
+        G.gemv(gate_up, x, out, norm_weight=g, gated=True, eps=EPS, config=(4, 64, 4, 1, 3))
+        assert rel(out, F.silu(gate) * up) < 1e-5
+    for scratch in G._SCRATCH[x.device]:
+        assert not scratch.any()
+
+
+def test_tuned_rows_with_a_split_reach_the_kernel():
+    """A tuned row may carry a split-K (5th value); the GPU lookup returns it, and the launch
+    clamps it to the chunks K has."""
+    from decode_monitor.engine.fused import configs
+    configs.add_rows([['gemv', 72, 192, 8, 32, 4, 1, 3], ['gated.int4', 40, 192, 16, 64, 4, 3]])
+    assert configs.gemv_config('gemv', 72, 192) == (8, 32, 4, 1, 3)
+    assert configs.gemv_config('gated', 40, 192, fmt='int4') == (16, 64, 4, 3)
+    assert G._split_config((8, 32, 4, 1, 9), 192, 1) == (8, 32, 4, 1, 6)
+    assert G._split_config((8, 32, 4, 1), 192, 64) == (8, 64, 4, 1, 1)
+    gen = torch.Generator().manual_seed(5)
+    w, x, h = (torch.randn(*shape, generator=gen).to(DEV) for shape in ((72, 192), (192,), (72,)))
+    expected = h + F.linear(x, w)
+    G.gemv(w, x, h, residual=h, config=configs.gemv_config('gemv', 72, 192))
+    assert rel(h, expected) < 1e-5
+
+
+@pytest.mark.parametrize('config', [(4, 64, 4, 1), (8, 128, 4, 3), (8, 32, 4, 1, 2), None])
 @pytest.mark.parametrize('bias', [False, True])
 def test_qkv_rope_writes_q_and_cache_row(config, bias):
     """Against transformers' RMSNorm, Llama-3 scaled rotary tables and apply_rotary_pos_emb."""

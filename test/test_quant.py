@@ -26,7 +26,8 @@ from decode_monitor.engine.fused.quant import group_size_for, quantize  # noqa: 
 
 DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 FORMATS = ('int8', 'int4')
-CONFIGS = [(4, 128, 4, 1), (2, 256, 4, 2), None]  # GPU-like small blocks; the interpreter's
+# GPU-like small blocks, split-K in 2-3 shares (the last one short at K = 576); the interpreter's
+CONFIGS = [(4, 128, 4, 1), (2, 256, 4, 2), (4, 128, 4, 1, 3), None]
 
 
 def rel(a, b):
@@ -143,9 +144,9 @@ def test_int4_kernel_over_the_x_range_it_documents(magnitude):
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
-@pytest.mark.parametrize('config', [(4, 128, 4, 1), (2, 256, 4, 2)])
+@pytest.mark.parametrize('config', [(4, 128, 4, 1), (2, 256, 4, 2), (4, 128, 4, 1, 2)])
 def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt, config):
-    q_heads, kv_heads, d, k, t = 4, 2, 32, 128, 16
+    q_heads, kv_heads, d, k, t = 4, 2, 32, 256, 16
     rows = (q_heads + 2 * kv_heads) * d
     qw = quantize(randn(rows, k, seed=9), fmt)
     x, g, bias = randn(k, seed=10), randn(k, seed=11).abs() + 0.5, randn(rows, seed=12)

@@ -11,8 +11,9 @@ import os
 
 import triton
 
-# GEMV kinds: (BLOCK_N, BLOCK_K, num_warps, num_stages); num_stages > 1 software-pipelines the
-# weight loads through shared memory (more bytes in flight per SM).
+# GEMV kinds: (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]); num_stages > 1
+# software-pipelines the weight loads through shared memory (more bytes in flight per SM); a
+# split-K of S runs S programs per row block, each over 1/S of K (gemv.py), default 1.
 GEMV_DEFAULTS = {
     'gemv': (4, 512, 4, 1),  # o_proj / down_proj (+ residual)
     'gated': (4, 512, 4, 1),  # gate/up (+ RMSNorm, SiLU * up); BLOCK_N rows of each
@@ -37,38 +38,37 @@ ATTENTION_TUNED = {}  # (kv_heads, group, max_context) -> config
 # Hopper's 227 KB of shared memory allows stage counts other GPUs may not fit.
 BUILTIN = {
     'NVIDIA H100 80GB HBM3': [
-        ['qkv', 4608, 3584, 4, 256, 4, 4], ['gemv', 3584, 3584, 8, 512, 4, 4],
-        ['gated', 18944, 3584, 4, 512, 4, 3], ['gemv', 3584, 18944, 4, 512, 4, 3],
-        ['head', 152064, 3584, 8, 512, 4, 1], ['qkv', 6144, 4096, 2, 512, 4, 3],
+        ['qkv', 4608, 3584, 4, 512, 4, 1], ['gemv', 3584, 3584, 8, 512, 4, 4],
+        ['gated', 18944, 3584, 4, 512, 4, 3], ['gemv', 3584, 18944, 4, 512, 4, 5],
+        ['head', 152064, 3584, 16, 512, 4, 3], ['qkv', 6144, 4096, 4, 256, 4, 4],
         ['gemv', 4096, 4096, 4, 512, 4, 1], ['gated', 14336, 4096, 4, 512, 4, 3],
         ['gemv', 4096, 14336, 8, 512, 4, 4], ['head', 128256, 4096, 8, 512, 4, 1],
-        ['head', 32000, 4096, 16, 512, 4, 3],
+        ['head', 32000, 4096, 8, 512, 4, 1],
         ['attention', 4, 7, 2048, 128, 16, 4, 3], ['attention', 4, 7, 16384, 128, 66, 4, 2],
-        ['attention', 8, 4, 2048, 128, 16, 4, 3], ['attention', 8, 4, 16384, 32, 33, 4, 3],
-        # quantised weights (benchmarks/quant_kernels.py)
-        ['qkv.int8', 4608, 3584, 4, 512, 4, 1], ['qkv.int4', 4608, 3584, 16, 512, 4, 3],
-        ['gemv.int8', 3584, 3584, 4, 1024, 4, 3], ['gemv.int4', 3584, 3584, 16, 512, 4, 3],
-        ['gated.int8', 18944, 3584, 4, 512, 4, 1], ['gated.int4', 18944, 3584, 64, 256, 4, 3],
-        ['gemv.int8', 3584, 18944, 4, 1024, 4, 3], ['gemv.int4', 3584, 18944, 8, 2048, 4, 3],
+        ['attention', 8, 4, 2048, 128, 16, 4, 2], ['attention', 8, 4, 16384, 32, 33, 4, 3],
+        # quantised weights (benchmarks/quant_kernels.py); a 5th value is the split-K
+        ['qkv.int8', 4608, 3584, 4, 512, 4, 1], ['qkv.int4', 4608, 3584, 64, 256, 4, 3, 7],
+        ['gemv.int8', 3584, 3584, 8, 512, 4, 3], ['gemv.int4', 3584, 3584, 64, 256, 4, 3, 7],
+        ['gated.int8', 18944, 3584, 4, 512, 4, 1], ['gated.int4', 18944, 3584, 16, 512, 4, 3],
+        ['gemv.int8', 3584, 18944, 4, 1024, 4, 3], ['gemv.int4', 3584, 18944, 32, 256, 4, 3, 7],
         ['head.int8', 152064, 3584, 16, 512, 8, 1], ['head.int4', 152064, 3584, 64, 256, 4, 3],
-        ['qkv.int8', 6144, 4096, 8, 512, 4, 3], ['qkv.int4', 6144, 4096, 16, 512, 4, 3],
-        ['gemv.int8', 4096, 4096, 4, 1024, 4, 3], ['gemv.int4', 4096, 4096, 8, 2048, 4, 3],
-        ['gated.int8', 14336, 4096, 4, 1024, 4, 3], ['gated.int4', 14336, 4096, 64, 256, 4, 3],
-        ['gemv.int8', 4096, 14336, 4, 1024, 4, 3], ['gemv.int4', 4096, 14336, 8, 2048, 4, 3],
+        ['qkv.int8', 6144, 4096, 4, 1024, 4, 3], ['qkv.int4', 6144, 4096, 16, 512, 4, 3],
+        ['gemv.int8', 4096, 4096, 8, 512, 4, 3], ['gemv.int4', 4096, 4096, 16, 512, 4, 3],
+        ['gated.int8', 14336, 4096, 8, 512, 4, 3], ['gated.int4', 14336, 4096, 64, 256, 4, 3],
+        ['gemv.int8', 4096, 14336, 4, 1024, 4, 3], ['gemv.int4', 4096, 14336, 64, 256, 4, 3, 7],
         ['head.int8', 128256, 4096, 16, 512, 8, 1], ['head.int4', 128256, 4096, 64, 256, 4, 3],
-        ['head.int8', 32000, 4096, 16, 512, 8, 1], ['head.int4', 32000, 4096, 64, 256, 4, 3]],
+        ['head.int8', 32000, 4096, 16, 512, 8, 1], ['head.int4', 32000, 4096, 64, 256, 4, 3, 2]],
 }
 
 
 def gemv_config(kind, n, k, on_cpu=False, fmt='bf16'):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMV kind, shape and weight format."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]) for a GEMV kind, shape and weight
+    format."""
     if fmt != 'bf16':
         kind = f'{kind}.{fmt}'
-    if on_cpu:
-        block_n, block_k, warps, stages = INTERPRETER_GEMV
-    else:
-        block_n, block_k, warps, stages = GEMV_TUNED.get((kind, n, k), GEMV_DEFAULTS[kind])
-    return block_n, min(block_k, triton.next_power_of_2(k)), warps, stages
+    config = INTERPRETER_GEMV if on_cpu else GEMV_TUNED.get((kind, n, k), GEMV_DEFAULTS[kind])
+    block_n, block_k, *rest = config
+    return (block_n, min(block_k, triton.next_power_of_2(k)), *rest)
 
 
 def attention_config(kv_heads, group, max_context):

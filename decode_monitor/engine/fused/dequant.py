@@ -1,8 +1,9 @@
 """In-register dequantisation for the fused GEMVs: int8 and int4 codes -> per-row dot products.
 
-Each `*_dot` walks the full K of BLOCK_N rows (two row sets when PAIR: gate/up, RoPE's row
-pairs) against x' = x (* g if NORM) and returns (W x')[rows_a], (W x')[rows_b] and sum(x^2) for
-the RMSNorm, like the dense loop in gemv.py. See quant.py for the storage formats.
+Each `*_dot` walks CHUNKS chunks of K from lo (all of K, or a split-K share) for BLOCK_N rows
+(two row sets when PAIR: gate/up, RoPE's row pairs) against x' = x (* g if NORM) and returns
+(W x')[rows_a], (W x')[rows_b] and sum(x^2) over that span for the RMSNorm, like the dense loop
+in gemv.py. See quant.py for the storage formats.
 
 The two formats take different routes because they measured fastest that way on an H100:
 - int8 (codes in weight order, one byte each): each code becomes a float by the exponent trick
@@ -68,8 +69,8 @@ def _int8_rows(W, S, rows, k0, x, K: tl.constexpr, stride_w, stride_s, GROUP: tl
 
 
 @triton.jit
-def int8_dot(W, S, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
-             NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
+def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr, stride_w,
+             stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
              STAGES: tl.constexpr):
     """W: int8 codes (N, K), S: scales (N, K / GROUP); w = q s."""
@@ -77,7 +78,8 @@ def int8_dot(W, S, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
     acc_a = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     ss = tl.zeros((NG, GROUP), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for c in tl.range(0, CHUNKS, num_stages=STAGES):
+        k0 = lo + c * BLOCK_K
         x, sq = _x_groups(X, NW, k0, K, NORM, NG, GROUP, GROUP, 0, EVEN_K)
         ss += sq
         acc_a += _int8_rows(W, S, rows_a, k0, x, K, stride_w, stride_s, GROUP, NG, EVEN_K)
@@ -141,8 +143,8 @@ def _int4_scaled(S, Z, rows, k0, p, xs, K: tl.constexpr, stride_s, GROUP: tl.con
 
 
 @triton.jit
-def int4_dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
-             NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
+def int4_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr,
+             stride_w, stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
              STAGES: tl.constexpr):
     """W: int4 code words (N, K / 8, int32, lanes: quant.py), S scales and Z offsets
@@ -152,7 +154,8 @@ def int4_dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s
     acc_a = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
     ss = tl.zeros((NG, GW), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for c in tl.range(0, CHUNKS, num_stages=STAGES):
+        k0 = lo + c * BLOCK_K
         lo_a, hi_a = _int4_words(W, rows_a, k0, K, stride_w, GROUP, NG, GW, EVEN_K)
         if PAIR:
             lo_b, hi_b = _int4_words(W, rows_b, k0, K, stride_w, GROUP, NG, GW, EVEN_K)

@@ -2,9 +2,11 @@
 
 A decode step is a chain of matrix-vector products, each streaming a weight matrix once, so the
 whole step is as fast as these kernels stream HBM. Each program owns BLOCK_N output rows and
-walks the full K (no split-K): with N >= 3584 rows there are hundreds of programs, enough to
-keep every SM's loads in flight, and no cross-program reduction is needed. What runs around a
-GEMV rides along in its loop or epilogue instead of costing a launch and a round trip:
+walks the full K, or with SPLIT > 1 a 1/SPLIT share of it: SPLIT programs then add their partial
+sums into fp32 scratch and the last of them to finish runs the epilogue (`_combine_splits`).
+Splitting K puts more programs in flight where a matrix has too few row blocks to fill every SM
+(the small matrices, and quantised ones, whose row blocks are larger). What runs around a GEMV
+rides along in its loop or epilogue instead of costing a launch and a round trip:
 
 - RMSNorm of the input: the sum of squares accumulates in the same loop that reads x, and
   W @ (g * x * rstd) == rstd * (W @ (g * x)), so rstd multiplies the result at the end.
@@ -26,21 +28,28 @@ from decode_monitor.engine.fused.quant import QuantWeight
 def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
          NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-         STAGES: tl.constexpr):
+         STAGES: tl.constexpr, SPLIT: tl.constexpr):
     """(W x')[rows_a], (W x')[rows_b] (zeros unless PAIR), and sum_k x[k]^2; x' = g * x if NORM.
+
+    Sums over this program's share of K: all of it unless SPLIT > 1.
 
     FMT 0: W dense (N, K); 1: int8 codes (N, K) with scales S; 2: int4 code words (N, K / 8,
     int32) with scales S and offsets Z (dequant.py). Both row sets share one pass over x (gate/up,
     RoPE's row pairs).
     """
+    # This program's share of K: CHUNKS chunks of BLOCK_K from lo, share program_id(1) of
+    # SPLIT. A count fixed at compile time (the interpreter cannot range over program ids); the
+    # last share's chunks past K are masked off (EVEN_K is False unless the shares are equal).
+    CHUNKS: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT
+    lo = tl.program_id(1) * (CHUNKS * BLOCK_K) if SPLIT > 1 else 0
     if FMT == 0:
         acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         wa_rows = W + rows_a.to(tl.int64)[:, None] * stride_w
         wb_rows = W + rows_b.to(tl.int64)[:, None] * stride_w
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            cols = k0 + tl.arange(0, BLOCK_K)
+        for c in tl.range(0, CHUNKS, num_stages=STAGES):
+            cols = lo + c * BLOCK_K + tl.arange(0, BLOCK_K)
             if EVEN_K:
                 x = tl.load(X + cols).to(tl.float32)
                 wa = tl.load(wa_rows + cols[None, :])
@@ -63,32 +72,73 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
                 acc_b += wb.to(tl.float32) * x[None, :]
         dot_a, dot_b, sum_sq = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
     elif FMT == 1:
-        dot_a, dot_b, sum_sq = int8_dot(W, S, X, NW, rows_a, rows_b, K, stride_w, stride_s, NORM,
-                                        PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+        dot_a, dot_b, sum_sq = int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
+                                        stride_s, NORM, PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
+                                        STAGES)
     else:
-        dot_a, dot_b, sum_sq = int4_dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
-                                        NORM, PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+        dot_a, dot_b, sum_sq = int4_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
+                                        stride_s, NORM, PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
+                                        STAGES)
     return dot_a, dot_b, sum_sq  # one exit: Triton traces on past a return inside an if
 
 
 @triton.jit
-def gemv_kernel(W, S, Z, X, NW, R, Y, N, K: tl.constexpr, stride_w, stride_s, eps,
-                NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+def _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, mask, dot_a, dot_b, sum_sq,
+                    PAIR: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """Split-K: add this program's partial sums into the fp32 scratch; the last of the SPLIT
+    programs of this row block to arrive (a ticket) gets the totals and returns last = True.
+
+    The last one also zeroes what it read and resets the ticket, so the scratch is clean for the
+    next launch (graph replays included). The others get partial values and must not store.
+    ACC: one slot per row of W; SSQ, CNT: one per row block (program_id(0)).
+    """
+    block = tl.program_id(0)
+    tl.atomic_add(ACC + rows_a, dot_a, mask=mask, sem='relaxed')
+    if PAIR:
+        tl.atomic_add(ACC + rows_b, dot_b, mask=mask, sem='relaxed')
+    if NORM:
+        tl.atomic_add(SSQ + block, sum_sq, sem='relaxed')
+    tl.debug_barrier()  # every thread's partial is added before the ticket is taken
+    last = tl.atomic_add(CNT + block, 1, sem='acq_rel') == SPLIT - 1
+    dot_a = tl.load(ACC + rows_a, mask=mask, other=0.0, cache_modifier='.cg')
+    tl.store(ACC + rows_a, tl.zeros_like(dot_a), mask=mask & last)
+    if PAIR:
+        dot_b = tl.load(ACC + rows_b, mask=mask, other=0.0, cache_modifier='.cg')
+        tl.store(ACC + rows_b, tl.zeros_like(dot_b), mask=mask & last)
+    if NORM:
+        sum_sq = tl.load(SSQ + block, cache_modifier='.cg')
+    tl.debug_barrier()  # every thread has read the totals before the ticket's reset below
+    if last:
+        if NORM:
+            tl.store(SSQ + block, 0.0)
+        tl.atomic_xchg(CNT + block, 0)
+    return dot_a, dot_b, sum_sq, last
+
+
+@triton.jit
+def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_w, stride_s,
+                eps, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
                 FMT: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                STAGES: tl.constexpr, PDL: tl.constexpr):
+                STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
 
     Y may alias R (residual add in place): each program reads and writes only its own rows.
+    ACC, SSQ, CNT: split-K scratch (`_combine_splits`), zeroed; unused when SPLIT == 1.
     """
     pdl.await_previous_kernel(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.minimum(rows, N - 1)  # clamped tail rows load valid memory; their store is masked
+    store = row_mask
     if GATED:
         g, u, ss = _dot(W, S, Z, X, NW, rows, rows + N, K, stride_w, stride_s,
-                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+        if SPLIT > 1:
+            g, u, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows + N, row_mask, g, u, ss,
+                                             True, NORM, SPLIT)
+            store = row_mask & last
         if NORM:
             rstd = tl.rsqrt(ss / K + eps)
             g = g * rstd
@@ -96,21 +146,25 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, N, K: tl.constexpr, stride_w, stride_s, ep
         y = g * tl.sigmoid(g) * u
     else:
         y, _, ss = _dot(W, S, Z, X, NW, rows, rows, K, stride_w, stride_s,
-                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+        if SPLIT > 1:
+            y, _, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows, row_mask, y, y, ss,
+                                             False, NORM, SPLIT)
+            store = row_mask & last
         if NORM:
             y = y * tl.rsqrt(ss / K + eps)
     if RESIDUAL:
         y += tl.load(R + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=store)
 
 
 @triton.jit
-def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr, stride_w,
-                    stride_s, eps, n_pairs, q_pairs, k_pairs, cache_head_stride,
-                    HALF: tl.constexpr, HAS_BIAS: tl.constexpr, FMT: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
+                    K: tl.constexpr, stride_w, stride_s, eps, n_pairs, q_pairs, k_pairs,
+                    cache_head_stride, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                    PDL: tl.constexpr):
+                    SPLIT: tl.constexpr, PDL: tl.constexpr):
     """rmsnorm -> [q; k; v] = Wqkv x (+ b) -> RoPE on q, k -> q to Q, k and v to the cache at pos.
 
     Rows are taken in rotate-half pairs (j, j + HALF) of each head, so both halves of a RoPE
@@ -127,7 +181,11 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, K: tl.constexpr
     rows_a = head * (2 * HALF) + j
     rows_b = rows_a + HALF
     a, b, ss = _dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
-                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES)
+                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+    if SPLIT > 1:
+        a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,
+                                         True, True, SPLIT)
+        p_mask = p_mask & last
     rstd = tl.rsqrt(ss / K + eps)
     a = a * rstd
     b = b * rstd
@@ -166,6 +224,44 @@ def _weight_args(w):
     return w, w, w, w.stride(0), 0, 'bf16', 0, 1
 
 
+def _split_config(config, k, group):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT) of a 4- or 5-tuple config; BLOCK_K at
+    least a group, SPLIT at most the number of BLOCK_K chunks."""
+    block_n, block_k, warps, stages, *split = config
+    block_k = max(block_k, group)
+    split = min(split[0] if split else 1, triton.cdiv(k, block_k))
+    return block_n, block_k, warps, stages, split
+
+
+def _even(k, block_k, split):
+    """No masks needed: K is whole chunks, shared equally by the splits."""
+    chunks = k // block_k
+    return k % block_k == 0 and chunks % split == 0
+
+
+_SCRATCH = {}  # device -> (acc, ssq, cnt) of split-K; grown, never shrunk
+_OUTGROWN = []  # earlier, smaller scratch: a captured graph may still point at it
+
+
+def _split_scratch(device, rows, blocks):
+    """Zeroed fp32 slots for `rows` rows of W and `blocks` row blocks (plus their tickets).
+
+    Shared by every split GEMV on the device: each launch leaves it zeroed again, and the
+    kernels of one decode step run one after another on one stream.
+    """
+    acc, ssq, cnt = _SCRATCH.get(device, (None, None, None))
+    if acc is None or acc.numel() < rows or cnt.numel() < blocks:
+        if acc is not None:
+            _OUTGROWN.append((acc, ssq, cnt))
+        rows = max(rows, 0 if acc is None else acc.numel())
+        blocks = max(blocks, 0 if cnt is None else cnt.numel())
+        acc = torch.zeros(rows, dtype=torch.float32, device=device)
+        ssq = torch.zeros(blocks, dtype=torch.float32, device=device)
+        cnt = torch.zeros(blocks, dtype=torch.int32, device=device)
+        _SCRATCH[device] = (acc, ssq, cnt)
+    return acc, ssq, cnt
+
+
 def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
          kind=None):
     """out (N,) = W (N or 2N, K) @ rmsnorm(x (K,)) [+ residual (N,)]; see gemv_kernel.
@@ -176,17 +272,18 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     k = x.shape[0]
     kind = kind or ('gated' if gated else 'gemv')
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
-    block_n, block_k, warps, stages = config or gemv_config(
-        kind, n, k, x.device.type == 'cpu', fmt)
-    block_k = max(block_k, group)
+    block_n, block_k, warps, stages, split = _split_config(
+        config or gemv_config(kind, n, k, x.device.type == 'cpu', fmt), k, group)
     norm = norm_weight is not None
     res = residual is not None
-    grid = (triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(n, block_n), split)
+    acc, ssq, cnt = _split_scratch(x.device, (2 if gated else 1) * n, grid[0]) if split > 1 \
+        else (out, out, out)
     gemv_kernel[grid](W, S, Z, x, norm_weight if norm else x, residual if res else out, out,
-                      n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res, GATED=gated,
-                      FMT=fmt_code, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-                      EVEN_K=k % block_k == 0, STAGES=stages, num_warps=warps,
-                      **pdl.launch_args(x.device))
+                      acc, ssq, cnt, n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res,
+                      GATED=gated, FMT=fmt_code, GROUP=group, BLOCK_N=block_n,
+                      BLOCK_K=block_k, EVEN_K=_even(k, block_k, split), STAGES=stages, SPLIT=split,
+                      num_warps=warps, **pdl.launch_args(x.device))
     return out
 
 
@@ -202,13 +299,14 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     n_pairs = (q_heads + 2 * kv_heads) * half
     on_cpu = x.device.type == 'cpu'
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
-    block_n, block_k, warps, stages = config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu,
-                                                            fmt)
-    block_k = max(block_k, group)
-    grid = (triton.cdiv(n_pairs, block_n),)
+    block_n, block_k, warps, stages, split = _split_config(
+        config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu, fmt), kdim, group)
+    grid = (triton.cdiv(n_pairs, block_n), split)
+    acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0]) if split > 1 else (q, q, q)
     qkv_rope_kernel[grid](W, S, Z, bias if bias is not None else W, x, norm_weight, cos, sin,
-                          pos, q, k_cache, v_cache, kdim, stride_w, stride_s, eps,
-                          n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
+                          pos, q, k_cache, v_cache, acc, ssq, cnt, kdim, stride_w, stride_s,
+                          eps, n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
                           HALF=half, HAS_BIAS=bias is not None, FMT=fmt_code, GROUP=group,
-                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=kdim % block_k == 0,
-                          STAGES=stages, num_warps=warps, **pdl.launch_args(x.device))
+                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=_even(kdim, block_k, split),
+                          STAGES=stages, SPLIT=split, num_warps=warps,
+                          **pdl.launch_args(x.device))
