@@ -185,6 +185,49 @@ def test_triton_path_equals_torch_path(tiny, fmt):
     assert rel(outs[0][0], dense) < (0.05 if fmt == 'int8' else 0.5)  # ...but close
 
 
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_release_dense_frees_the_matrices_and_keeps_the_answers(tiny, fmt):
+    """After quantising, the model's dense matrices can go; the kernels' results must not move,
+    and whatever would need the dense weights must refuse clearly."""
+    from decode_monitor.engine.hf_backend import HFBackend
+    model = copy.deepcopy(tiny.model).to(DEV)
+    prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(5)).to(DEV)
+
+    def run(backend):
+        logits = [backend.prefill(prompt).clone()]
+        token = logits[0].argmax(-1, keepdim=True)
+        for i in range(2):
+            logits.append(backend.forward_one(token, torch.tensor([7 + i], device=DEV)).clone())
+            token = logits[-1].argmax(-1, keepdim=True)
+        return logits
+
+    def param_bytes():
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for p in model.parameters()}
+        return sum(storages.values())
+
+    backend = FusedBackend(model, 64, use_triton=True, weights=fmt)
+    before, bytes_before = run(backend), param_bytes()
+    freed = backend.release_dense(model)
+    cfg = model.config
+    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d = cfg.head_dim
+    per_layer = hidden * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d  # q, k, v
+    per_layer += cfg.num_attention_heads * d * hidden + 3 * hidden * inter  # o, gate, up, down
+    expected = layers * per_layer * 4  # fp32
+    if not cfg.tie_word_embeddings:
+        expected += cfg.vocab_size * hidden * 4
+    assert freed == expected and param_bytes() == bytes_before - expected
+    for a, b in zip(before, run(backend)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='released'):
+        HFBackend(model, 64)
+    with pytest.raises(ValueError, match='released'):
+        FusedBackend(model, 64, weights='bf16')
+    again = FusedBackend(model, 64, use_triton=True, weights=fmt)  # shares the quantised copies
+    assert torch.equal(again.prefill(prompt), before[0])
+
+
 def _count_bytes(config, fmt, dtype_bytes):
     """Bytes per step from the model's shapes alone: what the stored formats must add up to."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -217,3 +260,19 @@ def test_quantised_weights_need_the_fused_backend(tiny):
         Decoder(tiny, mode='eager', backend='hf', max_context=64, weights='int4')
     with pytest.raises(ValueError, match='weights must be one of'):
         FusedBackend(tiny.model, 64, weights='fp8')
+
+
+def test_built_decoder_serves_quantised_weights_without_the_dense_ones():
+    """The node's path (build_decoder): a quantised decoder owns its model, so the dense
+    matrices are released, and it generates what a decoder that kept them generates."""
+    from decode_monitor.engine.factory import DecoderSettings, build_decoder
+    from decode_monitor.engine.sources import load_model
+    settings = DecoderSettings(model='tiny', device='cpu', dtype='float32', mode='eager',
+                               backend='fused', max_context=64, weights='int8')
+    built = build_decoder(settings)
+    assert built.released_bytes > 0
+    kept = Decoder(load_model('tiny', dtype=torch.float32), mode='eager', backend='fused',
+                   max_context=64, weights='int8')
+    prompt = [5, 17, 99, 3]
+    tokens = [[step.token for step in d.generate(prompt, max_new_tokens=8)] for d in (built, kept)]
+    assert tokens[0] == tokens[1]

@@ -53,5 +53,8 @@ def build_decoder(settings):
     if backend not in BACKENDS:
         raise ValueError(f'backend must be auto or one of {sorted(BACKENDS)}, not {backend!r}')
     loaded = load_model(settings.model, device=device, dtype=dtype)
-    return Decoder(loaded, mode=settings.mode, backend=backend,
-                   max_context=settings.max_context, weights=settings.weights)
+    decoder = Decoder(loaded, mode=settings.mode, backend=backend,
+                      max_context=settings.max_context, weights=settings.weights)
+    if settings.weights != 'bf16':  # the model is this decoder's alone: keep only what it reads
+        decoder.released_bytes = decoder.backend.release_dense(loaded.model)
+    return decoder

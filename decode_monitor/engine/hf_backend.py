@@ -11,6 +11,9 @@ class HFBackend:
     name = 'hf'
 
     def __init__(self, model, max_context):
+        if model.__dict__.get('_dense_released'):
+            raise ValueError('the hf backend needs the dense weights, and this model\'s were '
+                             'released after quantising (the fused backend serves it)')
         self.model = model
         self.max_context = max_context
         config = model.config

@@ -12,7 +12,8 @@ Two paths compute the same function:
 `weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up,
 down) and lm_head at construction (see quant.py); the kernels read the codes and dequantise in
 registers, the torch path multiplies by the dequantised matrices, and the floor counts the bytes
-actually stored.
+actually stored. `release_dense` then frees the model's dense copies, for a decoder that owns
+its model.
 The input embedding stays dense: a step reads one row of it.
 """
 import torch
@@ -119,6 +120,11 @@ class FusedBackend:
     def __init__(self, model, max_context, use_triton=None, attention_config=None,
                  weights='bf16'):
         _supported(model, max_context)
+        if model.__dict__.get('_dense_released') and weights not in model.__dict__.get(
+                '_fused_quantised', {}):
+            raise ValueError(f'this model\'s dense weights were released (release_dense); it '
+                             f'can only be served in the formats already quantised, not '
+                             f'{weights!r}')
         if weights not in FORMATS:
             raise ValueError(f'weights must be one of {FORMATS}, not {weights!r}')
         self.weights = weights
@@ -165,6 +171,36 @@ class FusedBackend:
         layers, self.lm_head = cache[weights]
         for layer, matrices in zip(self.layers, layers):
             layer.__dict__.update(matrices)
+
+    @torch.no_grad()
+    def release_dense(self, model):
+        """Free the model's dense copies of the matrices this backend serves quantised.
+
+        What a robot quantises for is memory as much as traffic, but the layer matrices and
+        lm_head stay loaded in the model's modules (and the packed q/k/v and gate/up copies)
+        unless released. Afterwards only this backend (and others built on the same quantised
+        copies) can serve the model: building the `hf` backend or a bf16 one raises. The
+        embedding stays; a tied lm_head is the embedding and is kept. Returns the bytes freed.
+        """
+        if self.weights == 'bf16':
+            raise ValueError('release_dense: the backend serves the dense weights themselves')
+        inner = model.model
+        modules = [m for block in inner.layers
+                   for m in (block.self_attn.q_proj, block.self_attn.k_proj,
+                             block.self_attn.v_proj, block.self_attn.o_proj, block.mlp.gate_proj,
+                             block.mlp.up_proj, block.mlp.down_proj)]
+        if model.lm_head.weight is not inner.embed_tokens.weight:
+            modules.append(model.lm_head)
+        storages = {}
+        for m in modules:
+            storages[m.weight.untyped_storage().data_ptr()] = m.weight.untyped_storage().nbytes()
+            m.weight.data = m.weight.data.new_empty(0)
+        for m in modules:  # the packed copies the slices pointed into
+            m.__dict__.pop('_fused_packed', None)
+        model.__dict__['_dense_released'] = True
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()  # give the memory back to the driver, where others see it
+        return sum(storages.values())
 
     def _rope_tables(self, rotary, max_context):
         """cos, sin (max_context, D / 2) fp32 from the model's own rotary module (any scaling)."""
