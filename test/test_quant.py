@@ -46,6 +46,17 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
+def prefill_then_steps(backend, prompt, steps):
+    """Logits of the prompt's prefill, then of `steps` greedy steps after it."""
+    logits = [backend.prefill(prompt).clone()]
+    token = logits[0].argmax(-1, keepdim=True)
+    for i in range(steps):
+        pos = torch.tensor([prompt.shape[1] + i], device=DEV)
+        logits.append(backend.forward_one(token, pos).clone())
+        token = logits[-1].argmax(-1, keepdim=True)
+    return logits
+
+
 # -- round trip -----------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -172,12 +183,7 @@ def test_triton_path_equals_torch_path(tiny, fmt):
     outs = []
     for use_triton in (False, True):
         backend = FusedBackend(model, 64, use_triton=use_triton, weights=fmt)
-        logits = [backend.prefill(prompt).clone()]
-        token = logits[0].argmax(-1, keepdim=True)
-        for i in range(3):
-            logits.append(backend.forward_one(token, torch.tensor([9 + i], device=DEV)).clone())
-            token = logits[-1].argmax(-1, keepdim=True)
-        outs.append(logits)
+        outs.append(prefill_then_steps(backend, prompt, 3))
     for a, b in zip(*outs):
         assert rel(b, a) < 1e-4
     dense = FusedBackend(model, 64, use_triton=False).prefill(prompt)
@@ -193,21 +199,13 @@ def test_release_dense_frees_the_matrices_and_keeps_the_answers(tiny, fmt):
     model = copy.deepcopy(tiny.model).to(DEV)
     prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(5)).to(DEV)
 
-    def run(backend):
-        logits = [backend.prefill(prompt).clone()]
-        token = logits[0].argmax(-1, keepdim=True)
-        for i in range(2):
-            logits.append(backend.forward_one(token, torch.tensor([7 + i], device=DEV)).clone())
-            token = logits[-1].argmax(-1, keepdim=True)
-        return logits
-
     def param_bytes():
         storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
                     for p in model.parameters()}
         return sum(storages.values())
 
     backend = FusedBackend(model, 64, use_triton=True, weights=fmt)
-    before, bytes_before = run(backend), param_bytes()
+    before, bytes_before = prefill_then_steps(backend, prompt, 2), param_bytes()
     freed = backend.release_dense(model)
     cfg = model.config
     hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -218,7 +216,7 @@ def test_release_dense_frees_the_matrices_and_keeps_the_answers(tiny, fmt):
     if not cfg.tie_word_embeddings:
         expected += cfg.vocab_size * hidden * 4
     assert freed == expected and param_bytes() == bytes_before - expected
-    for a, b in zip(before, run(backend)):
+    for a, b in zip(before, prefill_then_steps(backend, prompt, 2)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match='released'):
         HFBackend(model, 64)
