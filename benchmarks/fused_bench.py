@@ -149,7 +149,7 @@ def _profile(dec, torch, step_ms):
         name = e.name
         if 'qkv_rope' in name:
             cls = after = 'qkv+rope'
-        elif 'decode_attention' in name:
+        elif 'attention_' in name:  # its two passes: split and merge
             cls = after = 'attention'
         elif 'gemv_kernel' in name:  # o, gate/up, down follow each other; the lm_head ends
             follows = {'attention': 'o_proj', 'o_proj': 'gate_up', 'gate_up': 'down'}

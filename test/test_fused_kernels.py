@@ -154,6 +154,7 @@ def test_qkv_rope_writes_q_and_cache_row(config, bias):
     (28, 4, 32, 300, 137, (64, 4, 4, 1)),  # group 7 (Qwen2.5-7B's), padded to 8 rows
     (4, 4, 64, 200, 3, (16, 7, 4, 1)),  # no GQA; most splits empty at pos 3
     (6, 1, 32, 4200, 4123, (64, 3, 4, 1)),  # past 4096; one KV head for six query heads
+    (8, 2, 32, 700, 650, (16, 37, 4, 1)),  # more splits than a merge program holds at once
 ])
 def test_decode_attention_matches_sdpa_over_prefix(hq, hkv, d, ctx, pos, config):
     gen = torch.Generator().manual_seed(pos)
@@ -164,11 +165,10 @@ def test_decode_attention_matches_sdpa_over_prefix(hq, hkv, d, ctx, pos, config)
     k = repeat_kv(kc[None, :, :pos + 1], hq // hkv)  # only the valid prefix
     v = repeat_kv(vc[None, :, :pos + 1], hq // hkv)
     expected = F.scaled_dot_product_attention(q.view(1, hq, 1, d), k, v).flatten()
-    for _ in range(2):  # a second launch checks the ticket counters were reset
+    for _ in range(2):  # a second launch reuses the partials' scratch
         out = torch.full_like(q, float('nan'))
         att(q, kc, vc, torch.tensor([pos], device=DEV), out)
         assert rel(out, expected) < 1e-5
-    assert int(att.counter.abs().sum()) == 0
 
 
 def test_decode_attention_ignores_cache_past_pos():

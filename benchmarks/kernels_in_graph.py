@@ -1,0 +1,156 @@
+"""Fused kernels timed the way a decode step runs them: back to back inside one CUDA graph.
+
+A kernel timed alone (`fused_kernels.py`, `quant_kernels.py`: L2 flushed, launched from the
+host) pays a launch and an idle GPU around it; inside the graphed step it follows another kernel
+and its cost is its duration plus the drain and ramp at its edges. Here each candidate config is
+captured 28 times in one graph over 28 distinct weight matrices or KV caches (a 7-8B model's
+layers, so nothing is served from L2 that the step would read from HBM), and the graph is
+replayed: us per call = median replay time / 28. Prints a table, writes JSON.
+
+    python benchmarks/kernels_in_graph.py attention gemv --out results/
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from decode_monitor.engine.fused import gemv as G  # noqa: E402
+from decode_monitor.engine.fused.attention import DecodeAttention  # noqa: E402
+from decode_monitor.engine.fused.quant import quantize, weight_nbytes  # noqa: E402
+
+LAYERS = 28
+DEV = 'cuda'
+
+# (q_heads, kv_heads, ctx): qwen2.5-7b, then llama-3-8b / mistral-7b
+ATTENTION = {
+    (28, 4, 2048): [(128, 16, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3),
+                    (16, 128, 4, 2), (64, 32, 8, 2)],
+    (32, 8, 2048): [(128, 16, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 2),
+                    (16, 128, 4, 2)],
+    (28, 4, 16384): [(128, 66, 4, 2), (64, 66, 4, 3), (128, 128, 4, 2), (64, 128, 4, 3),
+                     (64, 256, 4, 2), (32, 256, 4, 3)],
+    (32, 8, 16384): [(32, 33, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 4, 2),
+                     (64, 128, 4, 2), (32, 128, 4, 3)],
+}
+# (format, kind, N, K): qwen2.5-7b's q/k/v and o_proj, the matrices too small to stream well
+GEMV = {
+    ('int8', 'qkv', 4608, 3584): [(4, 512, 4, 1), (8, 512, 4, 3), (4, 1024, 4, 3),
+                                  (4, 512, 4, 1, 2), (8, 512, 8, 3)],
+    ('int8', 'gemv', 3584, 3584): [(4, 512, 4, 1), (8, 512, 4, 3), (4, 1024, 4, 3),
+                                   (4, 512, 4, 1, 2), (8, 512, 8, 3)],
+    ('bf16', 'qkv', 4608, 3584): [(4, 512, 4, 1), (8, 512, 4, 4), (4, 256, 4, 4),
+                                  (4, 512, 4, 3, 2)],
+    ('bf16', 'gemv', 3584, 3584): [(4, 512, 4, 1), (8, 512, 4, 4), (4, 256, 4, 4),
+                                   (4, 512, 4, 3, 2)],
+}
+
+
+def graph_us(calls, reps=30):
+    """Median us per call of `calls` captured in order into one graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for _ in range(2):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def attention_rows(hq, hkv, ctx, configs, d=128):
+    kc = torch.randn(LAYERS, hkv, ctx, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(hq * d, device=DEV, dtype=torch.bfloat16)
+    pos = torch.tensor([ctx - 1], device=DEV)
+    ref = F.scaled_dot_product_attention(
+        q.view(1, hq, 1, d), kc[0][None], vc[0][None], enable_gqa=True).flatten().float()
+    rows = []
+    for config in configs:
+        att = DecodeAttention(hq, hkv, d, ctx, DEV, config=config)
+        outs = torch.empty(LAYERS, hq * d, device=DEV, dtype=torch.bfloat16)
+        us = graph_us([lambda i=i: att(q, kc[i], vc[i], pos, outs[i]) for i in range(LAYERS)])
+        err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+        kv_bytes = 2 * hkv * ctx * d * 2
+        rows.append({'kind': 'attention', 'heads': [hq, hkv], 'ctx': ctx, 'config': config,
+                     'us': us, 'tb_s': kv_bytes / us / 1e6, 'rel_err': err})
+    return rows
+
+
+def gemv_rows(fmt, kind, n, k, configs, heads=(28, 4), d=128):
+    rows_w = 2 * n if kind == 'gated' else n
+    weights = []
+    for _ in range(LAYERS):
+        w = torch.randn(rows_w, k, device=DEV, dtype=torch.bfloat16) * k ** -0.5
+        weights.append(w if fmt == 'bf16' else quantize(w, fmt))
+    nbytes = weight_nbytes(weights[0])
+    x = torch.randn(k, device=DEV, dtype=torch.bfloat16)
+    g = torch.rand(k, device=DEV, dtype=torch.bfloat16) + 0.5
+    ys = torch.zeros(LAYERS, n, device=DEV, dtype=torch.bfloat16)
+    hq, hkv = heads
+    cos, sin = torch.rand(2, 64, d // 2, device=DEV)
+    pos = torch.tensor([5], device=DEV)
+    q = torch.empty(hq * d, device=DEV, dtype=torch.bfloat16)
+    caches = torch.empty(LAYERS, hkv, 64, d, device=DEV, dtype=torch.bfloat16)
+    rows = []
+    for config in configs:
+        if kind == 'qkv':
+            calls = [lambda i=i: G.qkv_rope(weights[i], None, x, g, cos, sin, pos, q, caches[i],
+                                            caches[i], hq, hkv, 1e-5, config=config)
+                     for i in range(LAYERS)]
+        else:
+            calls = [lambda i=i: G.gemv(weights[i], x, ys[i], residual=ys[i], config=config)
+                     for i in range(LAYERS)]
+        us = graph_us(calls)
+        rows.append({'kind': kind, 'fmt': fmt, 'N': n, 'K': k, 'config': config, 'us': us,
+                     'tb_s': nbytes / us / 1e6})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('what', nargs='+', choices=['attention', 'gemv'])
+    ap.add_argument('--out', default='.')
+    args = ap.parse_args()
+    rows = []
+    if 'attention' in args.what:
+        for (hq, hkv, ctx), configs in ATTENTION.items():
+            rows += attention_rows(hq, hkv, ctx, configs)
+            torch.cuda.empty_cache()
+    if 'gemv' in args.what:
+        for (fmt, kind, n, k), configs in GEMV.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+            torch.cuda.empty_cache()
+    print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
+    for r in rows:
+        name = (f"attention {r['heads'][0]}/{r['heads'][1]} ctx {r['ctx']}"
+                if r['kind'] == 'attention' else f"{r['kind']} {r['fmt']} {r['N']}x{r['K']}")
+        print(f"{name:44s} {str(tuple(r['config'])):22s} {r['us']:7.2f} {r['tb_s']:6.2f}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'kernels_in_graph.json'), 'w') as f:
+        json.dump({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
+                   'command': ' '.join(['python3', 'benchmarks/kernels_in_graph.py']
+                                       + sys.argv[1:]),
+                   'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
