@@ -126,7 +126,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     Y may alias R (residual add in place): each program reads and writes only its own rows.
     ACC, SSQ, CNT: split-K scratch (`_combine_splits`), zeroed; unused when SPLIT == 1.
     """
-    pdl.await_previous_kernel(PDL)
+    pdl.wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -135,6 +135,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     if GATED:
         g, u, ss = _dot(W, S, Z, X, NW, rows, rows + N, K, stride_w, stride_s,
                         NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+        pdl.allow_next_kernel(PDL)  # the weights are streamed (pdl.py: why not earlier)
         if SPLIT > 1:
             g, u, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows + N, row_mask, g, u, ss,
                                              True, NORM, SPLIT)
@@ -147,6 +148,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     else:
         y, _, ss = _dot(W, S, Z, X, NW, rows, rows, K, stride_w, stride_s,
                         NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+        pdl.allow_next_kernel(PDL)
         if SPLIT > 1:
             y, _, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows, row_mask, y, y, ss,
                                              False, NORM, SPLIT)
@@ -171,7 +173,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     rotation land in the same program. V heads pass through unrotated.
     Q: (q_heads * 2 HALF,); KC, VC: (kv_heads, max_context, 2 HALF) of this layer.
     """
-    pdl.await_previous_kernel(PDL)
+    pdl.wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     p = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # pair index over all heads
     p_mask = p < n_pairs
@@ -182,6 +184,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     rows_b = rows_a + HALF
     a, b, ss = _dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
                     True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+    pdl.allow_next_kernel(PDL)
     if SPLIT > 1:
         a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,
                                          True, True, SPLIT)
