@@ -5,8 +5,9 @@ transformers modules are re-pointed at row slices of the packed copies, so the w
 once in memory and the `hf` backend keeps working on the same model.
 
 Two paths compute the same function:
-- Triton (CUDA default): five kernels a layer (QKV+norm+RoPE+cache write, split-K attention,
-  o_proj+residual, gate/up+norm+SiLU, down+residual), no host sync, one graph per step.
+- Triton (CUDA default): six kernels a layer (QKV+norm+RoPE+cache write, split-K attention and
+  its merge, o_proj+residual, gate/up+norm+SiLU, down+residual), no host sync, one graph per
+  step, each kernel launched with PDL where the GPU has it (pdl.py).
 - torch (CPU default, and prefill everywhere): the same packed weights through torch ops.
 
 `weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up,
