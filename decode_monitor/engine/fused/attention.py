@@ -139,6 +139,7 @@ class DecodeAttention:
         self.part_o = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
         self.part_m = torch.empty(parts, dtype=torch.float32, device=device)
         self.part_l = torch.empty(parts, dtype=torch.float32, device=device)
+        self.s_p2 = triton.next_power_of_2(self.n_splits)
 
     def __call__(self, q, k_cache, v_cache, pos, out):
         """q (q_heads D,); k_cache, v_cache (kv_heads, T, D); pos (1,) -> out (q_heads D,)."""
@@ -149,10 +150,9 @@ class DecodeAttention:
             G_P2=self.g_p2, G_PAD=self.g_pad, D=self.head_dim, BLOCK_T=self.block_t,
             STAGES=self.num_stages, IEEE=q.dtype == torch.float32,
             WHILE_LOOP=q.device.type == 'cpu', num_warps=self.num_warps, **launch)
-        s_p2 = triton.next_power_of_2(self.n_splits)
         attention_merge_kernel[(self.q_heads,)](
-            self.part_o, self.part_m, self.part_l, out, N_SPLITS=self.n_splits, S_P2=s_p2,
-            S_BLOCK=min(s_p2, self.MERGE_BLOCK), G=self.group, G_P2=self.g_p2,
+            self.part_o, self.part_m, self.part_l, out, N_SPLITS=self.n_splits, S_P2=self.s_p2,
+            S_BLOCK=min(self.s_p2, self.MERGE_BLOCK), G=self.group, G_P2=self.g_p2,
             D=self.head_dim, num_warps=4, **launch)
         return out
 

@@ -9,7 +9,7 @@ only the launch and scheduling latency overlap. Kernels that are not ours (embed
 sampling) are launched without it and keep plain stream order.
 
 When the next kernel may start launching matters. The GEMVs allow it only once their programs
-have streamed their weights (`allow_next` after the K loop): allowed at the top, the next
+have streamed their weights (`allow_next_kernel` after the K loop): allowed at the top, the next
 kernel's waiting CTAs took SM slots from the GEMV's own later programs, and the int8 step got
 slower (3.16 -> 3.30 ms on an H100, qwen2.5-7b, 2048); allowed after the loop, both formats got
 faster (bf16 5.14 -> 5.06 ms, int8 3.16 -> 3.11; benchmarks/NOTES.md, row 22). On by default
