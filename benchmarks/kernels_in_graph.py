@@ -8,6 +8,11 @@ layers, so nothing is served from L2 that the step would read from HBM), and the
 replayed: us per call = median replay time / 28. Prints a table, writes JSON.
 
     python benchmarks/kernels_in_graph.py attention gemv --out results/
+    python benchmarks/kernels_in_graph.py tune-int8 --out results/   # every int8 shape
+
+`tune-int8` times each int8 candidate on every matrix shape of the study models, with bf16's
+built-in config alongside, and writes the fastest int8 config per shape as rows for
+`configs.BUILTIN` (`int8_rows.json`).
 """
 import argparse
 import json
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from decode_monitor.engine.fused import configs as C  # noqa: E402
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
 from decode_monitor.engine.fused.attention import DecodeAttention  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize, weight_nbytes  # noqa: E402
@@ -47,6 +53,16 @@ GEMV = {
     ('bf16', 'gemv', 3584, 3584): [(4, 512, 4, 1), (8, 512, 4, 4), (4, 256, 4, 4),
                                    (4, 512, 4, 3, 2)],
 }
+
+# Every GEMV shape of the study models: (kind, N, K, (q_heads, kv_heads)); qwen2.5-7b, then
+# llama-3-8b (mistral-7b has the same shapes but the 32000-row head).
+SHAPES = [('qkv', 4608, 3584, (28, 4)), ('gemv', 3584, 3584, None), ('gated', 18944, 3584, None),
+          ('gemv', 3584, 18944, None), ('head', 152064, 3584, None),
+          ('qkv', 6144, 4096, (32, 8)), ('gemv', 4096, 4096, None), ('gated', 14336, 4096, None),
+          ('gemv', 4096, 14336, None), ('head', 128256, 4096, None), ('head', 32000, 4096, None)]
+INT8_CANDIDATES = [(4, 512, 4, 1), (8, 512, 4, 1), (2, 1024, 4, 1), (4, 1024, 4, 1),
+                   (8, 1024, 4, 1), (4, 512, 2, 1), (8, 512, 8, 1), (16, 512, 4, 1),
+                   (4, 2048, 8, 1), (8, 256, 2, 1)]
 
 
 def graph_us(calls, reps=30):
@@ -95,7 +111,7 @@ def attention_rows(hq, hkv, ctx, configs, d=128):
     return rows
 
 
-def gemv_rows(fmt, kind, n, k, configs, heads=(28, 4), d=128):
+def gemv_rows(fmt, kind, n, k, configs, heads=None, d=128):
     rows_w = 2 * n if kind == 'gated' else n
     weights = []
     for _ in range(LAYERS):
@@ -105,7 +121,7 @@ def gemv_rows(fmt, kind, n, k, configs, heads=(28, 4), d=128):
     x = torch.randn(k, device=DEV, dtype=torch.bfloat16)
     g = torch.rand(k, device=DEV, dtype=torch.bfloat16) + 0.5
     ys = torch.zeros(LAYERS, n, device=DEV, dtype=torch.bfloat16)
-    hq, hkv = heads
+    hq, hkv = heads or (28, 4)
     cos, sin = torch.rand(2, 64, d // 2, device=DEV)
     pos = torch.tensor([5], device=DEV)
     q = torch.empty(hq * d, device=DEV, dtype=torch.bfloat16)
@@ -116,6 +132,13 @@ def gemv_rows(fmt, kind, n, k, configs, heads=(28, 4), d=128):
             calls = [lambda i=i: G.qkv_rope(weights[i], None, x, g, cos, sin, pos, q, caches[i],
                                             caches[i], hq, hkv, 1e-5, config=config)
                      for i in range(LAYERS)]
+        elif kind == 'gated':
+            calls = [lambda i=i: G.gemv(weights[i], x, ys[i], norm_weight=g, gated=True,
+                                        eps=1e-5, config=config) for i in range(LAYERS)]
+        elif kind == 'head':
+            logits = torch.empty(n, device=DEV, dtype=torch.float32)
+            calls = [lambda i=i: G.gemv(weights[i], x, logits, norm_weight=g, eps=1e-5,
+                                        config=config, kind='head') for i in range(LAYERS)]
         else:
             calls = [lambda i=i: G.gemv(weights[i], x, ys[i], residual=ys[i], config=config)
                      for i in range(LAYERS)]
@@ -125,10 +148,34 @@ def gemv_rows(fmt, kind, n, k, configs, heads=(28, 4), d=128):
     return rows
 
 
+def tune_int8(out_dir, candidates=INT8_CANDIDATES):
+    """bf16's built-in config and every int8 candidate on each shape; the fastest int8 config
+    per shape as configs.BUILTIN rows."""
+    C.use_builtin(torch.cuda.get_device_name())
+    rows, best = [], []
+    for kind, n, k, heads in SHAPES:
+        bf16 = C.gemv_config(kind, n, k)
+        rows += gemv_rows('bf16', kind, n, k, [bf16], heads)
+        torch.cuda.empty_cache()
+        cands = gemv_rows('int8', kind, n, k, candidates, heads)
+        torch.cuda.empty_cache()
+        rows += cands
+        fastest = min(cands, key=lambda r: r['us'])
+        best.append([f'{kind}.int8', n, k, *fastest['config']])
+        print(f"{kind} {n}x{k}: bf16 {rows[-len(cands) - 1]['us']:.2f} us, int8 best "
+              f"{fastest['us']:.2f} us {fastest['config']}", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'int8_rows.json'), 'w') as f:
+        json.dump(best, f)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('what', nargs='+', choices=['attention', 'gemv'])
+    ap.add_argument('what', nargs='+', choices=['attention', 'gemv', 'tune-int8'])
     ap.add_argument('--out', default='.')
+    ap.add_argument('--candidates', nargs='+', metavar='BN,BK,WARPS,STAGES',
+                    help='tune-int8: these configs instead of the built-in candidates')
     args = ap.parse_args()
     rows = []
     if 'attention' in args.what:
@@ -139,6 +186,9 @@ def main():
         for (fmt, kind, n, k), configs in GEMV.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
             torch.cuda.empty_cache()
+    if 'tune-int8' in args.what:
+        cands = [tuple(int(v) for v in c.split(',')) for c in args.candidates or []]
+        rows += tune_int8(args.out, cands or INT8_CANDIDATES)
     print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
     for r in rows:
         name = (f"attention {r['heads'][0]}/{r['heads'][1]} ctx {r['ctx']}"

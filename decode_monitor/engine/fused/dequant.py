@@ -6,11 +6,14 @@ Each `*_dot` walks CHUNKS chunks of K from lo (all of K, or a split-K share) for
 in gemv.py. See quant.py for the storage formats.
 
 The two formats take different routes because they measured fastest that way on an H100:
-- int8 (codes in weight order, one byte each): each code becomes a float by the exponent trick
-  and each group's partial dot is reduced and scaled once per K chunk.
+- int8 (codes in weight order, one byte each, read four to a 32-bit word): each code becomes a
+  float by one byte permute and one exact subtract, and each thread's 16-code partial dot is
+  scaled once (`_int8_rows`).
 - int4 (codes in lanes of 32-bit words): a code masked in place in its word is already a
   float, a denormal: one AND a weight, no shift, no convert, no bias (see `_int4_lane`).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -43,29 +46,70 @@ def _group_offsets(rows, k0, K: tl.constexpr, stride_s, GROUP: tl.constexpr,
 
 
 # -- int8 ---------------------------------------------------------------------------------------
+# The codes are read as 32-bit words, four codes each, SUB codes (one 16-byte load) of a row per
+# thread: (BLOCK_N, BLOCK_K) codes are (BLOCK_N, NSUB, 4) words, a warp reading a row's bytes in
+# one run, and a sub-block's dot needs no other thread. Byte j of a word becomes the float
+# 2^15 + 128 + q, bits 0x47000000 | (q + 128) << 8: one byte permute (PRMT) of the word and the
+# constant, after one XOR has added 128 to all four codes; subtracting 2^15 + 128 is exact. Three
+# instructions a weight with the FMA. Words, not bytes, are carried from one iteration to the
+# next: a byte tensor lives a byte a register, and packing it back for the permute costs more
+# than the dequantisation.
+SUB = tl.constexpr(16)
+INT8_BIAS = tl.constexpr(32768.0 + 128.0)
+# The CPU interpreter runs no PTX: it builds the same floats with arithmetic.
+BYTE_PERMUTE = tl.constexpr(not os.environ.get('TRITON_INTERPRET'))
+
+
 @triton.jit
-def _codes_to_float(v):
-    """int8 codes as int32 -> exact fp32 via the exponent trick (no int->float convert).
-
-    The bits 0x4B000000 + j read as the float 2^23 + j for 0 <= j < 2^23; the +128 moves the
-    codes into that range, and both are subtracted back in floating point.
-    """
-    return (v + (0x4B000000 + 128)).to(tl.float32, bitcast=True) - (8388608.0 + 128)
-
-
-@triton.jit
-def _int8_rows(W, S, rows, k0, x, K: tl.constexpr, stride_w, stride_s, GROUP: tl.constexpr,
-               NG: tl.constexpr, EVEN_K: tl.constexpr):
-    """One K chunk of int8 rows: (BLOCK_N, NG) per-group partial dots, scaled."""
-    r = rows.to(tl.int64)[:, None, None]
-    col = k0 + tl.arange(0, NG)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
-    if EVEN_K:
-        codes = tl.load(W + r * stride_w + col).to(tl.int32)
+def _word_codes(words):
+    """int32 words of four int8 codes -> four fp32 tensors shaped like `words`: byte 0 .. 3."""
+    if BYTE_PERMUTE:
+        f0, f1, f2, f3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, c;
+            xor.b32 u, $4, 0x80808080;
+            mov.b32 c, 0x47000000;
+            prmt.b32 $0, u, c, 0x7604;
+            prmt.b32 $1, u, c, 0x7614;
+            prmt.b32 $2, u, c, 0x7624;
+            prmt.b32 $3, u, c, 0x7634;
+            }""",
+            constraints='=r,=r,=r,=r,r', args=[words], dtype=(tl.float32,) * 4, is_pure=True,
+            pack=1)
     else:
-        codes = tl.load(W + r * stride_w + col, mask=col < K, other=0).to(tl.int32)
-    s_off, g_mask = _group_offsets(rows, k0, K, stride_s, GROUP, NG)
-    s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32)
-    return tl.sum(_codes_to_float(codes) * x[None, :, :], axis=2) * s
+        u = words ^ -2139062144  # 0x80808080: q + 128 in every byte
+        f0 = ((u & 255) + 32768).to(tl.float32)
+        f1 = (((u >> 8) & 255) + 32768).to(tl.float32)
+        f2 = (((u >> 16) & 255) + 32768).to(tl.float32)
+        f3 = (((u >> 24) & 255) + 32768).to(tl.float32)
+    return f0 - INT8_BIAS, f1 - INT8_BIAS, f2 - INT8_BIAS, f3 - INT8_BIAS
+
+
+@triton.jit
+def _int8_chunk(W, S, rows, k0, K: tl.constexpr, stride_w, stride_s, GROUP: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Code words (BLOCK_N, NSUB, 4) and sub-block scales (BLOCK_N, NSUB) of one K chunk."""
+    NSUB: tl.constexpr = BLOCK_K // SUB
+    word = k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
+    ptrs = W.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_w // 4) + word
+    if EVEN_K:
+        words = tl.load(ptrs)
+    else:
+        words = tl.load(ptrs, mask=word < K // 4, other=0)
+    words = tl.reshape(words, (words.shape[0], NSUB, 4))
+    g = (k0 + tl.arange(0, NSUB) * SUB) // GROUP  # (NSUB,) the group of each sub-block
+    s_off = rows.to(tl.int64)[:, None] * stride_s + g[None, :]
+    s = tl.load(S + s_off, mask=(g < K // GROUP)[None, :], other=0.0)
+    return words, s
+
+
+@triton.jit
+def _int8_rows(words, s, x0, x1, x2, x3):
+    """(BLOCK_N, NSUB) scaled sub-block dots s sum q x' of one chunk; xj (NSUB, 4) meets byte j
+    of each word."""
+    f0, f1, f2, f3 = _word_codes(words)
+    p = f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+    return tl.sum(p, axis=2) * s.to(tl.float32)
 
 
 @triton.jit
@@ -73,19 +117,52 @@ def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.conste
              stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
              STAGES: tl.constexpr):
-    """W: int8 codes (N, K), S: scales (N, K / GROUP); w = q s."""
-    NG: tl.constexpr = BLOCK_K // GROUP
-    acc_a = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    ss = tl.zeros((NG, GROUP), dtype=tl.float32)
-    for c in tl.range(0, CHUNKS, num_stages=STAGES):
+    """W: int8 codes (N, K), S: scales (N, K / GROUP); w = q s.
+
+    STAGES 1: each chunk is loaded at the end of the iteration before (the last one loads its
+    own chunk again, from cache, rather than mask the load). STAGES 2: one chunk further
+    ahead, in registers, so a program keeps two chunks in flight; it was the fastest on 8 of the
+    11 study shapes in a graph of 28 on an H100 (`benchmarks/kernels_in_graph.py tune-int8`).
+    STAGES >= 3: Triton's pipeline through shared memory (the words need no unpacking there).
+    """
+    NSUB: tl.constexpr = BLOCK_K // SUB
+    PREFETCH: tl.constexpr = STAGES == 2
+    acc_a = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    last = lo + (CHUNKS - 1) * BLOCK_K
+    wa, sa = _int8_chunk(W, S, rows_a, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
+    wb, sb = wa, sa
+    if PAIR:
+        wb, sb = _int8_chunk(W, S, rows_b, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
+    for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
         k0 = lo + c * BLOCK_K
-        x, sq = _x_groups(X, NW, k0, K, NORM, NG, GROUP, GROUP, 0, EVEN_K)
-        ss += sq
-        acc_a += _int8_rows(W, S, rows_a, k0, x, K, stride_w, stride_s, GROUP, NG, EVEN_K)
+        k_next = tl.minimum(k0 + BLOCK_K, last)
+        if PREFETCH:
+            next_a, next_sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP,
+                                          BLOCK_K, EVEN_K)
+            next_b, next_sb = next_a, next_sa
+            if PAIR:
+                next_b, next_sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s,
+                                              GROUP, BLOCK_K, EVEN_K)
+        x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
+        ss += tl.reshape(sq, (BLOCK_K,))
+        # x[16 i + 4 w + j] -> xj[i, w]: the x that byte j of word w of sub-block i meets
+        x01, x23 = tl.split(tl.reshape(x, (NSUB, 4, 2, 2)))  # j = 2 a + b: split b, then a
+        x0, x2 = tl.split(x01)
+        x1, x3 = tl.split(x23)
+        acc_a += _int8_rows(wa, sa, x0, x1, x2, x3)
         if PAIR:
-            acc_b += _int8_rows(W, S, rows_b, k0, x, K, stride_w, stride_s, GROUP, NG, EVEN_K)
-    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(tl.sum(ss, axis=1), axis=0)
+            acc_b += _int8_rows(wb, sb, x0, x1, x2, x3)
+        if PREFETCH:
+            wa, sa, wb, sb = next_a, next_sa, next_b, next_sb
+        else:
+            wa, sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP, BLOCK_K,
+                                 EVEN_K)
+            if PAIR:
+                wb, sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s, GROUP,
+                                     BLOCK_K, EVEN_K)
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
 
 
 # -- int4 ---------------------------------------------------------------------------------------
