@@ -87,19 +87,20 @@ def _word_codes(words):
 
 @triton.jit
 def _int8_chunk(W, S, rows, k0, K: tl.constexpr, stride_w, stride_s, GROUP: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """Code words (BLOCK_N, NSUB, 4) and sub-block scales (BLOCK_N, NSUB) of one K chunk."""
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, valid=True):
+    """Code words (BLOCK_N, NSUB, 4) and sub-block scales (BLOCK_N, NSUB) of one K chunk;
+    nothing is read unless `valid` (words and scales are then 0)."""
     NSUB: tl.constexpr = BLOCK_K // SUB
     word = k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
     ptrs = W.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_w // 4) + word
     if EVEN_K:
-        words = tl.load(ptrs)
+        words = tl.load(ptrs, mask=valid)
     else:
-        words = tl.load(ptrs, mask=word < K // 4, other=0)
+        words = tl.load(ptrs, mask=(word < K // 4) & valid, other=0)
     words = tl.reshape(words, (words.shape[0], NSUB, 4))
     g = (k0 + tl.arange(0, NSUB) * SUB) // GROUP  # (NSUB,) the group of each sub-block
     s_off = rows.to(tl.int64)[:, None] * stride_s + g[None, :]
-    s = tl.load(S + s_off, mask=(g < K // GROUP)[None, :], other=0.0)
+    s = tl.load(S + s_off, mask=(g < K // GROUP)[None, :] & valid, other=0.0)
     return words, s
 
 
@@ -119,32 +120,33 @@ def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.conste
              STAGES: tl.constexpr):
     """W: int8 codes (N, K), S: scales (N, K / GROUP); w = q s.
 
-    STAGES 1: each chunk is loaded at the end of the iteration before (the last one loads its
-    own chunk again, from cache, rather than mask the load). STAGES 2: one chunk further
-    ahead, in registers, so a program keeps two chunks in flight; it was the fastest on 8 of the
-    11 study shapes in a graph of 28 on an H100 (`benchmarks/kernels_in_graph.py tune-int8`).
-    STAGES >= 3: Triton's pipeline through shared memory (the words need no unpacking there).
+    STAGES 1: each chunk is loaded at the end of the iteration before. STAGES 2: one chunk
+    further ahead, in registers, so a program keeps two chunks in flight; it was the fastest on
+    8 of the 11 study shapes in a graph of 28 on an H100 (`benchmarks/kernels_in_graph.py
+    tune-int8`). STAGES >= 3: Triton's pipeline through shared memory (the words need no
+    unpacking there). The load past the last chunk is masked off: reloading the last chunk
+    instead, from cache, made gate/up 2-3 % slower.
     """
     NSUB: tl.constexpr = BLOCK_K // SUB
     PREFETCH: tl.constexpr = STAGES == 2
     acc_a = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    last = lo + (CHUNKS - 1) * BLOCK_K
     wa, sa = _int8_chunk(W, S, rows_a, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
     wb, sb = wa, sa
     if PAIR:
         wb, sb = _int8_chunk(W, S, rows_b, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
     for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
         k0 = lo + c * BLOCK_K
-        k_next = tl.minimum(k0 + BLOCK_K, last)
+        k_next = k0 + BLOCK_K
+        more = c + 1 < CHUNKS
         if PREFETCH:
             next_a, next_sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP,
-                                          BLOCK_K, EVEN_K)
+                                          BLOCK_K, EVEN_K, more)
             next_b, next_sb = next_a, next_sa
             if PAIR:
                 next_b, next_sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s,
-                                              GROUP, BLOCK_K, EVEN_K)
+                                              GROUP, BLOCK_K, EVEN_K, more)
         x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
         ss += tl.reshape(sq, (BLOCK_K,))
         # x[16 i + 4 w + j] -> xj[i, w]: the x that byte j of word w of sub-block i meets
@@ -158,10 +160,10 @@ def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.conste
             wa, sa, wb, sb = next_a, next_sa, next_b, next_sb
         else:
             wa, sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP, BLOCK_K,
-                                 EVEN_K)
+                                 EVEN_K, more)
             if PAIR:
                 wb, sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s, GROUP,
-                                     BLOCK_K, EVEN_K)
+                                     BLOCK_K, EVEN_K, more)
     return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
 
 
