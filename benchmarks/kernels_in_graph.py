@@ -154,15 +154,14 @@ def tune_int8(out_dir, candidates=INT8_CANDIDATES):
     C.use_builtin(torch.cuda.get_device_name())
     rows, best = [], []
     for kind, n, k, heads in SHAPES:
-        bf16 = C.gemv_config(kind, n, k)
-        rows += gemv_rows('bf16', kind, n, k, [bf16], heads)
+        bf16 = gemv_rows('bf16', kind, n, k, [C.gemv_config(kind, n, k)], heads)[0]
         torch.cuda.empty_cache()
         cands = gemv_rows('int8', kind, n, k, candidates, heads)
         torch.cuda.empty_cache()
-        rows += cands
+        rows += [bf16] + cands
         fastest = min(cands, key=lambda r: r['us'])
         best.append([f'{kind}.int8', n, k, *fastest['config']])
-        print(f"{kind} {n}x{k}: bf16 {rows[-len(cands) - 1]['us']:.2f} us, int8 best "
+        print(f"{kind} {n}x{k}: bf16 {bf16['us']:.2f} us, int8 best "
               f"{fastest['us']:.2f} us {fastest['config']}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'int8_rows.json'), 'w') as f:

@@ -105,6 +105,19 @@ def _int8_chunk(W, S, rows, k0, K: tl.constexpr, stride_w, stride_s, GROUP: tl.c
 
 
 @triton.jit
+def _int8_chunks(W, S, rows_a, rows_b, k0, valid, K: tl.constexpr, stride_w, stride_s,
+                 GROUP: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """`_int8_chunk` of rows_a and, if PAIR, of rows_b (else rows_a's again, unread)."""
+    wa, sa = _int8_chunk(W, S, rows_a, k0, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K, valid)
+    wb, sb = wa, sa
+    if PAIR:
+        wb, sb = _int8_chunk(W, S, rows_b, k0, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K,
+                             valid)
+    return wa, sa, wb, sb
+
+
+@triton.jit
 def _int8_rows(words, s, x0, x1, x2, x3):
     """(BLOCK_N, NSUB) scaled sub-block dots s sum q x' of one chunk; xj (NSUB, 4) meets byte j
     of each word."""
@@ -132,38 +145,29 @@ def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.conste
     acc_a = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    wa, sa = _int8_chunk(W, S, rows_a, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
-    wb, sb = wa, sa
-    if PAIR:
-        wb, sb = _int8_chunk(W, S, rows_b, lo, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K)
+    wa, sa, wb, sb = _int8_chunks(W, S, rows_a, rows_b, lo, True, K, stride_w, stride_s, GROUP,
+                                  PAIR, BLOCK_K, EVEN_K)
     for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
         k0 = lo + c * BLOCK_K
-        k_next = k0 + BLOCK_K
         more = c + 1 < CHUNKS
         if PREFETCH:
-            next_a, next_sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP,
-                                          BLOCK_K, EVEN_K, more)
-            next_b, next_sb = next_a, next_sa
-            if PAIR:
-                next_b, next_sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s,
-                                              GROUP, BLOCK_K, EVEN_K, more)
+            nxt = _int8_chunks(W, S, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w, stride_s,
+                               GROUP, PAIR, BLOCK_K, EVEN_K)
         x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
         ss += tl.reshape(sq, (BLOCK_K,))
-        # x[16 i + 4 w + j] -> xj[i, w]: the x that byte j of word w of sub-block i meets
-        x01, x23 = tl.split(tl.reshape(x, (NSUB, 4, 2, 2)))  # j = 2 a + b: split b, then a
-        x0, x2 = tl.split(x01)
-        x1, x3 = tl.split(x23)
+        # x[16 i + 4 w + j] -> xj[i, w]: the x that byte j of word w of sub-block i meets;
+        # j = 2 a + b: split off b (j even / odd), then a
+        x_even, x_odd = tl.split(tl.reshape(x, (NSUB, 4, 2, 2)))
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
         acc_a += _int8_rows(wa, sa, x0, x1, x2, x3)
         if PAIR:
             acc_b += _int8_rows(wb, sb, x0, x1, x2, x3)
         if PREFETCH:
-            wa, sa, wb, sb = next_a, next_sa, next_b, next_sb
+            wa, sa, wb, sb = nxt
         else:
-            wa, sa = _int8_chunk(W, S, rows_a, k_next, K, stride_w, stride_s, GROUP, BLOCK_K,
-                                 EVEN_K, more)
-            if PAIR:
-                wb, sb = _int8_chunk(W, S, rows_b, k_next, K, stride_w, stride_s, GROUP,
-                                     BLOCK_K, EVEN_K, more)
+            wa, sa, wb, sb = _int8_chunks(W, S, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w,
+                                          stride_s, GROUP, PAIR, BLOCK_K, EVEN_K)
     return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
 
 
