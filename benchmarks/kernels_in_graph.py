@@ -10,9 +10,11 @@ replayed: us per call = median replay time / 28. Prints a table, writes JSON.
     python benchmarks/kernels_in_graph.py attention gemv --out results/
     python benchmarks/kernels_in_graph.py tune-int8 --out results/   # every int8 shape
 
-`tune-int8` times each int8 candidate on every matrix shape of the study models, with bf16's
-built-in config alongside, and writes the fastest int8 config per shape as rows for
-`configs.BUILTIN` (`int8_rows.json`).
+`tune-int8` (`tune-int4`) times each int8 (int4) candidate on every matrix shape of the study
+models, with bf16's built-in config alongside, and writes the fastest config per shape as rows
+for `configs.BUILTIN` (`int8_rows.json`, `int4_rows.json`; DECODE_MONITOR_FUSED_CONFIGS can
+point at it). `best --inputs A.json B.json ...` takes the fastest config per shape and format
+over several such runs of the same code (no GPU needed).
 """
 import argparse
 import json
@@ -63,6 +65,11 @@ SHAPES = [('qkv', 4608, 3584, (28, 4)), ('gemv', 3584, 3584, None), ('gated', 18
 INT8_CANDIDATES = [(4, 512, 4, 1), (8, 512, 4, 1), (2, 1024, 4, 1), (4, 1024, 4, 1),
                    (8, 1024, 4, 1), (4, 512, 2, 1), (8, 512, 8, 1), (16, 512, 4, 1),
                    (4, 2048, 8, 1), (8, 256, 2, 1)]
+INT4_CANDIDATES = [(8, 1024, 4, 2), (16, 512, 4, 2), (8, 512, 4, 2), (4, 1024, 4, 2),
+                   (16, 1024, 4, 2), (32, 512, 4, 2), (16, 512, 4, 3), (32, 512, 4, 3),
+                   (8, 1024, 4, 3), (16, 512, 8, 2), (8, 2048, 8, 2), (8, 512, 4, 2, 2),
+                   (16, 512, 4, 2, 4), (8, 1024, 4, 1)]
+CANDIDATES = {'int8': INT8_CANDIDATES, 'int4': INT4_CANDIDATES}
 
 
 def graph_us(calls, reps=30):
@@ -148,34 +155,63 @@ def gemv_rows(fmt, kind, n, k, configs, heads=None, d=128):
     return rows
 
 
-def tune_int8(out_dir, candidates=INT8_CANDIDATES):
-    """bf16's built-in config and every int8 candidate on each shape; the fastest int8 config
+def tune(fmt, out_dir, candidates):
+    """bf16's built-in config and every `fmt` candidate on each shape; the fastest `fmt` config
     per shape as configs.BUILTIN rows."""
     C.use_builtin(torch.cuda.get_device_name())
     rows, best = [], []
     for kind, n, k, heads in SHAPES:
         bf16 = gemv_rows('bf16', kind, n, k, [C.gemv_config(kind, n, k)], heads)[0]
         torch.cuda.empty_cache()
-        cands = gemv_rows('int8', kind, n, k, candidates, heads)
+        cands = gemv_rows(fmt, kind, n, k, candidates, heads)
         torch.cuda.empty_cache()
         rows += [bf16] + cands
         fastest = min(cands, key=lambda r: r['us'])
-        best.append([f'{kind}.int8', n, k, *fastest['config']])
-        print(f"{kind} {n}x{k}: bf16 {bf16['us']:.2f} us, int8 best "
+        best.append([f'{kind}.{fmt}', n, k, *fastest['config']])
+        print(f"{kind} {n}x{k}: bf16 {bf16['us']:.2f} us, {fmt} best "
               f"{fastest['us']:.2f} us {fastest['config']}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'int8_rows.json'), 'w') as f:
+    with open(os.path.join(out_dir, f'{fmt}_rows.json'), 'w') as f:
         json.dump(best, f)
     return rows
 
 
+def best_rows(paths, out_dir):
+    """The fastest quantised config per (format, kind, N, K) over kernels_in_graph.json files;
+    writes `<fmt>_rows.json` per format."""
+    best = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)['rows']:
+                key = (r.get('fmt'), r['kind'], r.get('N'), r.get('K'))
+                if r.get('fmt') in ('int8', 'int4') and (key not in best
+                                                         or r['us'] < best[key]['us']):
+                    best[key] = r
+    os.makedirs(out_dir, exist_ok=True)
+    for fmt in sorted({key[0] for key in best}):
+        rows = [[f'{kind}.{fmt}', n, k, *r['config']]
+                for (f, kind, n, k), r in best.items() if f == fmt]
+        with open(os.path.join(out_dir, f'{fmt}_rows.json'), 'w') as f:
+            json.dump(rows, f)
+        for row in rows:
+            r = best[(fmt, row[0].split('.')[0], row[1], row[2])]
+            print(f"{row[0]:12s} {row[1]}x{row[2]} {str(tuple(r['config'])):22s} "
+                  f"{r['us']:7.2f} us {r['tb_s']:5.2f} TB/s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('what', nargs='+', choices=['attention', 'gemv', 'tune-int8'])
+    ap.add_argument('what', nargs='+',
+                    choices=['attention', 'gemv', 'tune-int8', 'tune-int4', 'best'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--candidates', nargs='+', metavar='BN,BK,WARPS,STAGES',
-                    help='tune-int8: these configs instead of the built-in candidates')
+                    help='tune-*: these configs instead of the built-in candidates (a 5th '
+                    'value: split-K)')
+    ap.add_argument('--inputs', nargs='+', metavar='JSON',
+                    help='best: kernels_in_graph.json files')
     args = ap.parse_args()
+    if args.what == ['best']:
+        return best_rows(args.inputs or ap.error('best needs --inputs'), args.out)
     rows = []
     if 'attention' in args.what:
         for (hq, hkv, ctx), configs in ATTENTION.items():
@@ -185,9 +221,10 @@ def main():
         for (fmt, kind, n, k), configs in GEMV.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
             torch.cuda.empty_cache()
-    if 'tune-int8' in args.what:
-        cands = [tuple(int(v) for v in c.split(',')) for c in args.candidates or []]
-        rows += tune_int8(args.out, cands or INT8_CANDIDATES)
+    cands = [tuple(int(v) for v in c.split(',')) for c in args.candidates or []]
+    for fmt in ('int8', 'int4'):
+        if f'tune-{fmt}' in args.what:
+            rows += tune(fmt, args.out, cands or CANDIDATES[fmt])
     print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
     for r in rows:
         name = (f"attention {r['heads'][0]}/{r['heads'][1]} ctx {r['ctx']}"

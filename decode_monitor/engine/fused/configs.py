@@ -13,8 +13,8 @@ import triton
 
 # GEMV kinds: (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]); num_stages > 1
 # software-pipelines the weight loads through shared memory (more bytes in flight per SM), except
-# int8's 2, which loads the next chunk into registers (dequant.int8_dot); a split-K of S runs S
-# programs per row block, each over 1/S of K (gemv.py), default 1.
+# the quantised formats' 2, which loads the next chunk into registers (dequant.quant_dot); a
+# split-K of S runs S programs per row block, each over 1/S of K (gemv.py), default 1.
 GEMV_DEFAULTS = {
     'gemv': (4, 512, 4, 1),  # o_proj / down_proj (+ residual)
     'gated': (4, 512, 4, 1),  # gate/up (+ RMSNorm, SiLU * up); BLOCK_N rows of each
@@ -24,10 +24,11 @@ GEMV_DEFAULTS = {
 # Quantised weights ('<kind>.int8', '<kind>.int4'): a row is 2-4x fewer bytes, so a program
 # takes more rows and longer K chunks to keep as many bytes in flight. int8's default came
 # within 4 % of each shape's best on average over the 11 study shapes on an H100 (at most 12 %
-# off; benchmarks/results/h100/int8_words/tune/).
+# off; benchmarks/results/h100/int8_words/tune/), int4's within 18 % (at most 31 % off; int4's
+# best configs are further apart: benchmarks/results/h100/int4_words/tune/).
 for _kind in tuple(GEMV_DEFAULTS):
     GEMV_DEFAULTS[f'{_kind}.int8'] = (8, 1024, 4, 2)
-    GEMV_DEFAULTS[f'{_kind}.int4'] = (8, 1024, 4, 1)
+    GEMV_DEFAULTS[f'{_kind}.int4'] = (64, 256, 4, 1, 4)
 GEMV_TUNED = {}  # (kind, N, K) -> config
 # The CPU interpreter pays per program, not per byte: few, large programs.
 INTERPRETER_GEMV = (64, 256, 4, 1)
@@ -49,18 +50,19 @@ BUILTIN = {
         ['head', 32000, 4096, 8, 512, 4, 1],
         ['attention', 4, 7, 2048, 128, 16, 4, 3], ['attention', 4, 7, 16384, 128, 66, 4, 2],
         ['attention', 8, 4, 2048, 128, 16, 4, 2], ['attention', 8, 4, 16384, 32, 33, 4, 3],
-        # quantised weights (benchmarks/quant_kernels.py); a 5th value is the split-K
-        ['qkv.int8', 4608, 3584, 4, 512, 4, 2], ['qkv.int4', 4608, 3584, 64, 256, 4, 3, 7],
-        ['gemv.int8', 3584, 3584, 4, 512, 2, 3], ['gemv.int4', 3584, 3584, 64, 256, 4, 3, 7],
-        ['gated.int8', 18944, 3584, 16, 512, 4, 2], ['gated.int4', 18944, 3584, 16, 512, 4, 3],
-        ['gemv.int8', 3584, 18944, 4, 1024, 4, 3], ['gemv.int4', 3584, 18944, 32, 256, 4, 3, 7],
-        ['head.int8', 152064, 3584, 16, 512, 4, 2], ['head.int4', 152064, 3584, 64, 256, 4, 3],
-        ['qkv.int8', 6144, 4096, 8, 512, 4, 2], ['qkv.int4', 6144, 4096, 16, 512, 4, 3],
-        ['gemv.int8', 4096, 4096, 8, 1024, 4, 2], ['gemv.int4', 4096, 4096, 16, 512, 4, 3],
-        ['gated.int8', 14336, 4096, 4, 512, 4, 2], ['gated.int4', 14336, 4096, 64, 256, 4, 3],
-        ['gemv.int8', 4096, 14336, 8, 1024, 4, 2], ['gemv.int4', 4096, 14336, 64, 256, 4, 3, 7],
-        ['head.int8', 128256, 4096, 4, 1024, 4, 2], ['head.int4', 128256, 4096, 64, 256, 4, 3],
-        ['head.int8', 32000, 4096, 4, 1024, 4, 2], ['head.int4', 32000, 4096, 64, 256, 4, 3, 2]],
+        # quantised weights (benchmarks/kernels_in_graph.py tune-int8, tune-int4); a 5th value
+        # is the split-K
+        ['qkv.int8', 4608, 3584, 4, 512, 4, 2], ['qkv.int4', 4608, 3584, 64, 256, 4, 1, 7],
+        ['gemv.int8', 3584, 3584, 4, 512, 2, 3], ['gemv.int4', 3584, 3584, 64, 256, 4, 1, 7],
+        ['gated.int8', 18944, 3584, 16, 512, 4, 2], ['gated.int4', 18944, 3584, 64, 256, 4, 1],
+        ['gemv.int8', 3584, 18944, 4, 1024, 4, 3], ['gemv.int4', 3584, 18944, 64, 256, 4, 1, 7],
+        ['head.int8', 152064, 3584, 16, 512, 4, 2], ['head.int4', 152064, 3584, 128, 256, 4, 1],
+        ['qkv.int8', 6144, 4096, 8, 512, 4, 2], ['qkv.int4', 6144, 4096, 16, 512, 4, 2],
+        ['gemv.int8', 4096, 4096, 8, 1024, 4, 2], ['gemv.int4', 4096, 4096, 16, 1024, 4, 2],
+        ['gated.int8', 14336, 4096, 4, 512, 4, 2], ['gated.int4', 14336, 4096, 32, 256, 4, 1],
+        ['gemv.int8', 4096, 14336, 8, 1024, 4, 2], ['gemv.int4', 4096, 14336, 64, 256, 4, 1, 7],
+        ['head.int8', 128256, 4096, 4, 1024, 4, 2], ['head.int4', 128256, 4096, 64, 256, 4, 2],
+        ['head.int8', 32000, 4096, 4, 1024, 4, 2], ['head.int4', 32000, 4096, 128, 256, 4, 2]],
 }
 
 

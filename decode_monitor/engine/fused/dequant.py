@@ -1,16 +1,17 @@
 """In-register dequantisation for the fused GEMVs: int8 and int4 codes -> per-row dot products.
 
-Each `*_dot` walks CHUNKS chunks of K from lo (all of K, or a split-K share) for BLOCK_N rows
+`quant_dot` walks CHUNKS chunks of K from lo (all of K, or a split-K share) for BLOCK_N rows
 (two row sets when PAIR: gate/up, RoPE's row pairs) against x' = x (* g if NORM) and returns
 (W x')[rows_a], (W x')[rows_b] and sum(x^2) over that span for the RMSNorm, like the dense loop
 in gemv.py. See quant.py for the storage formats.
 
-The two formats take different routes because they measured fastest that way on an H100:
-- int8 (codes in weight order, one byte each, read four to a 32-bit word): each code becomes a
-  float by one byte permute and one exact subtract, and each thread's 16-code partial dot is
-  scaled once (`_int8_rows`).
-- int4 (codes in lanes of 32-bit words): a code masked in place in its word is already a
-  float, a denormal: one AND a weight, no shift, no convert, no bias (see `_int4_lane`).
+Both formats are read the same way: as 32-bit words, four a thread (one 16-byte load, a warp
+reading one run of a row), each thread's sub-block dot summed in the thread and scaled once, no
+shuffles in the K loop. They differ in how a code becomes a float:
+- int8 (four codes a word, in weight order): one byte permute and one exact subtract
+  (`_word_codes`).
+- int4 (eight codes a word, in lanes): a code masked in place in its word is already a float,
+  a denormal: one AND a weight, no shift, no convert, no bias (`_int4_lane`).
 """
 import os
 
@@ -35,14 +36,6 @@ def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
         else:
             x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
     return x, ss
-
-
-@triton.jit
-def _group_offsets(rows, k0, K: tl.constexpr, stride_s, GROUP: tl.constexpr,
-                   NG: tl.constexpr):
-    """(BLOCK_N, NG) offsets into the per-group tensors of this chunk, and their mask."""
-    g = k0 // GROUP + tl.arange(0, NG)[None, :]  # (1, NG) group index
-    return rows.to(tl.int64)[:, None] * stride_s + g, g < K // GROUP
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -86,118 +79,81 @@ def _word_codes(words):
 
 
 @triton.jit
-def _int8_chunk(W, S, rows, k0, K: tl.constexpr, stride_w, stride_s, GROUP: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, valid=True):
-    """Code words (BLOCK_N, NSUB, 4) and sub-block scales (BLOCK_N, NSUB) of one K chunk;
-    nothing is read unless `valid` (words and scales are then 0)."""
-    NSUB: tl.constexpr = BLOCK_K // SUB
-    word = k0 // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
-    ptrs = W.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_w // 4) + word
+def _chunk(W, S, Z, rows, k0, K: tl.constexpr, stride_w, stride_s, INT4: tl.constexpr,
+           GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, valid=True):
+    """Code words (BLOCK_N, NSUB, 4), and the scales and offsets (BLOCK_N, NSUB) of each
+    sub-block's group, of one K chunk; nothing is read unless `valid` (all are then 0).
+    int8 has no offsets: its scales are returned in their place, and never used."""
+    PER_WORD: tl.constexpr = 8 if INT4 else 4  # codes a word
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    NSUB: tl.constexpr = WORDS // 4
+    word = k0 // PER_WORD + tl.arange(0, WORDS)[None, :]
+    ptrs = W + rows.to(tl.int64)[:, None] * stride_w + word
     if EVEN_K:
         words = tl.load(ptrs, mask=valid)
     else:
-        words = tl.load(ptrs, mask=(word < K // 4) & valid, other=0)
+        words = tl.load(ptrs, mask=(word < K // PER_WORD) & valid, other=0)
     words = tl.reshape(words, (words.shape[0], NSUB, 4))
-    g = (k0 + tl.arange(0, NSUB) * SUB) // GROUP  # (NSUB,) the group of each sub-block
+    g = (k0 + tl.arange(0, NSUB) * (4 * PER_WORD)) // GROUP  # (NSUB,) each sub-block's group
     s_off = rows.to(tl.int64)[:, None] * stride_s + g[None, :]
-    s = tl.load(S + s_off, mask=(g < K // GROUP)[None, :] & valid, other=0.0)
-    return words, s
+    s_mask = (g < K // GROUP)[None, :] & valid
+    s = tl.load(S + s_off, mask=s_mask, other=0.0)
+    m = s
+    if INT4:
+        m = tl.load(Z + s_off, mask=s_mask, other=0.0)
+    return words, s, m
 
 
 @triton.jit
-def _int8_chunks(W, S, rows_a, rows_b, k0, valid, K: tl.constexpr, stride_w, stride_s,
-                 GROUP: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
-    """`_int8_chunk` of rows_a and, if PAIR, of rows_b (else rows_a's again, unread)."""
-    wa, sa = _int8_chunk(W, S, rows_a, k0, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K, valid)
-    wb, sb = wa, sa
+def _chunks(W, S, Z, rows_a, rows_b, k0, valid, K: tl.constexpr, stride_w, stride_s,
+            INT4: tl.constexpr, GROUP: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """`_chunk` of rows_a and, if PAIR, of rows_b (else rows_a's again, unread)."""
+    wa, sa, ma = _chunk(W, S, Z, rows_a, k0, K, stride_w, stride_s, INT4, GROUP, BLOCK_K,
+                        EVEN_K, valid)
+    wb, sb, mb = wa, sa, ma
     if PAIR:
-        wb, sb = _int8_chunk(W, S, rows_b, k0, K, stride_w, stride_s, GROUP, BLOCK_K, EVEN_K,
-                             valid)
-    return wa, sa, wb, sb
+        wb, sb, mb = _chunk(W, S, Z, rows_b, k0, K, stride_w, stride_s, INT4, GROUP, BLOCK_K,
+                            EVEN_K, valid)
+    return wa, sa, ma, wb, sb, mb
 
 
 @triton.jit
-def _int8_rows(words, s, x0, x1, x2, x3):
-    """(BLOCK_N, NSUB) scaled sub-block dots s sum q x' of one chunk; xj (NSUB, 4) meets byte j
-    of each word."""
+def _int8_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """x' of one chunk as four (NSUB, 4) tiles, xj[i, w] = x'[k0 + 16 i + 4 w + j]: the x that
+    byte j of word w of sub-block i meets; and the chunk's squares of x."""
+    x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
+    # j = 2 a + b: split off b (j even / odd), then a
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // SUB, 4, 2, 2)))
+    x0, x2 = tl.split(x_even)
+    x1, x3 = tl.split(x_odd)
+    return (x0, x1, x2, x3), tl.reshape(sq, (BLOCK_K,))
+
+
+@triton.jit
+def _int8_rows(words, s, m, xs):
+    """(BLOCK_N, NSUB) scaled sub-block dots s sum q x' of one chunk (m: unused)."""
     f0, f1, f2, f3 = _word_codes(words)
-    p = f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+    p = f0 * xs[0][None] + f1 * xs[1][None] + f2 * xs[2][None] + f3 * xs[3][None]
     return tl.sum(p, axis=2) * s.to(tl.float32)
-
-
-@triton.jit
-def int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr, stride_w,
-             stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-             STAGES: tl.constexpr):
-    """W: int8 codes (N, K), S: scales (N, K / GROUP); w = q s.
-
-    STAGES 1: each chunk is loaded at the end of the iteration before. STAGES 2: one chunk
-    further ahead, in registers, so a program keeps two chunks in flight; it was the fastest on
-    8 of the 11 study shapes in a graph of 28 on an H100 (`benchmarks/kernels_in_graph.py
-    tune-int8`). STAGES >= 3: Triton's pipeline through shared memory (the words need no
-    unpacking there). The load past the last chunk is masked off: reloading the last chunk
-    instead, from cache, made gate/up 2-3 % slower.
-    """
-    NSUB: tl.constexpr = BLOCK_K // SUB
-    PREFETCH: tl.constexpr = STAGES == 2
-    acc_a = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    wa, sa, wb, sb = _int8_chunks(W, S, rows_a, rows_b, lo, True, K, stride_w, stride_s, GROUP,
-                                  PAIR, BLOCK_K, EVEN_K)
-    for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
-        k0 = lo + c * BLOCK_K
-        more = c + 1 < CHUNKS
-        if PREFETCH:
-            nxt = _int8_chunks(W, S, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w, stride_s,
-                               GROUP, PAIR, BLOCK_K, EVEN_K)
-        x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
-        ss += tl.reshape(sq, (BLOCK_K,))
-        # x[16 i + 4 w + j] -> xj[i, w]: the x that byte j of word w of sub-block i meets;
-        # j = 2 a + b: split off b (j even / odd), then a
-        x_even, x_odd = tl.split(tl.reshape(x, (NSUB, 4, 2, 2)))
-        x0, x2 = tl.split(x_even)
-        x1, x3 = tl.split(x_odd)
-        acc_a += _int8_rows(wa, sa, x0, x1, x2, x3)
-        if PAIR:
-            acc_b += _int8_rows(wb, sb, x0, x1, x2, x3)
-        if PREFETCH:
-            wa, sa, wb, sb = nxt
-        else:
-            wa, sa, wb, sb = _int8_chunks(W, S, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w,
-                                          stride_s, GROUP, PAIR, BLOCK_K, EVEN_K)
-    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
 
 
 # -- int4 ---------------------------------------------------------------------------------------
 # A code masked in place at bits 4j..4j+3 of a word (j < 4; lanes 4-7 come from the word shifted
 # down by 16) reads as the fp32 denormal q 2^(4j - 149). The x it meets is scaled by
 # 2^(149 - 4j - DOT_EXP), so every product is x q 2^-DOT_EXP, a normal float for |x| in
-# [2^-78, 2^26]; the chunk's dots are scaled back by 2^DOT_EXP with the group scale. FFMA keeps
-# denormal inputs: Triton compiles fp32 arithmetic without flush-to-zero.
+# [2^-78, 2^26]; the sub-block's dot is scaled back by 2^DOT_EXP with the group scale. FFMA keeps
+# denormal inputs: Triton compiles fp32 arithmetic without flush-to-zero. Two instructions a
+# weight with the FMA. Words are read as for int8: four (32 codes) a thread, one 16-byte load.
 DOT_EXP = tl.constexpr(48)
 
 
 @triton.jit
-def _pow2(E: tl.constexpr):
-    """2^E as an fp32 scalar, exact (-126 <= E <= 127)."""
-    return tl.full((1,), (127 + E) << 23, tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _int4_words(W, rows, k0, K: tl.constexpr, stride_w, GROUP: tl.constexpr, NG: tl.constexpr,
-                GW: tl.constexpr, EVEN_K: tl.constexpr):
-    """The (BLOCK_N, NG, GW) code words of one K chunk, and the same shifted down by 16 bits."""
-    word = k0 // 8 + tl.arange(0, NG)[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
-    ptrs = W + rows.to(tl.int64)[:, None, None] * stride_w + word
-    if EVEN_K:
-        words = tl.load(ptrs)
-    else:
-        words = tl.load(ptrs, mask=word < K // 8, other=0)
-    words = words.to(tl.uint32, bitcast=True)
-    return words, words >> 16
+def _pow2(E):
+    """2^E as fp32, exact (-126 <= E <= 127); E an integer tensor or constant."""
+    bits = tl.zeros((1,), tl.int32) + ((127 + E) << 23)  # a tensor also for a constant E
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -212,49 +168,96 @@ def _int4_lane(low, high, LANE: tl.constexpr):
 
 
 @triton.jit
-def _int4_scaled(S, Z, rows, k0, p, xs, K: tl.constexpr, stride_s, GROUP: tl.constexpr,
-                 NG: tl.constexpr):
-    """Word-slot partial dots p = sum over lanes of x q 2^-DOT_EXP, (BLOCK_N, NG, GW) -> the
-    same for the weights q s + m: s sum(x q) + m sum(x), with xs the slots' sums of x.
-
-    Kept per slot, not reduced: the reduction across threads happens once, after the K loop.
-    """
-    s_off, g_mask = _group_offsets(rows, k0, K, stride_s, GROUP, NG)
-    s = tl.load(S + s_off, mask=g_mask, other=0.0).to(tl.float32) * _pow2(DOT_EXP)
-    m = tl.load(Z + s_off, mask=g_mask, other=0.0).to(tl.float32)
-    return p * s[:, :, None] + m[:, :, None] * xs[None, :, :]
+def _int4_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x' of one chunk as eight (NSUB, 4) tiles, xi[s, t] the x' that lane i of word t of
+    sub-block s meets, scaled for lane i's denormal; then the sub-blocks' sums of x' (NSUB,)
+    for the offsets; and the chunk's squares of x."""
+    NSUB: tl.constexpr = BLOCK_K // 32
+    GW: tl.constexpr = GROUP // 8  # words a group; a sub-block is 4 of them
+    sub = tl.arange(0, NSUB)[:, None, None]
+    lane = tl.arange(0, 8)[None, None, :]
+    # word c of a group holds weights c + i GW (quant.py): (NSUB, 4 words, 8 lanes)
+    cols = (k0 + (sub // (GW // 4)) * GROUP + (sub % (GW // 4)) * 4
+            + tl.arange(0, 4)[None, :, None] + lane * GW)
+    if EVEN_K:
+        x = tl.load(X + cols).to(tl.float32)
+    else:
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+    sq = x * x
+    if NORM:
+        if EVEN_K:
+            x = x * tl.load(NW + cols).to(tl.float32)
+        else:
+            x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+    x_sum = tl.sum(tl.sum(x, axis=2), axis=1)
+    x = x * _pow2(149 - DOT_EXP - 4 * (lane % 4))
+    # lane i = 4 a + 2 b + c: split off c, then b, then a
+    x_c0, x_c1 = tl.split(tl.reshape(x, (NSUB, 4, 2, 2, 2)))
+    x_00, x_01 = tl.split(x_c0)
+    x_10, x_11 = tl.split(x_c1)
+    x0, x4 = tl.split(x_00)
+    x2, x6 = tl.split(x_01)
+    x1, x5 = tl.split(x_10)
+    x3, x7 = tl.split(x_11)
+    return (x0, x1, x2, x3, x4, x5, x6, x7, x_sum), tl.reshape(sq, (BLOCK_K,), can_reorder=True)
 
 
 @triton.jit
-def int4_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr,
-             stride_w, stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, GROUP: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-             STAGES: tl.constexpr):
-    """W: int4 code words (N, K / 8, int32, lanes: quant.py), S scales and Z offsets
-    (N, K / GROUP); w = q s + m."""
-    NG: tl.constexpr = BLOCK_K // GROUP
-    GW: tl.constexpr = GROUP // 8  # words a group
-    acc_a = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
-    ss = tl.zeros((NG, GW), dtype=tl.float32)
-    for c in tl.range(0, CHUNKS, num_stages=STAGES):
+def _int4_rows(words, s, m, xs):
+    """(BLOCK_N, NSUB) sub-block dots s sum q x' + m sum x' of one chunk."""
+    high = words >> 16
+    p = _int4_lane(words, high, 0) * xs[0][None]
+    for i in tl.static_range(1, 8):
+        p += _int4_lane(words, high, i) * xs[i][None]
+    scale = s.to(tl.float32) * _pow2(DOT_EXP)
+    return tl.sum(p, axis=2) * scale + m.to(tl.float32) * xs[8][None]
+
+
+# -- both ---------------------------------------------------------------------------------------
+@triton.jit
+def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr,
+              stride_w, stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, INT4: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+    """W: code words (N, K / 4 or K / 8, int32: int8 or int4 codes, quant.py), S scales and,
+    int4 only, Z offsets (N, K / GROUP); w = q s (+ m).
+
+    STAGES 1: each chunk is loaded at the end of the iteration before. STAGES 2: one chunk
+    further ahead, in registers, so a program keeps two chunks in flight; it was the fastest
+    int8 config on 8 of the 11 study shapes in a graph of 28 on an H100
+    (`benchmarks/kernels_in_graph.py tune-int8`). STAGES >= 3: Triton's pipeline through shared
+    memory (the words need no unpacking there). The load past the last chunk is masked off:
+    reloading the last chunk instead, from cache, made int8 gate/up 2-3 % slower.
+    """
+    NSUB: tl.constexpr = BLOCK_K // (32 if INT4 else SUB)
+    PREFETCH: tl.constexpr = STAGES == 2
+    acc_a = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, NSUB), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    wa, sa, ma, wb, sb, mb = _chunks(W, S, Z, rows_a, rows_b, lo, True, K, stride_w, stride_s,
+                                     INT4, GROUP, PAIR, BLOCK_K, EVEN_K)
+    for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
         k0 = lo + c * BLOCK_K
-        lo_a, hi_a = _int4_words(W, rows_a, k0, K, stride_w, GROUP, NG, GW, EVEN_K)
-        if PAIR:
-            lo_b, hi_b = _int4_words(W, rows_b, k0, K, stride_w, GROUP, NG, GW, EVEN_K)
-        pa = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
-        pb = tl.zeros((BLOCK_N, NG, GW), dtype=tl.float32)
-        xs = tl.zeros((NG, GW), dtype=tl.float32)
-        for i in tl.static_range(8):  # lane i meets x[k0 + G g + i GW + (0..GW)]
-            x, sq = _x_groups(X, NW, k0, K, NORM, NG, GW, GROUP, i * GW, EVEN_K)
-            ss += sq
-            xs += x
-            x = x * _pow2(149 - DOT_EXP - 4 * (i % 4))
-            pa += _int4_lane(lo_a, hi_a, i) * x[None, :, :]
+        more = c + 1 < CHUNKS
+        if PREFETCH:
+            nxt = _chunks(W, S, Z, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w, stride_s,
+                          INT4, GROUP, PAIR, BLOCK_K, EVEN_K)
+        if INT4:
+            xs, sq = _int4_x(X, NW, k0, K, NORM, GROUP, BLOCK_K, EVEN_K)
+            acc_a += _int4_rows(wa, sa, ma, xs)
             if PAIR:
-                pb += _int4_lane(lo_b, hi_b, i) * x[None, :, :]
-        acc_a += _int4_scaled(S, Z, rows_a, k0, pa, xs, K, stride_s, GROUP, NG)
-        if PAIR:
-            acc_b += _int4_scaled(S, Z, rows_b, k0, pb, xs, K, stride_s, GROUP, NG)
-    return (tl.sum(tl.sum(acc_a, axis=2), axis=1), tl.sum(tl.sum(acc_b, axis=2), axis=1),
-            tl.sum(tl.sum(ss, axis=1), axis=0))
+                acc_b += _int4_rows(wb, sb, mb, xs)
+        else:
+            xs, sq = _int8_x(X, NW, k0, K, NORM, BLOCK_K, EVEN_K)
+            acc_a += _int8_rows(wa, sa, ma, xs)
+            if PAIR:
+                acc_b += _int8_rows(wb, sb, mb, xs)
+        ss += sq
+        if PREFETCH:
+            wa, sa, ma, wb, sb, mb = nxt
+        else:
+            wa, sa, ma, wb, sb, mb = _chunks(W, S, Z, rows_a, rows_b, k0 + BLOCK_K, more, K,
+                                             stride_w, stride_s, INT4, GROUP, PAIR, BLOCK_K,
+                                             EVEN_K)
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)

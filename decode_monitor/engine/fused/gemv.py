@@ -20,7 +20,7 @@ import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.configs import gemv_config
-from decode_monitor.engine.fused.dequant import int4_dot, int8_dot
+from decode_monitor.engine.fused.dequant import quant_dot
 from decode_monitor.engine.fused.quant import QuantWeight
 
 
@@ -33,9 +33,9 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
 
     Sums over this program's share of K: all of it unless SPLIT > 1.
 
-    FMT 0: W dense (N, K); 1: int8 codes (N, K) with scales S; 2: int4 code words (N, K / 8,
-    int32) with scales S and offsets Z (dequant.py). Both row sets share one pass over x (gate/up,
-    RoPE's row pairs).
+    FMT 0: W dense (N, K); 1: int8 codes, four a 32-bit word (N, K / 4), with scales S; 2: int4
+    codes, eight a word (N, K / 8), with scales S and offsets Z (dequant.py). Both row sets
+    share one pass over x (gate/up, RoPE's row pairs).
     """
     # This program's share of K: CHUNKS chunks of BLOCK_K from lo, share program_id(1) of
     # SPLIT. A count fixed at compile time (the interpreter cannot range over program ids); the
@@ -71,14 +71,10 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
             if PAIR:
                 acc_b += wb.to(tl.float32) * x[None, :]
         dot_a, dot_b, sum_sq = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
-    elif FMT == 1:
-        dot_a, dot_b, sum_sq = int8_dot(W, S, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
-                                        stride_s, NORM, PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
-                                        STAGES)
     else:
-        dot_a, dot_b, sum_sq = int4_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
-                                        stride_s, NORM, PAIR, GROUP, BLOCK_N, BLOCK_K, EVEN_K,
-                                        STAGES)
+        dot_a, dot_b, sum_sq = quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
+                                         stride_s, NORM, PAIR, FMT == 2, GROUP, BLOCK_N, BLOCK_K,
+                                         EVEN_K, STAGES)
     return dot_a, dot_b, sum_sq  # one exit: Triton traces on past a return inside an if
 
 
@@ -221,7 +217,7 @@ def _weight_args(w):
     """(W, S, Z, stride_w, stride_s, fmt name, FMT, GROUP) of a dense tensor or a QuantWeight."""
     if isinstance(w, QuantWeight):
         offset = w.offset if w.offset is not None else w.scale
-        codes = w.q.view(torch.int32) if w.fmt == 'int4' else w.q  # int4: whole 32-bit words
+        codes = w.q.view(torch.int32)  # the kernels read whole 32-bit words of codes
         return (codes, w.scale, offset, codes.stride(0), w.scale.stride(0), w.fmt,
                 _FMT_CODES[w.fmt], w.group)
     return w, w, w, w.stride(0), 0, 'bf16', 0, 1
