@@ -20,22 +20,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _x_groups(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, NG: tl.constexpr,
-              GW: tl.constexpr, STRIDE: tl.constexpr, OFF: tl.constexpr, EVEN_K: tl.constexpr):
-    """x'[k0 + STRIDE * g + OFF + j] as an (NG, GW) tile (g < NG, j < GW), and the squares
+def _x_at(X, NW, cols, K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x' = x (* g if NORM) in fp32 at the columns `cols` (a tile of any shape), and the squares
     of x (before the norm)."""
-    cols = k0 + tl.arange(0, NG)[:, None] * STRIDE + OFF + tl.arange(0, GW)[None, :]
     if EVEN_K:
         x = tl.load(X + cols).to(tl.float32)
     else:
         x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-    ss = x * x
+    sq = x * x
     if NORM:
         if EVEN_K:
             x = x * tl.load(NW + cols).to(tl.float32)
         else:
             x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
-    return x, ss
+    return x, sq
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -123,12 +121,12 @@ def _int8_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexp
             EVEN_K: tl.constexpr):
     """x' of one chunk as four (NSUB, 4) tiles, xj[i, w] = x'[k0 + 16 i + 4 w + j]: the x that
     byte j of word w of sub-block i meets; and the chunk's squares of x."""
-    x, sq = _x_groups(X, NW, k0, K, NORM, 1, BLOCK_K, 0, 0, EVEN_K)
+    x, sq = _x_at(X, NW, k0 + tl.arange(0, BLOCK_K), K, NORM, EVEN_K)
     # j = 2 a + b: split off b (j even / odd), then a
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // SUB, 4, 2, 2)))
     x0, x2 = tl.split(x_even)
     x1, x3 = tl.split(x_odd)
-    return (x0, x1, x2, x3), tl.reshape(sq, (BLOCK_K,))
+    return (x0, x1, x2, x3), sq
 
 
 @triton.jit
@@ -180,16 +178,7 @@ def _int4_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, GROUP: tl.constexpr,
     # word c of a group holds weights c + i GW (quant.py): (NSUB, 4 words, 8 lanes)
     cols = (k0 + (sub // (GW // 4)) * GROUP + (sub % (GW // 4)) * 4
             + tl.arange(0, 4)[None, :, None] + lane * GW)
-    if EVEN_K:
-        x = tl.load(X + cols).to(tl.float32)
-    else:
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-    sq = x * x
-    if NORM:
-        if EVEN_K:
-            x = x * tl.load(NW + cols).to(tl.float32)
-        else:
-            x = x * tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+    x, sq = _x_at(X, NW, cols, K, NORM, EVEN_K)
     x_sum = tl.sum(tl.sum(x, axis=2), axis=1)
     x = x * _pow2(149 - DOT_EXP - 4 * (lane % 4))
     # lane i = 4 a + 2 b + c: split off c, then b, then a
