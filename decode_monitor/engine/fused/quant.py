@@ -13,7 +13,9 @@ registers, right after the load, so the bytes saved are bytes never read.
   meet a contiguous slice of x.
 
 Scales and offsets are stored in the model's dtype and rounded *before* q is chosen, so q is the
-best code for the scale the kernel will actually use. Groups run along K inside one row, so any
+best code for the scale the kernel will actually use. (A checkpoint that arrives quantised keeps
+its own scales and codes: engine/checkpoints.py; the kernels read scales and offsets of any
+float dtype.) Groups run along K inside one row, so any
 row slice (the q/k/v and gate/up parts of a packed matrix) quantises and dequantises alone.
 """
 from dataclasses import dataclass
@@ -94,9 +96,25 @@ def quantize(w, fmt, group=None):
         q = torch.round(wg / s).clamp_(-127, 127).to(torch.int8).view(n, k)
         return QuantWeight('int8', q.contiguous(), scale.contiguous(), None, group)
     scale, offset, codes = _int4_best_range(wg, dtype)
-    lanes = _to_lanes(codes.view(n, k), group).view(n, k // 2, 2)
-    q = lanes[..., 0] | (lanes[..., 1] << 4)  # lane 2j in the low nibble of byte j
-    return QuantWeight('int4', q.contiguous(), scale.contiguous(), offset.contiguous(), group)
+    return QuantWeight('int4', pack_int4(codes.view(n, k), group), scale.contiguous(),
+                       offset.contiguous(), group)
+
+
+def pack_int4(codes, group):
+    """(N, K) int4 codes in weight order (uint8, 0-15) -> the stored (N, K / 2) uint8 pairs."""
+    n, k = codes.shape
+    lanes = _to_lanes(codes, group).view(n, k // 2, 2)
+    return (lanes[..., 0] | (lanes[..., 1] << 4)).contiguous()  # lane 2j: low nibble of byte j
+
+
+def cat_rows(weights):
+    """The rows of several QuantWeights of one format and group size, as one (q/k/v, gate/up)."""
+    first = weights[0]
+    if any(w.fmt != first.fmt or w.group != first.group for w in weights):
+        raise ValueError('cat_rows: the matrices differ in format or group size')
+    offset = None if first.offset is None else torch.cat([w.offset for w in weights])
+    return QuantWeight(first.fmt, torch.cat([w.q for w in weights]),
+                       torch.cat([w.scale for w in weights]), offset, first.group)
 
 
 # Fractions of each group's [min, max] range tried for int4. With 16 levels, giving up the
