@@ -10,6 +10,10 @@ replayed: us per call = median replay time / 28. Prints a table, writes JSON.
     python benchmarks/kernels_in_graph.py attention gemv --out results/
     python benchmarks/kernels_in_graph.py tune-int8 --out results/   # every int8 shape
 
+`sizes` times qwen2.5-7b's gate/up at its own rows and at twice as many, in every format, and
+`fit --inputs A.json ...` fits t = t0 + bytes / rate over the shapes of tune runs (no GPU): both
+split a call's time into a fixed cost per call and a streaming rate.
+
 `tune-int8` (`tune-int4`) times each int8 (int4) candidate on every matrix shape of the study
 models, with bf16's built-in config alongside, and writes the fastest config per shape as rows
 for `configs.BUILTIN` (`int8_rows.json`, `int4_rows.json`; DECODE_MONITOR_FUSED_CONFIGS can
@@ -176,6 +180,42 @@ def tune(fmt, out_dir, candidates):
     return rows
 
 
+def size_rows():
+    """qwen2.5-7b's gate/up (+ RMSNorm, SiLU) with N and 2N rows, each format at N's config:
+    the time per call against the bytes, at equal bytes across formats (bf16 at N, int8 at 2N
+    read about as many bytes)."""
+    C.use_builtin(torch.cuda.get_device_name())
+    rows = []
+    for fmt in ('bf16', 'int8', 'int4'):
+        config = C.gemv_config('gated', 18944, 3584, fmt=fmt)
+        for n in (18944, 2 * 18944):
+            rows += gemv_rows(fmt, 'gated', n, 3584, [config])
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fit_rows(paths):
+    """Least-squares t = t0 + bytes / rate over the fastest config of each shape, per format."""
+    best = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)['rows']:
+                key = (r.get('fmt'), r['kind'], r.get('N'), r.get('K'))
+                if r['kind'] != 'attention' and (key not in best or r['us'] < best[key]['us']):
+                    best[key] = r
+    for fmt in ('bf16', 'int8', 'int4'):
+        rows = [r for (f, *_), r in best.items() if f == fmt]
+        if len(rows) < 3:
+            continue
+        us = torch.tensor([r['us'] for r in rows], dtype=torch.float64)
+        mb = torch.tensor([r['tb_s'] * r['us'] for r in rows], dtype=torch.float64)  # MB
+        a = torch.stack([torch.ones_like(mb), mb], dim=1)
+        t0, per_mb = torch.linalg.lstsq(a, us[:, None]).solution.flatten().tolist()
+        worst = (a @ torch.tensor([t0, per_mb], dtype=torch.float64) - us).abs().max().item()
+        print(f'{fmt}: {len(rows)} shapes, fixed {t0:.2f} us a call, {1 / per_mb:.2f} TB/s '
+              f'streaming, largest residual {worst:.2f} us')
+
+
 def best_rows(paths, out_dir):
     """The fastest quantised config per (format, kind, N, K) over kernels_in_graph.json files;
     writes `<fmt>_rows.json` per format."""
@@ -202,16 +242,18 @@ def best_rows(paths, out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'tune-int8', 'tune-int4', 'best'])
+                    choices=['attention', 'gemv', 'sizes', 'tune-int8', 'tune-int4', 'best',
+                             'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--candidates', nargs='+', metavar='BN,BK,WARPS,STAGES',
                     help='tune-*: these configs instead of the built-in candidates (a 5th '
                     'value: split-K)')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
-                    help='best: kernels_in_graph.json files')
+                    help='best, fit: kernels_in_graph.json files')
     args = ap.parse_args()
-    if args.what == ['best']:
-        return best_rows(args.inputs or ap.error('best needs --inputs'), args.out)
+    if args.what in (['best'], ['fit']):
+        inputs = args.inputs or ap.error(f'{args.what[0]} needs --inputs')
+        return best_rows(inputs, args.out) if args.what == ['best'] else fit_rows(inputs)
     rows = []
     if 'attention' in args.what:
         for (hq, hkv, ctx), configs in ATTENTION.items():
@@ -221,6 +263,8 @@ def main():
         for (fmt, kind, n, k), configs in GEMV.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
             torch.cuda.empty_cache()
+    if 'sizes' in args.what:
+        rows += size_rows()
     cands = [tuple(int(v) for v in c.split(',')) for c in args.candidates or []]
     for fmt in ('int8', 'int4'):
         if f'tune-{fmt}' in args.what:

@@ -18,6 +18,8 @@ import os
 import triton
 import triton.language as tl
 
+from decode_monitor.engine.fused import pdl
+
 
 @triton.jit
 def _x_at(X, NW, cols, K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
@@ -208,7 +210,7 @@ def _int4_rows(words, s, m, xs):
 def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr,
               stride_w, stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, INT4: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+              EVEN_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """W: code words (N, K / 4 or K / 8, int32: int8 or int4 codes, quant.py), S scales and,
     int4 only, Z offsets (N, K / GROUP); w = q s (+ m).
 
@@ -218,6 +220,11 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
     (`benchmarks/kernels_in_graph.py tune-int8`). STAGES >= 3: Triton's pipeline through shared
     memory (the words need no unpacking there). The load past the last chunk is masked off:
     reloading the last chunk instead, from cache, made int8 gate/up 2-3 % slower.
+
+    The first chunk's codes and scales are requested before waiting for the previous kernel
+    (PDL): they are constant, and their latency then overlaps that kernel's drain (x, the
+    previous kernel's output, is read only after the wait). int4 steps 1.2-1.7 % faster on an
+    H100, int8 0-1.2 % (benchmarks/NOTES.md, row 27).
     """
     NSUB: tl.constexpr = BLOCK_K // (32 if INT4 else SUB)
     PREFETCH: tl.constexpr = STAGES == 2
@@ -226,6 +233,7 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     wa, sa, ma, wb, sb, mb = _chunks(W, S, Z, rows_a, rows_b, lo, True, K, stride_w, stride_s,
                                      INT4, GROUP, PAIR, BLOCK_K, EVEN_K)
+    pdl.wait_for_previous_kernel(PDL)
     for c in tl.range(0, CHUNKS, num_stages=1 if STAGES < 3 else STAGES):
         k0 = lo + c * BLOCK_K
         more = c + 1 < CHUNKS

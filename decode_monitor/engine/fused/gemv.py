@@ -28,7 +28,7 @@ from decode_monitor.engine.fused.quant import QuantWeight
 def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
          NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-         STAGES: tl.constexpr, SPLIT: tl.constexpr):
+         STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """(W x')[rows_a], (W x')[rows_b] (zeros unless PAIR), and sum_k x[k]^2; x' = g * x if NORM.
 
     Sums over this program's share of K: all of it unless SPLIT > 1.
@@ -36,6 +36,9 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
     FMT 0: W dense (N, K); 1: int8 codes, four a 32-bit word (N, K / 4), with scales S; 2: int4
     codes, eight a word (N, K / 8), with scales S and offsets Z (dequant.py). Both row sets
     share one pass over x (gate/up, RoPE's row pairs).
+
+    Waits for the previous kernel (PDL) before reading x; the quantised loop requests its first
+    chunk of weights before that wait (dequant.quant_dot).
     """
     # This program's share of K: CHUNKS chunks of BLOCK_K from lo, share program_id(1) of
     # SPLIT. A count fixed at compile time (the interpreter cannot range over program ids); the
@@ -43,6 +46,7 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
     CHUNKS: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT
     lo = tl.program_id(1) * (CHUNKS * BLOCK_K) if SPLIT > 1 else 0
     if FMT == 0:
+        pdl.wait_for_previous_kernel(PDL)
         acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -74,7 +78,7 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
     else:
         dot_a, dot_b, sum_sq = quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
                                          stride_s, NORM, PAIR, FMT == 2, GROUP, BLOCK_N, BLOCK_K,
-                                         EVEN_K, STAGES)
+                                         EVEN_K, STAGES, PDL)
     return dot_a, dot_b, sum_sq  # one exit: Triton traces on past a return inside an if
 
 
@@ -122,15 +126,14 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     Y may alias R (residual add in place): each program reads and writes only its own rows.
     ACC, SSQ, CNT: split-K scratch (`_combine_splits`), zeroed; unused when SPLIT == 1.
     """
-    pdl.wait_for_previous_kernel(PDL)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # no memory is touched before _dot waits for the previous kernel
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.minimum(rows, N - 1)  # clamped tail rows load valid memory; their store is masked
     store = row_mask
     if GATED:
         g, u, ss = _dot(W, S, Z, X, NW, rows, rows + N, K, stride_w, stride_s,
-                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
         pdl.allow_next_kernel(PDL)  # the weights are streamed (pdl.py: why not earlier)
         if SPLIT > 1:
             g, u, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows + N, row_mask, g, u, ss,
@@ -143,7 +146,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
         y = g * tl.sigmoid(g) * u
     else:
         y, _, ss = _dot(W, S, Z, X, NW, rows, rows, K, stride_w, stride_s,
-                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
         pdl.allow_next_kernel(PDL)
         if SPLIT > 1:
             y, _, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows, row_mask, y, y, ss,
@@ -169,8 +172,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     rotation land in the same program. V heads pass through unrotated.
     Q: (q_heads * 2 HALF,); KC, VC: (kv_heads, max_context, 2 HALF) of this layer.
     """
-    pdl.wait_for_previous_kernel(PDL)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # no memory is touched before _dot waits for the previous kernel
     p = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # pair index over all heads
     p_mask = p < n_pairs
     p = tl.minimum(p, n_pairs - 1)
@@ -179,7 +181,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     rows_a = head * (2 * HALF) + j
     rows_b = rows_a + HALF
     a, b, ss = _dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
-                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT)
+                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
     pdl.allow_next_kernel(PDL)
     if SPLIT > 1:
         a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,

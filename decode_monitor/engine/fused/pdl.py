@@ -12,8 +12,10 @@ When the next kernel may start launching matters. The GEMVs allow it only once t
 have streamed their weights (`allow_next_kernel` after the K loop): allowed at the top, the next
 kernel's waiting CTAs took SM slots from the GEMV's own later programs, and the int8 step got
 slower (3.16 -> 3.30 ms on an H100, qwen2.5-7b, 2048); allowed after the loop, both formats got
-faster (bf16 5.14 -> 5.06 ms, int8 3.16 -> 3.11; benchmarks/NOTES.md, row 22). On by default
-where the GPU has it; DECODE_MONITOR_PDL=0 turns it off.
+faster (bf16 5.14 -> 5.06 ms, int8 3.16 -> 3.11; benchmarks/NOTES.md, row 22). What a kernel
+may do before its wait is read constant inputs: the quantised GEMVs request their first chunk of
+weights there (dequant.quant_dot; row 27). On by default where the GPU has it;
+DECODE_MONITOR_PDL=0 turns it off.
 """
 import functools
 import os
