@@ -2,8 +2,9 @@
 
 A decode step is a chain of matrix-vector products, each streaming a weight matrix once, so the
 whole step is as fast as these kernels stream HBM. Each program owns BLOCK_N output rows and
-walks the full K, or with SPLIT > 1 a 1/SPLIT share of it: SPLIT programs then add their partial
-sums into fp32 scratch and the last of them to finish runs the epilogue (`_combine_splits`).
+walks the full K, or with SPLIT > 1 a 1/SPLIT share of it: SPLIT programs then store their partial
+sums in fp32 scratch and the last of them to finish adds them in a fixed order and runs the
+epilogue (`_combine_splits`).
 Splitting K puts more programs in flight where a matrix has too few row blocks to fill every SM
 (the small matrices, and quantised ones, whose row blocks are larger). What runs around a GEMV
 rides along in its loop or epilogue instead of costing a launch and a round trip:
@@ -83,34 +84,41 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
 
 
 @triton.jit
-def _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, mask, dot_a, dot_b, sum_sq,
+def _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, mask, dot_a, dot_b, sum_sq, acc_rows,
                     PAIR: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr):
-    """Split-K: add this program's partial sums into the fp32 scratch; the last of the SPLIT
-    programs of this row block to arrive (a ticket) gets the totals and returns last = True.
+    """Split-K: store this program's partial sums in its own fp32 slots; the last of the SPLIT
+    programs of this row block to arrive (a ticket) adds all SPLIT partials in split order and
+    returns last = True. The others get their own partials and must not store.
 
-    The last one also zeroes what it read and resets the ticket, so the scratch is clean for the
-    next launch (graph replays included). The others get partial values and must not store.
-    ACC: one slot per row of W; SSQ, CNT: one per row block (program_id(0)).
+    A fixed order, not atomic adds, so a step repeats bit for bit. Every slot is written before
+    it is read in the same launch, so the scratch needs no zeroing; the last program resets the
+    ticket for the next launch (graph replays included).
+    ACC: SPLIT slots of acc_rows (the rows of W); SSQ: SPLIT per row block; CNT: one ticket per
+    row block (program_id(0)).
     """
     block = tl.program_id(0)
-    tl.atomic_add(ACC + rows_a, dot_a, mask=mask, sem='relaxed')
+    share = tl.program_id(1)
+    tl.store(ACC + share * acc_rows + rows_a, dot_a, mask=mask)
     if PAIR:
-        tl.atomic_add(ACC + rows_b, dot_b, mask=mask, sem='relaxed')
+        tl.store(ACC + share * acc_rows + rows_b, dot_b, mask=mask)
     if NORM:
-        tl.atomic_add(SSQ + block, sum_sq, sem='relaxed')
-    tl.debug_barrier()  # every thread's partial is added before the ticket is taken
+        tl.store(SSQ + share * tl.num_programs(0) + block, sum_sq)
+    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
     last = tl.atomic_add(CNT + block, 1, sem='acq_rel') == SPLIT - 1
-    dot_a = tl.load(ACC + rows_a, mask=mask, other=0.0, cache_modifier='.cg')
-    tl.store(ACC + rows_a, tl.zeros_like(dot_a), mask=mask & last)
-    if PAIR:
-        dot_b = tl.load(ACC + rows_b, mask=mask, other=0.0, cache_modifier='.cg')
-        tl.store(ACC + rows_b, tl.zeros_like(dot_b), mask=mask & last)
-    if NORM:
-        sum_sq = tl.load(SSQ + block, cache_modifier='.cg')
-    tl.debug_barrier()  # every thread has read the totals before the ticket's reset below
     if last:
+        dot_a = tl.load(ACC + rows_a, mask=mask, other=0.0, cache_modifier='.cg')
+        if PAIR:
+            dot_b = tl.load(ACC + rows_b, mask=mask, other=0.0, cache_modifier='.cg')
         if NORM:
-            tl.store(SSQ + block, 0.0)
+            sum_sq = tl.load(SSQ + block, cache_modifier='.cg')
+        for i in tl.static_range(1, SPLIT):
+            dot_a += tl.load(ACC + i * acc_rows + rows_a, mask=mask, other=0.0,
+                             cache_modifier='.cg')
+            if PAIR:
+                dot_b += tl.load(ACC + i * acc_rows + rows_b, mask=mask, other=0.0,
+                                 cache_modifier='.cg')
+            if NORM:
+                sum_sq += tl.load(SSQ + i * tl.num_programs(0) + block, cache_modifier='.cg')
         tl.atomic_xchg(CNT + block, 0)
     return dot_a, dot_b, sum_sq, last
 
@@ -124,7 +132,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
 
     Y may alias R (residual add in place): each program reads and writes only its own rows.
-    ACC, SSQ, CNT: split-K scratch (`_combine_splits`), zeroed; unused when SPLIT == 1.
+    ACC, SSQ, CNT: split-K scratch (`_combine_splits`), tickets zeroed; unused when SPLIT == 1.
     """
     pid = tl.program_id(0)  # no memory is touched before _dot waits for the previous kernel
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +145,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
         pdl.allow_next_kernel(PDL)  # the weights are streamed (pdl.py: why not earlier)
         if SPLIT > 1:
             g, u, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows + N, row_mask, g, u, ss,
-                                             True, NORM, SPLIT)
+                                             2 * N, True, NORM, SPLIT)
             store = row_mask & last
         if NORM:
             rstd = tl.rsqrt(ss / K + eps)
@@ -150,7 +158,7 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
         pdl.allow_next_kernel(PDL)
         if SPLIT > 1:
             y, _, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows, row_mask, y, y, ss,
-                                             False, NORM, SPLIT)
+                                             N, False, NORM, SPLIT)
             store = row_mask & last
         if NORM:
             y = y * tl.rsqrt(ss / K + eps)
@@ -185,7 +193,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     pdl.allow_next_kernel(PDL)
     if SPLIT > 1:
         a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,
-                                         True, True, SPLIT)
+                                         2 * n_pairs, True, True, SPLIT)
         p_mask = p_mask & last
     rstd = tl.rsqrt(ss / K + eps)
     a = a * rstd
@@ -244,20 +252,23 @@ _SCRATCH = {}  # device -> (acc, ssq, cnt) of split-K; grown, never shrunk
 _OUTGROWN = []  # earlier, smaller scratch: a captured graph may still point at it
 
 
-def _split_scratch(device, rows, blocks):
-    """Zeroed fp32 slots for `rows` rows of W and `blocks` row blocks (plus their tickets).
+def _split_scratch(device, rows, blocks, split):
+    """fp32 slots for `split` partial sums of `rows` rows of W and of `blocks` row blocks, and
+    the blocks' tickets (zeroed).
 
-    Shared by every split GEMV on the device: each launch leaves it zeroed again, and the
-    kernels of one decode step run one after another on one stream.
+    Shared by every split GEMV on the device: each launch writes every slot it reads and resets
+    its tickets, and the kernels of one decode step run one after another on one stream.
     """
     acc, ssq, cnt = _SCRATCH.get(device, (None, None, None))
-    if acc is None or acc.numel() < rows or cnt.numel() < blocks:
+    if acc is None or acc.numel() < split * rows or ssq.numel() < split * blocks \
+            or cnt.numel() < blocks:
         if acc is not None:
             _OUTGROWN.append((acc, ssq, cnt))
-        rows = max(rows, 0 if acc is None else acc.numel())
+        slots = max(split * rows, 0 if acc is None else acc.numel())
+        block_slots = max(split * blocks, 0 if ssq is None else ssq.numel())
         blocks = max(blocks, 0 if cnt is None else cnt.numel())
-        acc = torch.zeros(rows, dtype=torch.float32, device=device)
-        ssq = torch.zeros(blocks, dtype=torch.float32, device=device)
+        acc = torch.zeros(slots, dtype=torch.float32, device=device)
+        ssq = torch.zeros(block_slots, dtype=torch.float32, device=device)
         cnt = torch.zeros(blocks, dtype=torch.int32, device=device)
         _SCRATCH[device] = (acc, ssq, cnt)
     return acc, ssq, cnt
@@ -278,8 +289,8 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     norm = norm_weight is not None
     res = residual is not None
     grid = (triton.cdiv(n, block_n), split)
-    acc, ssq, cnt = _split_scratch(x.device, (2 if gated else 1) * n, grid[0]) if split > 1 \
-        else (out, out, out)
+    acc, ssq, cnt = _split_scratch(x.device, (2 if gated else 1) * n, grid[0], split) \
+        if split > 1 else (out, out, out)
     gemv_kernel[grid](W, S, Z, x, norm_weight if norm else x, residual if res else out, out,
                       acc, ssq, cnt, n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res,
                       GATED=gated, FMT=fmt_code, GROUP=group, BLOCK_N=block_n,
@@ -303,7 +314,8 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     block_n, block_k, warps, stages, split = _split_config(
         config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu, fmt), kdim, group)
     grid = (triton.cdiv(n_pairs, block_n), split)
-    acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0]) if split > 1 else (q, q, q)
+    acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0], split) if split > 1 \
+        else (q, q, q)
     qkv_rope_kernel[grid](W, S, Z, bias if bias is not None else W, x, norm_weight, cos, sin,
                           pos, q, k_cache, v_cache, acc, ssq, cnt, kdim, stride_w, stride_s,
                           eps, n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
