@@ -196,6 +196,56 @@ def test_loading_an_unsupported_checkpoint_is_a_clear_error(checkpoint, tmp_path
         load_model(str(tmp_path))
 
 
+def _without(source, directory, dropped):
+    """A copy of the checkpoint in `source`, less the tensors named in `dropped`."""
+    from safetensors.torch import load_file, save_file
+    for f in source.iterdir():
+        if f.suffix != '.safetensors':
+            (directory / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(source / 'model.safetensors'))
+    assert set(dropped) <= set(tensors)
+    save_file({k: v for k, v in tensors.items() if k not in dropped},
+              str(directory / 'model.safetensors'), metadata={'format': 'pt'})
+    return directory
+
+
+@pytest.mark.parametrize('dropped', [
+    ['model.norm.weight'],  # dense in a packed checkpoint: nothing would replace it
+    [f'model.layers.3.mlp.up_proj.weight_{part}' for part in ('packed', 'scale', 'shape')]])
+def test_a_weight_the_checkpoint_lacks_is_refused(checkpoint, tmp_path, dropped):
+    """transformers fills a missing weight with random values (and, for a packed checkpoint, is
+    told not to draw them): loading must refuse it and name it, not serve noise."""
+    name, directory, _, _, _ = checkpoint
+    if name != 'int4-asym':
+        pytest.skip('once is enough')
+    lost = dropped[0].rsplit('_', 1)[0] if dropped[0].endswith('_packed') else dropped[0]
+    with pytest.raises(ModelLoadError, match=f"lacks 1 weight.*{lost.replace('.', '[.]')}"):
+        load_model(str(_without(directory, tmp_path, dropped)))
+
+
+def test_a_dense_checkpoint_lacking_a_weight_is_refused(smollm2, tmp_path):
+    """The same for a plain checkpoint; the complete one loads and gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+    from safetensors.torch import save_file
+    whole = tmp_path / 'whole'
+    whole.mkdir()
+    model = smollm2.model  # from the GGUF, which save_pretrained refuses: written by hand
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != 'lm_head.weight'}
+    save_file(state, str(whole / 'model.safetensors'), metadata={'format': 'pt'})
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop('quantization_config', None)
+    config.save_pretrained(whole)
+    smollm2.tokenizer.save_pretrained(whole)
+    ours = load_model(str(whole), dtype=torch.float32).model
+    theirs = AutoModelForCausalLM.from_pretrained(whole, local_files_only=True).eval()
+    ids = torch.tensor([[1, 502, 3300, 27, 8]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    broken = _without(whole, tmp_path, ['model.layers.0.self_attn.k_proj.weight'])
+    with pytest.raises(ModelLoadError, match='lacks 1 weight.*layers[.]0[.]self_attn[.]k_proj'):
+        load_model(str(broken))
+
+
 def test_serving_another_format_than_stored_says_so(checkpoint, caplog):
     name, directory, _, _, _ = checkpoint
     if name != 'int4':

