@@ -194,15 +194,21 @@ def size_rows():
     return rows
 
 
-def fit_rows(paths):
-    """Least-squares t = t0 + bytes / rate over the fastest config of each shape, per format."""
+def _fastest(paths, formats):
+    """{(format, kind, N, K): the fastest GEMV row} over kernels_in_graph.json files."""
     best = {}
     for path in paths:
         with open(path) as f:
             for r in json.load(f)['rows']:
                 key = (r.get('fmt'), r['kind'], r.get('N'), r.get('K'))
-                if r['kind'] != 'attention' and (key not in best or r['us'] < best[key]['us']):
+                if r.get('fmt') in formats and (key not in best or r['us'] < best[key]['us']):
                     best[key] = r
+    return best
+
+
+def fit_rows(paths):
+    """Least-squares t = t0 + bytes / rate over the fastest config of each shape, per format."""
+    best = _fastest(paths, ('bf16', 'int8', 'int4'))
     for fmt in ('bf16', 'int8', 'int4'):
         rows = [r for (f, *_), r in best.items() if f == fmt]
         if len(rows) < 3:
@@ -219,14 +225,7 @@ def fit_rows(paths):
 def best_rows(paths, out_dir):
     """The fastest quantised config per (format, kind, N, K) over kernels_in_graph.json files;
     writes `<fmt>_rows.json` per format."""
-    best = {}
-    for path in paths:
-        with open(path) as f:
-            for r in json.load(f)['rows']:
-                key = (r.get('fmt'), r['kind'], r.get('N'), r.get('K'))
-                if r.get('fmt') in ('int8', 'int4') and (key not in best
-                                                         or r['us'] < best[key]['us']):
-                    best[key] = r
+    best = _fastest(paths, ('int8', 'int4'))
     os.makedirs(out_dir, exist_ok=True)
     for fmt in sorted({key[0] for key in best}):
         rows = [[f'{kind}.{fmt}', n, k, *r['config']]

@@ -105,7 +105,6 @@ def _load_pretrained(directory, gguf_file, device, dtype):
         with no_init_weights() if scheme is not None else contextlib.nullcontext():
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, output_loading_info=True, **kwargs)
-        model = model.to(device).eval()
         modules = {}
         if scheme is not None:
             modules = checkpoints.quantised_modules(checkpoints.read_tensors(directory), scheme)
@@ -114,8 +113,9 @@ def _load_pretrained(directory, gguf_file, device, dtype):
             raise ModelLoadError(f'cannot load {where}: the checkpoint lacks {len(unset)} '
                                  f'weight(s) the model needs: {", ".join(unset[:5])}'
                                  f'{" ..." if len(unset) > 5 else ""}')
-        if scheme is not None:
+        if scheme is not None:  # before the move: the placeholders never reach the device
             checkpoints.attach(model, modules, scheme, device)
+        model = model.to(device).eval()
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types; the caller needs one
