@@ -99,9 +99,8 @@ def _load_pretrained(directory, gguf_file, device, dtype):
                 kwargs['config'] = config
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         # A packed checkpoint lacks every dense weight it quantised; transformers would draw
-        # random values for each (torch's normal_ on two CPU cores: ~9 s a billion weights,
-        # about a minute for a 7B model) only for attach() to replace them. A weight that
-        # nothing replaces is refused below, so none goes unset.
+        # random values for each (CPU time that grows with the model) only for attach() to
+        # replace them. A weight that nothing replaces is refused below, so none goes unset.
         with no_init_weights() if scheme is not None else contextlib.nullcontext():
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, output_loading_info=True, **kwargs)
