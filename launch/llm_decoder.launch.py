@@ -31,6 +31,7 @@ def _node(context):
         parameters=[params_file, overrides],
         output='screen',
         emulate_tty=True,
+        additional_env={'TQDM_DISABLE': '1'},  # no carriage-return progress bars in the log
     )]
 
 

@@ -21,7 +21,7 @@ class DecoderSettings:
     model: str = 'smollm2'
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     dtype: str = 'auto'  # auto | float32 | bfloat16 | float16
-    mode: str = 'graph'  # graph | eager
+    mode: str = 'auto'  # auto (graph on CUDA, eager on a CPU) | graph | eager
     backend: str = 'auto'  # auto | hf | fused
     max_context: int = 2048
     weights: str = 'bf16'  # bf16 (as loaded) | int8 | int4 (weight-only, fused backend)
@@ -39,6 +39,11 @@ class DecoderSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f'dtype must be auto or one of {sorted(DTYPES)}, not {self.dtype!r}')
         return DTYPES[self.dtype]
+
+    def resolved_mode(self, device):
+        if self.mode == 'auto':
+            return 'graph' if device.startswith('cuda') else 'eager'
+        return self.mode
 
     def resolved_backend(self, device):
         if self.backend == 'auto':
@@ -60,7 +65,7 @@ def build_decoder(settings):
                     'codes)', loaded.name, loaded.stored_format, settings.weights,
                     'its dequantised weights' if settings.weights == 'bf16'
                     else 'them quantised again', loaded.stored_format)
-    decoder = Decoder(loaded, mode=settings.mode, backend=backend,
+    decoder = Decoder(loaded, mode=settings.resolved_mode(device), backend=backend,
                       max_context=settings.max_context, weights=settings.weights)
     if settings.weights != 'bf16':  # the model is this decoder's alone: keep only what it reads
         decoder.released_bytes = decoder.backend.release_dense(loaded.model)

@@ -10,6 +10,8 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
+from decode_monitor.node.runtime import ros_session
+
 
 class AskClient(Node):
     """Publishes requests and collects the stream and the terminal response for each id."""
@@ -27,9 +29,11 @@ class AskClient(Node):
         return self._request_pub.get_subscription_count() > 0
 
     def send(self, prompt, **options):
+        """Publish one request (options: the request's JSON fields); returns its id."""
         request_id = options.pop('id', None) or uuid.uuid4().hex[:12]
-        self._request_pub.publish(String(data=json.dumps(
-            {'id': request_id, 'prompt': prompt, **options})))
+        body = {'id': request_id, 'prompt': prompt, **options}
+        body = {k: v for k, v in body.items() if v is not None}
+        self._request_pub.publish(String(data=json.dumps(body)))
         return request_id
 
     def _on_stream(self, msg):
@@ -53,25 +57,38 @@ def wait_for(node, condition, timeout_s):
 
 
 def main(args=None):
-    parser = argparse.ArgumentParser(description='Ask the llm_decoder node one question.')
+    parser = argparse.ArgumentParser(
+        description='Ask the llm_decoder node one question and stream the answer. '
+        'Exit code: 0 answered, 1 no node / no answer in time / an error response, 130 Ctrl-C.')
     parser.add_argument('prompt', help='the prompt text')
     parser.add_argument('--namespace', default='/decode')
-    parser.add_argument('--max-new-tokens', type=int, default=128)
-    parser.add_argument('--temperature', type=float, default=0.0)
+    parser.add_argument('--system', help='a system message before the prompt (chat models)')
+    parser.add_argument('--max-new-tokens', type=int, help="default: the node's")
+    parser.add_argument('--temperature', type=float, help='0: greedy (the default)')
+    parser.add_argument('--seed', type=int, help='for sampling at temperature > 0')
+    parser.add_argument('--stop', action='append', metavar='TEXT',
+                        help='stop before this text (repeatable)')
     parser.add_argument('--timeout', type=float, default=300.0, help='seconds to wait')
-    parsed = parser.parse_args(rclpy.utilities.remove_ros_args(args or sys.argv)[1:])
+    argv = sys.argv if args is None else args
+    parsed = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
 
     def show(_, text):
         print(text, end='', flush=True)
+    messages = None
+    if parsed.system:
+        messages = [{'role': 'system', 'content': parsed.system},
+                    {'role': 'user', 'content': parsed.prompt}]
     try:
-        with rclpy.init(args=args):
+        with ros_session(argv):
             client = AskClient(parsed.namespace, on_text=show)
             if not wait_for(client, client.node_ready, 30):
                 print(f'no llm_decoder node subscribes to {parsed.namespace}/request',
                       file=sys.stderr)
                 return 1
-            request_id = client.send(parsed.prompt, max_new_tokens=parsed.max_new_tokens,
-                                     temperature=parsed.temperature)
+            request_id = client.send(None if messages else parsed.prompt, messages=messages,
+                                     max_new_tokens=parsed.max_new_tokens,
+                                     temperature=parsed.temperature, seed=parsed.seed,
+                                     stop=parsed.stop)
             if not wait_for(client, lambda: request_id in client.responses, parsed.timeout):
                 print('\nno response in time', file=sys.stderr)
                 return 1

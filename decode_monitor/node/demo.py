@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 
 from decode_monitor.node.ask import AskClient, wait_for
+from decode_monitor.node.runtime import ros_session
 from decode_monitor.node.watch import format_array
 
 PROMPTS = [
@@ -33,7 +33,7 @@ def main(args=None):
          '-r', '__ns:=/decode', '-p', f'model:={parsed.model}'], env=os.environ)
     arrays = []
     try:
-        with rclpy.init():
+        with ros_session():
             def show(request_id, text):
                 print(text, end='', flush=True)
             client = AskClient('/decode', on_text=show)

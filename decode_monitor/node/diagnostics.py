@@ -4,10 +4,10 @@ Pure message building, so tests construct arrays with no ROS graph.
 """
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-from decode_monitor.telemetry.report import statuses
+from decode_monitor.telemetry.report import PREFIX, statuses
 
 
-def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds):
+def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX):
     """stamp: builtin_interfaces/Time; the rest as telemetry.report.statuses takes them."""
     array = DiagnosticArray()
     array.header.stamp = stamp
@@ -16,5 +16,5 @@ def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds):
                          hardware_id=hardware_id,
                          values=[KeyValue(key=k, value=v) for k, v in values])
         for name, level, message, hardware_id, values in statuses(
-            snapshot, stats, info, gpu, gpu_sample, thresholds)]
+            snapshot, stats, info, gpu, gpu_sample, thresholds, prefix)]
     return array

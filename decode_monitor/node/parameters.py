@@ -1,7 +1,15 @@
-"""The node's parameters: declared with descriptions and ranges, validated once at start-up."""
+"""The node's parameters: declared with descriptions and ranges, validated as a whole.
+
+What the loaded decoder depends on (model, device, backend, weights, max_context, ...) is
+read-only: change it and reload through the lifecycle (cleanup, configure). Thresholds and
+limits (RUNTIME) can be changed with `ros2 param set`; a change is checked against every other
+value before it is taken, and refused with the reason. Doubles accept integers (`50` for
+`50.0`), as a user types them.
+"""
 from dataclasses import dataclass
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import (
+    FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult)
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
 from decode_monitor.engine.decoder import MODES
@@ -11,7 +19,7 @@ from decode_monitor.telemetry.health import Thresholds
 
 
 class ParameterError(ValueError):
-    """A parameter value the node cannot start with."""
+    """A parameter value the node cannot start with (or take at runtime)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class NodeConfig:
     mirror_diagnostics: bool
     window_steps: int
     gpu_index: int
+    autostart: bool
 
 
 def _int(low, high):
@@ -42,8 +51,8 @@ PARAMETERS = {
               'mistral-7b, tiny), a local checkpoint directory or a .gguf file', {}),
     'device': ('auto', 'auto, cpu, cuda or cuda:N', {}),
     'dtype': ('auto', 'auto (bfloat16 on CUDA, float32 on CPU), ' + ', '.join(DTYPES), {}),
-    'mode': ('graph', 'graph (one CUDA graph per step) or eager; graph falls back to eager '
-             'with a WARN when it cannot be captured', {}),
+    'mode': ('auto', 'auto (graph on CUDA, eager on a CPU), graph (one CUDA graph per step; '
+             'falls back to eager with a WARN when it cannot be captured) or eager', {}),
     'backend': ('auto', 'auto, hf (transformers forward) or fused', {}),
     'weights': ('bf16', 'bf16 (as loaded), int8 or int4: weight-only quantisation at load '
                 'time, fused backend only', {}),
@@ -67,14 +76,20 @@ PARAMETERS = {
     'mirror_diagnostics': (False, 'also publish on /diagnostics for diagnostic_aggregator', {}),
     'window_steps': (512, 'decode steps in the latency window', _int(8, 1000000)),
     'gpu_index': (0, 'NVML index of the GPU to report', _int(0, 64)),
+    'autostart': (True, 'configure and activate at start-up (false: wait for a lifecycle '
+                  'manager)', {}),
 }
+RUNTIME = ('latency_budget_ms', 'min_floor_fraction', 'request_timeout_s',
+           'default_max_new_tokens', 'max_new_tokens_cap', 'diagnostics_period')
 
 
 def declare_and_read(node):
     """Declare every parameter and return a validated NodeConfig, or raise ParameterError."""
     values = {}
     for name, (default, description, limits) in PARAMETERS.items():
-        descriptor = ParameterDescriptor(description=description, read_only=True, **limits)
+        descriptor = ParameterDescriptor(
+            description=description, read_only=name not in RUNTIME,
+            dynamic_typing=isinstance(default, float), **limits)
         try:
             values[name] = node.declare_parameter(name, default, descriptor).value
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
@@ -82,12 +97,44 @@ def declare_and_read(node):
     return validate(values)
 
 
+def current_values(node):
+    return {name: node.get_parameter(name).value for name in PARAMETERS}
+
+
+def check_update(node, parameters):
+    """(SetParametersResult, NodeConfig or None): a runtime change checked as a whole."""
+    values = current_values(node)
+    for parameter in parameters:
+        if parameter.name not in RUNTIME:
+            return _refused(f'{parameter.name} is read-only while the node runs: change it '
+                            'in the parameters file and reload (lifecycle cleanup, '
+                            'configure)'), None
+        values[parameter.name] = parameter.value
+    try:
+        config = validate(values)
+    except ParameterError as exc:
+        return _refused(str(exc)), None
+    return SetParametersResult(successful=True), config
+
+
+def _refused(reason):
+    return SetParametersResult(successful=False, reason=reason)
+
+
 def validate(values):
+    values = dict(values)
+    for name, (default, _, limits) in PARAMETERS.items():
+        values[name] = _typed(name, values[name], default)
+        bounds = limits.get('integer_range') or limits.get('floating_point_range')
+        if bounds and not bounds[0].from_value <= values[name] <= bounds[0].to_value:
+            raise ParameterError(f'parameter {name}={values[name]} must be between '
+                                 f'{bounds[0].from_value} and {bounds[0].to_value}')
+
     def choice(name, allowed):
         if values[name] not in allowed:
             raise ParameterError(f'parameter {name}={values[name]!r} must be one of '
                                  f'{", ".join(allowed)}')
-    choice('mode', MODES)
+    choice('mode', ('auto',) + MODES)
     choice('dtype', ('auto',) + tuple(DTYPES))
     choice('backend', ('auto', 'hf', 'fused'))
     choice('weights', ('bf16', 'int8', 'int4'))
@@ -115,4 +162,14 @@ def validate(values):
         diagnostics_period=values['diagnostics_period'],
         bandwidth_override_gbps=values['bandwidth_override_gbps'],
         mirror_diagnostics=values['mirror_diagnostics'], window_steps=values['window_steps'],
-        gpu_index=values['gpu_index'])
+        gpu_index=values['gpu_index'], autostart=values['autostart'])
+
+
+def _typed(name, value, default):
+    """The value in its parameter's type: an integer is a valid double, nothing else mixes."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ParameterError(f'parameter {name}={value!r} must be a '
+                             f'{type(default).__name__.replace("str", "string")}')
+    return value

@@ -7,6 +7,8 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
+from decode_monitor.node.runtime import ros_session
+
 LEVELS = {0: 'OK', 1: 'WARN', 2: 'ERROR', 3: 'STALE'}
 _KEYS = {  # the values worth a glance; the full set is one `ros2 topic echo` away
     'decode': ('state', 'model', 'backend', 'mode', 'step p50 (ms)', 'step p95 (ms)',
@@ -37,11 +39,16 @@ class DiagnosticsWatcher(Node):
 
 
 def main(args=None):
-    parser = argparse.ArgumentParser(description='Live view of the llm_decoder diagnostics.')
+    parser = argparse.ArgumentParser(
+        description='Live view of the llm_decoder diagnostics. Exit code: 0, or 1 when --once '
+        'saw no message within --timeout seconds.')
     parser.add_argument('--topic', default='/decode/diagnostics')
     parser.add_argument('--once', action='store_true', help='print one message and exit')
     parser.add_argument('--full', action='store_true', help='every key, not a summary')
-    parsed = parser.parse_args(rclpy.utilities.remove_ros_args(args or sys.argv)[1:])
+    parser.add_argument('--timeout', type=float, default=10.0,
+                        help='with --once: seconds to wait for a message')
+    argv = sys.argv if args is None else args
+    parsed = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
     done = []
 
     def show(array):
@@ -52,10 +59,15 @@ def main(args=None):
         else:
             print('\033[2J\033[H' + text, flush=True)  # redraw in place, like `top`
     try:
-        with rclpy.init(args=args):
+        with ros_session(argv):
             node = DiagnosticsWatcher(parsed.topic, show)
+            deadline = node.get_clock().now().nanoseconds + parsed.timeout * 1e9
             while not done:
                 rclpy.spin_once(node, timeout_sec=0.5)
+                if parsed.once and node.get_clock().now().nanoseconds > deadline:
+                    print(f'no message on {parsed.topic} in {parsed.timeout} s',
+                          file=sys.stderr)
+                    return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     return 0

@@ -8,10 +8,10 @@ import itertools
 import json
 import math
 import re
+import secrets
 
 FIELDS = ('id', 'prompt', 'messages', 'max_new_tokens', 'temperature', 'top_p', 'top_k', 'seed',
           'stop', 'chat')
-_ids = itertools.count(1)
 _ID_IN_BROKEN_JSON = re.compile(r'"id"\s*:\s*"([^"\\]{1,128})"')
 
 
@@ -44,12 +44,32 @@ class Request:
     chat: bool = None  # None: use the model's chat template when it has one
 
 
-def new_id():
-    return f'req-{next(_ids)}'
+class RequestIds:
+    """Ids for requests that come without one: `<prefix>-<n>`, the prefix random per start.
+
+    A client that numbers its own requests (`req-1`, `7`, ...) cannot meet these, and ids from
+    before a restart are not handed out again. `taken(id)` lets the caller skip an id that is
+    still pending all the same.
+    """
+
+    def __init__(self, prefix=None, taken=None):
+        self.prefix = prefix or f'node-{secrets.token_hex(4)}'
+        self._count = itertools.count(1)
+        self._taken = taken or (lambda request_id: False)
+
+    def __call__(self):
+        while True:
+            request_id = f'{self.prefix}-{next(self._count)}'
+            if not self._taken(request_id):
+                return request_id
 
 
-def parse_request(raw, limits=Limits()):
-    """Parse a request message; raises RequestError (with the id when it can be recovered)."""
+def parse_request(raw, limits=Limits(), new_id=None):
+    """Parse a request message; raises RequestError (with the id when it can be recovered).
+
+    new_id() names a request that has no id of its own (a RequestIds by default).
+    """
+    new_id = new_id or RequestIds()
     if not isinstance(raw, str):
         raise RequestError(f'request must be text, got {type(raw).__name__}', new_id())
     size = len(raw.encode('utf-8', errors='surrogatepass'))
@@ -66,15 +86,15 @@ def parse_request(raw, limits=Limits()):
     except (ValueError, RecursionError) as exc:
         match = _ID_IN_BROKEN_JSON.search(text)
         raise RequestError(f'malformed JSON: {exc}', match.group(1) if match else new_id())
-    return _from_object(body, limits)
+    return _from_object(body, limits, new_id)
 
 
 def _reject_constant(name):
     raise ValueError(f'{name} is not a valid JSON number')
 
 
-def _from_object(body, limits):
-    request_id = _parse_id(body.get('id'), limits)
+def _from_object(body, limits, new_id):
+    request_id = _parse_id(body.get('id'), limits, new_id)
     unknown = sorted(str(k) for k in body if k not in FIELDS)
     if unknown:
         raise RequestError(f'unknown field(s) {", ".join(map(repr, unknown))}; known: '
@@ -98,7 +118,7 @@ def _from_object(body, limits):
         raise
 
 
-def _parse_id(value, limits):
+def _parse_id(value, limits, new_id):
     if value is None:
         return new_id()
     if isinstance(value, bool) or not isinstance(value, (str, int)):

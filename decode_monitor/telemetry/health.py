@@ -10,8 +10,10 @@ class Thresholds:
     min_floor_fraction: float = 0.0  # 0 disables; WARN below
 
 
-def decode_health(stats, thresholds, fallback_reason=None, load_error=None):
+def decode_health(stats, thresholds, fallback_reason=None, load_error=None, worker_error=None):
     """(level, message) for the decode status."""
+    if worker_error:
+        return ERROR, f'decode worker stopped: {worker_error}'
     if load_error:
         return ERROR, f'model not loaded: {load_error}'
     problems = []

@@ -5,7 +5,7 @@ on machines without ROS.
 """
 from decode_monitor.telemetry.health import decode_health, gpu_health, OK, WARN
 
-PREFIX = 'llm_decoder'
+PREFIX = 'llm_decoder'  # the node's default name; statuses are named '<node name>: <part>'
 
 
 def fmt(value, spec='.3f'):
@@ -20,14 +20,17 @@ def _gbps(value):
     return None if value is None else value / 1e9
 
 
-def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds):
+def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX):
     """snapshot: DecodeService.snapshot(); stats: WindowStats or None; info: dict describing the
-    decoder (model, dtype, mode, ...); gpu: GpuTelemetry; gpu_sample: GpuSample."""
+    decoder (model, dtype, mode, ...); gpu: GpuTelemetry; gpu_sample: GpuSample; prefix: the
+    node's name, as diagnostic_updater names a node's statuses."""
     hardware_id = gpu.uuid if gpu.available else 'cpu'
     level, message = decode_health(stats, thresholds, info.get('fallback_reason'),
-                                   snapshot['load_error'])
-    if snapshot['state'] == 'loading':
+                                   snapshot['load_error'], snapshot.get('worker_error'))
+    if snapshot['state'] == 'loading' and not snapshot.get('worker_error'):
         level, message = OK, 'loading model'
+    elif snapshot['state'] in ('unconfigured', 'inactive') and level == OK:
+        message = f'{snapshot["state"]} (lifecycle): not serving'
     s = stats
     decode = ('decode', level, message, [
         ('state', snapshot['state']),
@@ -71,7 +74,8 @@ def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds):
                     ('received', c.received), ('served', c.served), ('rejected', c.rejected),
                     ('cancelled', c.cancelled), ('errors', c.errors),
                     ('time to first token p50 (ms)', snapshot['ttft_p50_ms']),
+                    ('publish failures', c.publish_failures),
                 ])
-    return [(f'{PREFIX}: {name}', level, message, hardware_id,
+    return [(f'{prefix}: {name}', level, message, hardware_id,
              [(key, fmt(value)) for key, value in values])
             for name, level, message, values in (decode, gpu_status, requests)]

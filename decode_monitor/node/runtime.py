@@ -1,0 +1,79 @@
+"""rclpy start-up and shutdown that work on every ROS 2 distribution from Humble on.
+
+`rclpy.init()` returns a context manager from Kilted on and None before, so nothing here uses
+`with rclpy.init()`. `ros_session(handle_signals=False)` leaves SIGINT and SIGTERM to the
+caller: rclpy's own handler shuts the context down first, after which a node can no longer
+publish the answers it still owes. `StopSignal` turns both signals into an event instead.
+"""
+from contextlib import contextmanager
+import logging
+import signal
+import threading
+
+import rclpy
+from rclpy.signals import SignalHandlerOptions
+
+
+@contextmanager
+def ros_session(args=None, handle_signals=True):
+    """rclpy.init(), then rclpy.try_shutdown() on the way out, whatever happened."""
+    options = {} if handle_signals else {'signal_handler_options': SignalHandlerOptions.NO}
+    rclpy.init(args=args, **options)
+    try:
+        yield
+    finally:
+        rclpy.try_shutdown()
+
+
+class StopSignal:
+    """SIGINT and SIGTERM set `event` (and `received` names the signal)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.received = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self.event.set()
+
+
+class RosLogHandler(logging.Handler):
+    """Python logging records (transformers', the engine's) into a ROS logger, so they reach
+    /rosout and the launch screen with the node's name instead of raw stderr."""
+
+    def __init__(self, ros_logger):
+        super().__init__()
+        self._ros_logger = ros_logger
+
+    def emit(self, record):
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self._ros_logger.error(message)
+            elif record.levelno >= logging.WARNING:
+                self._ros_logger.warning(message)
+            else:
+                self._ros_logger.info(message)
+        except Exception:  # logging must never take the node down
+            self.handleError(record)
+
+
+def route_python_logging(ros_logger, names=('transformers', 'decode_monitor')):
+    """Send these Python loggers to ros_logger (warnings and up) and silence progress bars."""
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()
+    except ImportError:
+        pass
+    handler = RosLogHandler(ros_logger)
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.WARNING)
