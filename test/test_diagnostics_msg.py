@@ -34,6 +34,10 @@ def test_array_has_three_named_statuses_with_string_values():
     assert array.header.stamp.sec == 5
     names = [s.name for s in array.status]
     assert names == ['llm_decoder: decode', 'llm_decoder: gpu', 'llm_decoder: requests']
+    renamed = build_array(Time(), snapshot(), None, info, GpuTelemetry(), GpuSample(),
+                          Thresholds(), prefix='left_decoder')
+    assert [s.name for s in renamed.status] == [
+        'left_decoder: decode', 'left_decoder: gpu', 'left_decoder: requests']
     decode = {kv.key: kv.value for kv in array.status[0].values}
     assert array.status[0].level == b'\x01'  # p95 8 ms over a 7 ms budget: WARN
     assert float(decode['step p95 (ms)']) == pytest.approx(8.0)
@@ -55,3 +59,10 @@ def test_load_error_is_an_error_and_full_queue_a_warning():
     assert array.status[2].level == b'\x01' and array.status[2].message == 'queue full'
     gpu = {kv.key: kv.value for kv in array.status[1].values}
     assert gpu['power (W)'] == 'unavailable'
+
+
+def test_a_dead_worker_is_an_error_whatever_else_holds():
+    dead = dict(snapshot(), worker_error='RuntimeError: boom')
+    array = build_array(Time(), dead, stats(), dict(queue_size=4), GpuTelemetry(), GpuSample(),
+                        Thresholds())
+    assert array.status[0].level == b'\x02' and 'boom' in array.status[0].message

@@ -17,7 +17,7 @@ def defaults(**changes):
 def test_defaults_are_valid_and_match_the_shipped_yaml():
     import yaml
     config = validate(defaults())
-    assert config.settings.mode == 'graph' and config.queue_size == 16
+    assert config.settings.mode == 'auto' and config.queue_size == 16 and config.autostart
     here = os.path.dirname(__file__)
     with open(os.path.join(here, '..', 'config', 'decoder.yaml')) as f:
         shipped = yaml.safe_load(f)['/**']['ros__parameters']
@@ -34,6 +34,16 @@ def test_defaults_are_valid_and_match_the_shipped_yaml():
 def test_invalid_values_are_rejected_with_the_parameter_named(changes, needle):
     with pytest.raises(ParameterError, match=needle):
         validate(defaults(**changes))
+
+
+def test_integers_are_accepted_for_doubles_and_ranges_hold_for_both():
+    config = validate(defaults(latency_budget_ms=50, request_timeout_s=2))
+    assert config.thresholds.latency_budget_ms == 50.0
+    assert isinstance(config.request_timeout_s, float)
+    with pytest.raises(ParameterError, match='min_floor_fraction'):
+        validate(defaults(min_floor_fraction=2))  # an integer outside the double's range
+    with pytest.raises(ParameterError, match='latency_budget_ms'):
+        validate(defaults(latency_budget_ms='fast'))
 
 
 def test_node_refuses_to_start_on_a_bad_parameter():

@@ -13,8 +13,10 @@ from decode_monitor.serving.protocol import Limits
 class Harness:
     def __init__(self, tiny, queue_size=4, gate=None, fail=None, **kwargs):
         from decode_monitor.serving.service import DecodeService
-        self.stream, self.responses = [], []
+        self.stream, self.responses, self.errors = [], [], []
         self.cancel_on_chunk = None
+        self.on_chunk = None
+        self.fail_responses = set()
 
         def load():
             if gate is not None:
@@ -27,10 +29,18 @@ class Harness:
             self.stream.append((request_id, index, text))
             if self.cancel_on_chunk == request_id:
                 self.service.cancel(request_id)
-        self.service = DecodeService(load, on_stream,
-                                     lambda body: self.responses.append(json.loads(body)),
+            if self.on_chunk is not None:
+                self.on_chunk(request_id)
+
+        def on_response(body):
+            body = json.loads(body)
+            if body['id'] in self.fail_responses:
+                raise RuntimeError("publisher's context is invalid")
+            self.responses.append(body)
+        self.service = DecodeService(load, on_stream, on_response,
                                      limits=Limits(default_max_new_tokens=8, max_new_tokens=200),
-                                     queue_size=queue_size, **kwargs)
+                                     queue_size=queue_size, log_error=self.errors.append,
+                                     **kwargs)
         self.service.start()
 
     def wait(self, count, timeout=60):
@@ -119,13 +129,89 @@ def test_corrupt_model_file_is_a_load_error(tmp_path):
         load_model(str(bad))
 
 
-def test_stop_answers_everything_still_queued(tiny):
+def test_shutdown_answers_everything_still_queued(tiny):
     gate = threading.Event()
     h = Harness(tiny, gate=gate)
     h.service.submit('one')
     h.service.submit('two')
-    stopper = threading.Thread(target=h.service.stop)
+    stopper = threading.Thread(target=h.service.shutdown)
     stopper.start()
     gate.set()
     stopper.join(30)
-    assert sorted(r['status'] for r in h.responses) == ['cancelled', 'cancelled']
+    assert [(r['status'], r['error']) for r in h.responses] == [
+        ('error', 'the node is shutting down')] * 2
+    assert len({r['id'] for r in h.responses}) == 2
+    h.service.submit('three')  # after shutdown: refused, still answered
+    assert h.responses[-1]['error'] == 'the node is shutting down'
+
+
+def test_shutdown_mid_decode_answers_the_running_and_queued_once(tiny):
+    h = Harness(tiny, queue_size=8)
+    started = threading.Event()
+    h.on_chunk = lambda request_id: started.set()
+    h.service.submit(json.dumps({'id': 'running', 'prompt': 'x', 'max_new_tokens': 200}))
+    for i in range(5):
+        h.service.submit(json.dumps({'id': f'queued-{i}', 'prompt': 'x'}))
+    assert started.wait(60), 'the first request never streamed'
+    h.service.shutdown(timeout=30)
+    time.sleep(0.2)  # a second answer, if any, would arrive now
+    ids = [r['id'] for r in h.responses]
+    assert sorted(ids) == sorted(['running'] + [f'queued-{i}' for i in range(5)])
+    running = next(r for r in h.responses if r['id'] == 'running')
+    assert running['status'] == 'error' and running['error'] == 'the node is shutting down'
+    assert 0 < running['tokens'] < 200
+    assert ''.join(t for i, _, t in h.stream if i == 'running') == running['text']
+    assert not h.service._thread.is_alive()
+
+
+def test_a_failing_publish_is_counted_and_the_worker_keeps_serving(tiny):
+    h = Harness(tiny)
+    h.fail_responses = {'first'}  # the publisher raises, as rclpy does once its context is gone
+    h.service.submit(json.dumps({'id': 'first', 'prompt': 'x'}))
+    h.service.submit(json.dumps({'id': 'second', 'prompt': 'y'}))
+    assert h.wait(1)['second']['status'] == 'done'
+    snapshot = h.service.snapshot()
+    assert snapshot['counters'].publish_failures == 1 and snapshot['worker_error'] is None
+    assert h.errors and 'publish failed' in h.errors[0]
+    h.service.shutdown()
+
+
+def test_node_assigned_ids_skip_pending_client_ids(tiny):
+    gate = threading.Event()
+    h = Harness(tiny, gate=gate)
+    prefix = h.service.ids.prefix
+    h.service.submit(json.dumps({'id': f'{prefix}-1', 'prompt': 'x'}))  # a client took it
+    h.service.submit('plain text')
+    gate.set()
+    by_id = h.wait(2)
+    assert by_id[f'{prefix}-1']['status'] == 'done'
+    assert by_id[f'{prefix}-2']['status'] == 'done'  # the plain one was not a duplicate
+    other = type(h.service.ids)()
+    assert other.prefix != prefix  # each start draws its own
+    h.service.shutdown()
+
+
+def test_lifecycle_states_refuse_with_the_state_named_and_lose_nothing(tiny):
+    from decode_monitor.serving.service import DecodeService
+    responses = []
+    service = DecodeService(lambda: Decoder(tiny, mode='eager', max_context=256),
+                            lambda *a: None, lambda b: responses.append(json.loads(b)),
+                            limits=Limits(default_max_new_tokens=4))
+    service.start(serve=False)
+    service.submit('early')
+    assert 'unconfigured' in responses[-1]['error']
+    assert service.configure(wait=True, timeout=60) and service.state == 'inactive'
+    service.submit('configured')
+    assert 'inactive' in responses[-1]['error']
+    service.activate()
+    service.submit(json.dumps({'id': 'served', 'prompt': 'x'}))
+    deadline = time.monotonic() + 60
+    while len(responses) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert responses[-1]['id'] == 'served' and responses[-1]['status'] == 'done'
+    service.deactivate('the node is inactive')
+    service.submit('after')
+    assert responses[-1]['error'] == 'the node is inactive'
+    service.cleanup(wait=True, timeout=60)
+    assert service.decoder is None and service.state == 'unconfigured'
+    service.shutdown()

@@ -117,7 +117,7 @@ class DecodeService:
 
     def cleanup(self, wait=True, timeout=None):
         """Free the decoder (and its GPU memory) on the worker."""
-        self.deactivate()
+        self.deactivate('the model is being freed (lifecycle cleanup)')
         self._ask('free')
         if wait:
             self._command_done.wait(timeout)
@@ -179,7 +179,8 @@ class DecodeService:
             elif self._stopping:
                 error = SHUTTING_DOWN
             elif not self._hold and self.state != FAILED:
-                error = self._inactive_reason or f'the decoder is {self.state}; not serving'
+                error = self._inactive_reason or (
+                    f'the node is {self.state} (lifecycle): not serving')
             elif len(self._queue) >= self.queue_size:
                 error = f'queue full ({self.queue_size} waiting); retry later'
             else:
@@ -280,6 +281,7 @@ class DecodeService:
     def _free(self):
         with self._lock:
             self.decoder, self.state, self.load_error = None, UNCONFIGURED, None
+            self._inactive_reason = None
         gc.collect()
         try:
             import torch
