@@ -21,7 +21,7 @@ ME = os.getpid()
 # -- peak bandwidth: max memory clock x bus width x 2 transfers a clock / 8 bits a byte ---------
 @pytest.mark.parametrize('clock_mhz, bus_bits, gbps', [
     (2619, 5120, 3352.32),  # H100 SXM (HBM3): 2619e6 * 5120 / 8 * 2 = 3.35232e12
-    (3134, 6144, 4813.824),  # H200 (HBM3e): NVML reports these two, 4814 GB/s
+    (3201, 6016, 4814.304),  # H200: what NVML reported on one (max mem clock, bus width)
     (1593, 5120, 2039.04),  # A100 80GB SXM (HBM2e)
 ])
 def test_peak_bandwidth_formula(clock_mhz, bus_bits, gbps):
@@ -228,3 +228,6 @@ def test_statuses_without_live_reading_keep_the_old_shape():
     values = dict(gpu_status[4])
     assert values['other processes'] == 'unavailable' and values['power (W)'] == 'unavailable'
     assert dict(decode[4])['energy per token (J)'] == 'unavailable'
+    cuda = DeviceIdentity.from_torch('cuda:0', H200)
+    for status in statuses(snapshot(), None, {}, gpu, gpu.sample(), Thresholds(), device=cuda):
+        assert status[3] == 'GPU-5e7c2b0a-93f1-4d62-8a0b-1c2d3e4f5a6b'  # not 'cpu'

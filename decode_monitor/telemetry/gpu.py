@@ -138,8 +138,7 @@ class GpuTelemetry:
             self._handle, self._util_seen_us)) or []  # NVML raises NotFound when there are none
         per_pid = {}
         for s in samples:
-            if s.timeStamp > self._util_seen_us:
-                per_pid.setdefault(s.pid, []).append(s.smUtil)
+            per_pid.setdefault(s.pid, []).append(s.smUtil)
         self._util_seen_us = max([self._util_seen_us] + [s.timeStamp for s in samples])
         return {pid: sum(v) / len(v) for pid, v in per_pid.items()}
 

@@ -16,9 +16,9 @@ shows, not read from a device):
 - temperatures: /sys/class/thermal/thermal_zone*/{type,temp} (millidegrees; a sensor that is
   off reads -256 C and is left out);
 - power rails: the INA3221 monitors, /sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/
-  in<N>_label, in<N>_input (mV) and curr<N>_input (mA); NC channels and the sum channel
-  are left out; the GPU's rail (VDD_GPU_SOC on AGX Orin, VDD_CPU_GPU_CV on Orin NX/Nano)
-  is the sample's `power_w`;
+  in<N>_label, in<N>_input (mV) and curr<N>_input (mA); NC channels, and the shunt-sum
+  channel (a label without a current), are left out; the GPU's rail (VDD_GPU_SOC on AGX
+  Orin, VDD_CPU_GPU_CV on Orin NX/Nano) is the sample's `power_w`;
 - throttling: a thermal zone at or above a passive trip point ('sw_thermal'), and the
   soctherm over-current hwmon's event counters (oc1: 'under_voltage'; oc2, oc3:
   'over_current') rising since the previous sample;
@@ -150,7 +150,7 @@ class JetsonTelemetry:
         pattern = self._path('sys/bus/i2c/drivers/ina3221*/*/hwmon/hwmon*/in*_label')
         for label_path in sorted(glob.glob(pattern)):
             label = (_read(label_path) or '').strip()
-            if not label or label == 'NC' or label.lower().startswith('sum of'):
+            if not label or label == 'NC':
                 continue
             channel = os.path.basename(label_path)[2:-len('_label')]
             folder = os.path.dirname(label_path)
