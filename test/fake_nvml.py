@@ -28,6 +28,10 @@ class FakeNvml:
     def nvmlInit(self):
         if self.init_error:
             raise self.init_error
+        self.initialised = True
+
+    def nvmlShutdown(self):
+        self.initialised = False
 
     def nvmlDeviceGetHandleByIndex(self, index):
         return ('handle', index)

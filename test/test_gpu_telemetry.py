@@ -125,7 +125,11 @@ def test_select_telemetry_without_nvml_or_jetson_keeps_both_reasons(tmp_path):
                            root=str(tmp_path))
     assert not gpu.available
     assert 'no driver library' in gpu.reason and 'not a Jetson' in gpu.reason
-    assert select_telemetry(nvml=FakeNvml()).available
+    nv = FakeNvml()
+    gpu = select_telemetry(nvml=nv)
+    assert gpu.available and nv.initialised
+    gpu.close()
+    assert not nv.initialised
 
 
 # -- J/token -----------------------------------------------------------------------------------

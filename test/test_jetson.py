@@ -162,6 +162,27 @@ def test_reader_keeps_the_newest_line_and_counts_bad_ones():
     assert reader._proc.poll() is not None  # stopped with the context
 
 
+def test_select_telemetry_starts_tegrastats_on_a_jetson_and_close_stops_it():
+    script = ('import sys, time\n'
+              'print(open(sys.argv[1]).read(), flush=True)\n'
+              'time.sleep(30)\n')
+    command = [sys.executable, '-c', script,
+               os.path.join(FIXTURES, 'tegrastats', 'orin_nano_jp6.txt')]
+    jetson = select_telemetry(nvml=NO_NVML, root=NANO, tegrastats_command=command)
+    try:
+        for _ in range(500):
+            if jetson.tegrastats.latest is not None:
+                break
+            time.sleep(0.01)
+        assert jetson.sample().mem_clock_mhz == 2133.0  # EMC from the tegrastats line
+    finally:
+        jetson.close()
+    assert jetson.tegrastats._proc.poll() is not None
+    assert select_telemetry(nvml=NO_NVML, root=NANO, tegrastats_command=[
+        '/nonexistent/tegrastats']).tegrastats is None  # not installed: sysfs only
+    assert select_telemetry(nvml=NO_NVML, root=NANO, tegrastats_command=None).tegrastats is None
+
+
 def test_reader_without_the_binary():
     with pytest.raises(FileNotFoundError):
         TegrastatsReader(['/nonexistent/tegrastats']).start()

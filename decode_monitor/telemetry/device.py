@@ -9,9 +9,13 @@ therefore never reported as 'cpu' because NVML is missing.
 tegrastats, else an unavailable NVML reader that carries both reasons.
 """
 from dataclasses import dataclass
+import shutil
 
 from decode_monitor.telemetry.gpu import GpuTelemetry
 from decode_monitor.telemetry.jetson import JetsonTelemetry
+from decode_monitor.telemetry.tegrastats import TegrastatsReader
+
+TEGRASTATS = ('tegrastats', '--interval', '1000')
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,23 @@ def hardware_id(telemetry, device=None):
     return 'cpu'
 
 
-def select_telemetry(index=0, nvml=None, root='/', tegrastats=None):
+def select_telemetry(index=0, nvml=None, root='/', tegrastats_command=TEGRASTATS):
     """NVML's reader if it answers, else the Jetson's, else NVML's (unavailable, both reasons).
 
-    root: where the Jetson reader finds /proc and /sys; tegrastats: a started TegrastatsReader
-    or None."""
+    root: where the Jetson reader finds /proc and /sys. On a Jetson, `tegrastats_command` is
+    started (when its program is on PATH) to fill what sysfs does not give a non-root reader;
+    None starts nothing. Call `close()` on the result when done: it stops tegrastats.
+    """
     nv = GpuTelemetry(index, nvml=nvml)
     if nv.available:
         return nv
-    jetson = JetsonTelemetry(root=root, tegrastats=tegrastats)
+    jetson = JetsonTelemetry(root=root)
     if jetson.available:
+        if tegrastats_command and shutil.which(tegrastats_command[0]):
+            try:
+                jetson.tegrastats = TegrastatsReader(tegrastats_command).start()
+            except OSError as exc:
+                jetson.reason = f'tegrastats not started: {exc}'
         return jetson
     nv.reason = f'{nv.reason}; {jetson.reason}'
     return nv

@@ -115,6 +115,10 @@ class GpuTelemetry:
         out.throttle_reasons = decode_throttle_reasons(mask or 0)
         return out
 
+    def close(self):
+        if self.available:
+            _try(self._nvml.nvmlShutdown)
+
     def processes(self):
         """The other processes on this GPU (this one left out), by pid; [] without NVML."""
         if not self.available:

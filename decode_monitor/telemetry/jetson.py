@@ -25,7 +25,8 @@ shows, not read from a device):
 - other GPU users: processes with the GPU's device nodes open (/proc/<pid>/fd -> /dev/nvgpu/
   or /dev/nvhost-*gpu*); there is no per-process memory or SM accounting to read.
 
-With a started `TegrastatsReader`, its newest line fills whatever sysfs did not give.
+With a started `TegrastatsReader` (`select_telemetry` starts one where tegrastats is installed),
+its newest line fills whatever sysfs did not give.
 """
 import glob
 import os
@@ -171,6 +172,10 @@ class JetsonTelemetry:
                     counts[oc] = value
             return counts
         return {}
+
+    def close(self):
+        if self.tegrastats is not None:
+            self.tegrastats.stop()
 
     def processes(self):
         """Other processes with the GPU's device nodes open (this one left out)."""
