@@ -216,7 +216,13 @@ def test_statuses_warn_when_shared_and_list_the_other_process():
     assert g['process 4242'] == 'perception, 2048 MiB, SM 87%'
     assert f'process {ME}' not in g
 
+    # another model loaded: no baseline until a window alone, so no WARN from the old one
+    live.reset()
+    assert not live.read(window_stats(5.7), 1024).sharing.warn
+    assert live.read(window_stats(5.7), 1024).sharing.slowdown is None
+
     # a budget problem and sharing: both said, the worse level kept
+    live.share.baseline = 3.9 / 15e9
     stats = window_stats(5.7)
     reading = live.read(stats, 768)
     level, message = statuses(snapshot(), stats, info, gpu, reading.sample,

@@ -99,6 +99,12 @@ class LiveTelemetry:
         self.energy = EnergyMeter(energy_window_s)
         self._clock = clock
 
+    def reset(self):
+        """Forget the baseline alone and the energy readings: call when another model, backend
+        or weight format is loaded (its time per byte is not the old one's)."""
+        self.share.baseline = None
+        self.energy.update(self._clock(), None, None)
+
     def read(self, stats, steps_total):
         """stats: the step window's WindowStats (or None); steps_total: steps decoded since
         start, a count that only grows."""
