@@ -3,6 +3,7 @@
 The node wraps these into diagnostic_msgs; the engine's GPU scripts print the very same values
 on machines without ROS.
 """
+from decode_monitor.telemetry.device import hardware_id as _hardware_id
 from decode_monitor.telemetry.health import decode_health, gpu_health, OK, WARN
 
 PREFIX = 'llm_decoder'  # the node's default name; statuses are named '<node name>: <part>'
@@ -20,17 +21,32 @@ def _gbps(value):
     return None if value is None else value / 1e9
 
 
-def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX):
+def _process_line(p):
+    """'python3, 2048 MiB, SM 87%' with 'unavailable' for what the driver does not say."""
+    mib = None if p.used_memory_bytes is None else f'{p.used_memory_bytes / 2**20:.0f} MiB'
+    sm = None if p.sm_percent is None else f'SM {p.sm_percent:.0f}%'
+    return ', '.join(fmt(v) for v in (p.name, mib or 'memory unavailable',
+                                      sm or 'SM share unavailable'))
+
+
+def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX, device=None,
+             live=None):
     """snapshot: DecodeService.snapshot(); stats: WindowStats or None; info: dict describing the
-    decoder (model, dtype, mode, ...); gpu: GpuTelemetry; gpu_sample: GpuSample; prefix: the
-    node's name, as diagnostic_updater names a node's statuses."""
-    hardware_id = gpu.uuid if gpu.available else 'cpu'
+    decoder (model, dtype, mode, ...); gpu: GpuTelemetry or JetsonTelemetry; gpu_sample:
+    GpuSample; prefix: the node's name, as diagnostic_updater names a node's statuses; device:
+    DeviceIdentity of the decoding device (None: not known yet); live: LiveReading of this
+    tick (other processes, J/token, sharing), None without one."""
+    hardware_id = _hardware_id(gpu, device)
     level, message = decode_health(stats, thresholds, info.get('fallback_reason'),
                                    snapshot['load_error'], snapshot.get('worker_error'))
     if snapshot['state'] == 'loading' and not snapshot.get('worker_error'):
         level, message = OK, 'loading model'
     elif snapshot['state'] in ('unconfigured', 'inactive') and level == OK:
         message = f'{snapshot["state"]} (lifecycle): not serving'
+    sharing = live.sharing if live is not None else None
+    if sharing is not None and sharing.warn and snapshot['state'] == 'ready':
+        message = sharing.message if level == OK else f'{message}; {sharing.message}'
+        level = max(level, WARN)
     s = stats
     decode = ('decode', level, message, [
         ('state', snapshot['state']),
@@ -56,14 +72,25 @@ def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX):
         ('peak bandwidth (GB/s)', _gbps(info.get('peak_bandwidth'))),
         ('peak bandwidth source', info.get('peak_source')),
         ('measured copy bandwidth (GB/s)', _gbps(info.get('measured_bandwidth'))),
+        ('energy per token (J)', live and live.joules_per_token),
+        ('other processes on the GPU', sharing and sharing.others),
+        ('step vs alone (x)', sharing and sharing.slowdown),
     ])
     g = gpu_sample
     glevel, gmessage = gpu_health(gpu, g)
+    others = live.processes if live is not None else []
+    if others and gmessage == 'ok':
+        gmessage = f'shared with {len(others)} other process{"es" if len(others) > 1 else ""}'
     gpu_status = ('gpu', glevel, gmessage, [
         ('name', gpu.name), ('uuid', gpu.uuid), ('driver', gpu.driver),
         ('sm clock (MHz)', g.sm_clock_mhz), ('memory clock (MHz)', g.mem_clock_mhz),
         ('temperature (C)', g.temperature_c), ('power (W)', g.power_w),
+        ('load (%)', g.gpu_load_percent),
         ('throttle reasons', ', '.join(g.throttle_reasons) if gpu.available else None),
+        *[(f'temperature {name} (C)', t) for name, t in sorted(g.temperatures_c.items())],
+        *[(f'power {name} (W)', w) for name, w in sorted(g.rails_w.items())],
+        ('other processes', len(others) if live is not None else None),
+        *[(f'process {p.pid}', _process_line(p)) for p in others],
     ])
     c = snapshot['counters']
     full = snapshot['queue_depth'] >= info.get('queue_size', float('inf'))
