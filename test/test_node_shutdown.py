@@ -36,4 +36,3 @@ def test_signal_answers_the_running_and_every_queued_request_once(sig):
         if node.poll() is None:
             node.kill()
         rclpy.try_shutdown()
-

@@ -31,7 +31,8 @@ from decode_monitor.node.diagnostics import build_array
 from decode_monitor.node.parameters import check_update, declare_and_read, ParameterError
 from decode_monitor.node.runtime import ros_session, route_python_logging, StopSignal
 from decode_monitor.serving.service import DecodeService
-from decode_monitor.telemetry.gpu import GpuTelemetry
+from decode_monitor.telemetry.device import DeviceIdentity, select_telemetry
+from decode_monitor.telemetry.live import LiveTelemetry
 
 NAME = 'llm_decoder'
 DELIVERY_TIMEOUT_S = 5.0  # how long shutdown waits for subscribers to acknowledge answers
@@ -56,7 +57,9 @@ class LlmDecoderNode(LifecycleNode):
         if c.mirror_diagnostics:  # the global topic diagnostic_aggregator listens on
             self._diag_pubs.append(self.create_publisher(DiagnosticArray, '/diagnostics',
                                                          diag_qos))
-        self.gpu = GpuTelemetry(c.gpu_index)
+        self.gpu = select_telemetry(c.gpu_index)  # NVML, else a Jetson's sysfs, else none
+        self.live = LiveTelemetry(self.gpu)
+        self.device_identity = None  # the decoding device, once loaded
         self.info = dict(model=c.settings.model, mode_requested=c.settings.mode,
                          queue_size=c.queue_size, peak_source='loading')
         self.service = DecodeService(
@@ -112,6 +115,7 @@ class LlmDecoderNode(LifecycleNode):
         self.service.cleanup(wait=True)
         freed = before - _gpu_bytes()
         self.info.update(peak_source='unloaded')
+        self.device_identity = None
         self.get_logger().info(f'model freed ({freed / 1e9:.2f} GB of GPU memory returned)'
                                if before else 'model freed')
         self._publish_model_info(loaded=False)
@@ -142,9 +146,15 @@ class LlmDecoderNode(LifecycleNode):
         if self.config.bandwidth_override_gbps > 0:
             peak, source = self.config.bandwidth_override_gbps * 1e9, 'parameter'
         elif self.gpu.available and self.gpu.peak_bandwidth and decoder.device.type == 'cuda':
-            peak, source = self.gpu.peak_bandwidth, 'NVML'
+            peak, source = self.gpu.peak_bandwidth, self.gpu.peak_source
         else:
             peak, source = None, 'unavailable (no NVML); fractions use measured bandwidth'
+        properties = None
+        if decoder.device.type == 'cuda':
+            import torch
+            properties = torch.cuda.get_device_properties(decoder.device)
+        self.device_identity = DeviceIdentity.from_torch(decoder.device, properties)
+        self.live.reset()
         dtype = str(decoder.loaded.model.dtype).replace('torch.', '')
         self.info.update(
             model=decoder.loaded.name, dtype=dtype, backend=decoder.backend.name,
@@ -185,9 +195,10 @@ class LlmDecoderNode(LifecycleNode):
         stats = self.service.window.stats(peak or measured, measured) if measured else None
         if stats is not None and peak is None:
             stats = dataclasses.replace(stats, fraction_of_peak=None)
+        reading = self.live.read(stats, self.service.window.total)
         array = build_array(self.get_clock().now().to_msg(), self.service.snapshot(), stats,
-                            self.info, self.gpu, self.gpu.sample(), self.config.thresholds,
-                            prefix=self.get_name())
+                            self.info, self.gpu, reading.sample, self.config.thresholds,
+                            prefix=self.get_name(), device=self.device_identity, live=reading)
         for pub in self._diag_pubs:
             pub.publish(array)
 
@@ -231,6 +242,7 @@ def main(args=None):
         if stop.received:
             node.get_logger().info(f'{stop.received}: answering pending requests, then exiting')
         stopped = node.finish()
+        node.gpu.close()
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
     if not stopped:  # a model load cannot be interrupted; everything owed is answered

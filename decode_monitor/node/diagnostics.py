@@ -7,7 +7,8 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from decode_monitor.telemetry.report import PREFIX, statuses
 
 
-def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX):
+def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX,
+                device=None, live=None):
     """stamp: builtin_interfaces/Time; the rest as telemetry.report.statuses takes them."""
     array = DiagnosticArray()
     array.header.stamp = stamp
@@ -16,5 +17,6 @@ def build_array(stamp, snapshot, stats, info, gpu, gpu_sample, thresholds, prefi
                          hardware_id=hardware_id,
                          values=[KeyValue(key=k, value=v) for k, v in values])
         for name, level, message, hardware_id, values in statuses(
-            snapshot, stats, info, gpu, gpu_sample, thresholds, prefix)]
+            snapshot, stats, info, gpu, gpu_sample, thresholds, prefix, device=device,
+            live=live)]
     return array

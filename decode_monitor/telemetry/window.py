@@ -34,10 +34,12 @@ class StepWindow:
     def __init__(self, size=512):
         self._records = deque(maxlen=size)
         self._lock = threading.Lock()
+        self.total = 0  # steps added since start: a count that only grows
 
     def add(self, step_ms, pos, bytes_moved):
         with self._lock:
             self._records.append(StepRecord(step_ms, pos, bytes_moved))
+            self.total += 1
 
     def __len__(self):
         with self._lock:
