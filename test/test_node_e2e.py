@@ -139,3 +139,26 @@ def test_plain_requests_get_ids_no_client_uses(graph):
     plain = [r for r in graph.all_responses[start:] if r['id'] not in ids]
     assert len(plain) == 1 and plain[0]['status'] == 'done', plain
     assert not plain[0]['id'].startswith('req-')
+
+
+def test_ask_and_watch_against_the_node(graph):
+    import os
+    import subprocess
+    import sys
+    bin_dir = os.path.dirname(sys.executable)
+
+    def ask(*extra):
+        run = subprocess.run([os.path.join(bin_dir, 'ask'), 'Count from one to ten.',
+                              '--max-new-tokens', '24', '--system', 'You are terse.', *extra],
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr
+        assert 'tokens, first after' in run.stderr
+        return run.stdout.rstrip('\n')
+    full = ask()
+    stop = full.strip().split()[len(full.split()) // 2]  # greedy: the same text again
+    cut = ask('--stop', stop)
+    assert cut == full[:full.index(stop)], (full, stop, cut)
+    watch = subprocess.run([os.path.join(bin_dir, 'watch'), '--once', '--timeout', '10'],
+                           capture_output=True, text=True, timeout=60)
+    assert watch.returncode == 0, watch.stderr
+    assert 'llm_decoder: decode' in watch.stdout and 'step p50 (ms)' in watch.stdout

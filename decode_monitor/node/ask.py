@@ -68,7 +68,10 @@ def main(args=None):
     parser.add_argument('--seed', type=int, help='for sampling at temperature > 0')
     parser.add_argument('--stop', action='append', metavar='TEXT',
                         help='stop before this text (repeatable)')
-    parser.add_argument('--timeout', type=float, default=300.0, help='seconds to wait')
+    parser.add_argument('--timeout', type=float, default=300.0,
+                        help='seconds to wait for the answer')
+    parser.add_argument('--connect-timeout', type=float, default=30.0,
+                        help='seconds to wait for a node to subscribe')
     argv = sys.argv if args is None else args
     parsed = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
 
@@ -81,7 +84,7 @@ def main(args=None):
     try:
         with ros_session(argv):
             client = AskClient(parsed.namespace, on_text=show)
-            if not wait_for(client, client.node_ready, 30):
+            if not wait_for(client, client.node_ready, parsed.connect_timeout):
                 print(f'no llm_decoder node subscribes to {parsed.namespace}/request',
                       file=sys.stderr)
                 return 1
