@@ -1,6 +1,9 @@
 """Start the llm_decoder node in namespace /decode with the package's parameters YAML.
 
-Launch arguments left empty keep the YAML's value; a value given here overrides it.
+Launch arguments left empty keep the YAML's value; a value given here overrides it. The node
+is a managed (lifecycle) node: by default it configures and activates itself; with
+`autostart:=false` it waits in `unconfigured` for a lifecycle manager (or
+`ros2 lifecycle set /decode/llm_decoder configure`, then `activate`).
 """
 import os
 
@@ -8,27 +11,21 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 
-OVERRIDES = ('model', 'device', 'mode', 'backend', 'weights')
+from decode_monitor.node.launch_args import FLAGS, OVERRIDES, parameter_overrides
 
 
 def _node(context):
-    params_file = LaunchConfiguration('params_file').perform(context)
-    overrides = {}
-    for name in OVERRIDES:
-        value = LaunchConfiguration(name).perform(context)
-        if value:
-            overrides[name] = value
-    mirror = LaunchConfiguration('mirror_diagnostics').perform(context)
-    if mirror:
-        overrides['mirror_diagnostics'] = mirror.lower() in ('true', '1', 'yes')
-    return [Node(
+    arguments = {name: LaunchConfiguration(name).perform(context)
+                 for name in OVERRIDES + FLAGS}
+    return [LifecycleNode(
         package='decode_monitor',
         executable='llm_decoder',
         name='llm_decoder',
-        namespace=LaunchConfiguration('namespace'),
-        parameters=[params_file, overrides],
+        namespace=LaunchConfiguration('namespace').perform(context),
+        parameters=[LaunchConfiguration('params_file').perform(context),
+                    parameter_overrides(arguments)],
         output='screen',
         emulate_tty=True,
         additional_env={'TQDM_DISABLE': '1'},  # no carriage-return progress bars in the log
@@ -44,10 +41,12 @@ def generate_launch_description():
         DeclareLaunchArgument('model', default_value='',
                               description='smollm2, a preset, a checkpoint dir or a .gguf file'),
         DeclareLaunchArgument('device', default_value='', description='auto, cpu, cuda, cuda:N'),
-        DeclareLaunchArgument('mode', default_value='', description='graph or eager'),
+        DeclareLaunchArgument('mode', default_value='', description='auto, graph or eager'),
         DeclareLaunchArgument('backend', default_value='', description='auto, hf or fused'),
         DeclareLaunchArgument('weights', default_value='', description='bf16, int8 or int4'),
         DeclareLaunchArgument('mirror_diagnostics', default_value='',
                               description='true: also publish on /diagnostics'),
+        DeclareLaunchArgument('autostart', default_value='',
+                              description='false: wait for a lifecycle manager'),
     ]
     return LaunchDescription(arguments + [OpaqueFunction(function=_node)])

@@ -27,7 +27,23 @@ def test_launch_file_names_exist_in_setup_and_config():
     declared = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, 'id', '') == 'DeclareLaunchArgument'}
     assert declared == {'namespace', 'params_file', 'model', 'device', 'mode', 'backend',
-                        'weights', 'mirror_diagnostics'}
+                        'weights', 'mirror_diagnostics', 'autostart'}
+
+
+def test_launch_arguments_become_parameter_overrides():
+    from decode_monitor.node.launch_args import parameter_overrides
+    from decode_monitor.node.parameters import PARAMETERS
+    given = dict(model='qwen2.5-7b', device='', mode='eager', backend='', weights='int8',
+                 mirror_diagnostics='True', autostart='false')
+    overrides = parameter_overrides(given)
+    assert overrides == dict(model='qwen2.5-7b', mode='eager', weights='int8',
+                             mirror_diagnostics=True, autostart=False)
+    assert set(overrides) <= set(PARAMETERS)  # every override names a real parameter
+    for name, value in overrides.items():  # and has the parameter's type
+        assert type(value) is type(PARAMETERS[name][0]), name
+    assert parameter_overrides({}) == {}
+    with pytest.raises(ValueError, match='autostart'):
+        parameter_overrides(dict(autostart='maybe'))
 
 
 @pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,
