@@ -69,12 +69,16 @@ def resolve(spec, device, environ=None):
     """The KernelConfigs for a backend on `device` (see the module docstring for the order)."""
     if isinstance(spec, KernelConfigs):
         return spec
+    return resolve_for(spec, device_name(device), environ)
+
+
+def resolve_for(spec, gpu_name, environ=None):
+    """resolve() for a GPU model by name ('cpu' without one)."""
     if spec == 'defaults':
         return KernelConfigs(source=FORCED_DEFAULTS)
     if spec:
         return load(spec)
-    name = device_name(device)
-    for path in (user_table_path(name, environ=environ), shipped_table_path(name)):
+    for path in (user_table_path(gpu_name, environ=environ), shipped_table_path(gpu_name)):
         if os.path.isfile(path):
             return load(path)
     return DEFAULTS
@@ -185,4 +189,4 @@ def provenance(device, command):
 
 
 __all__ = ['FORMAT', 'TableError', 'UNTUNED', 'cache_dir', 'load', 'provenance', 'resolve',
-           'save', 'shipped_table_path', 'to_dict', 'user_table_path']
+           'resolve_for', 'save', 'shipped_table_path', 'to_dict', 'user_table_path']
