@@ -30,6 +30,8 @@ import time
 from decode_monitor.bench.tune_candidates import CANDIDATES
 from decode_monitor.bench.tune_check import agrees, kernel_output
 
+MIN_CANDIDATES = 3  # the default and two others, while the budget lasts
+
 
 class Timer:
     """Runs of one prepared step per candidate: a CUDA graph, or an eager call on a CPU."""
@@ -113,12 +115,17 @@ def _candidates(kind, key, on_cpu, name):
                               + list(by_kind.get(key.kind, by_kind['*']))))
 
 
-def tune_unit(backend, timer, table, kind, key, candidates, deadline, log):
-    """Time the candidates of one shape in the step; returns (config kept, measurements)."""
+def tune_unit(backend, timer, table, kind, key, candidates, share, deadline, log):
+    """Time the candidates of one shape in the step; returns (config kept, measurements).
+
+    Candidates stop being added past this shape's share of the budget once MIN_CANDIDATES
+    ran, and past the whole budget's end once the default ran.
+    """
     with_row = table.with_attention if kind == 'attention' else table.with_gemv
     runs, tried, reference = [], [], None
     for config in candidates:
-        if tried and time.monotonic() > deadline:
+        now = time.monotonic()
+        if tried and (now > deadline or (len(tried) >= MIN_CANDIDATES and now > share)):
             break
         try:
             out = kernel_output(backend, kind, key, config)
@@ -222,7 +229,9 @@ def run(args, argv):
     estimate = len(args.models) * (5 * len(args.weights) + 1)
     bar = tqdm(total=estimate, unit='shape', desc='tune', disable=args.no_progress or None,
                file=sys.stderr, dynamic_ncols=True)
-    log = bar.write
+
+    def log(line):  # progress and per-shape lines on stderr; stdout says where the table is
+        bar.write(line, file=sys.stderr)
     state = {'done': 0, 'left': 0, 'interrupted': False}
 
     def save(complete):
@@ -241,6 +250,7 @@ def run(args, argv):
                                        weights=fmt, kernel_configs=table)
                 backend.randomize_cache()
                 timer = Timer(backend, torch)
+                timer.prepare()  # compiles the step's kernels: no shape's share pays for it
                 units = _units(backend, set(table.gemv_rows) | set(table.attention_rows),
                                tune_attention=f == 0)
                 bar.total = bar.n + len(units) + (len(args.weights) - f - 1) * 5 + (
@@ -259,7 +269,7 @@ def run(args, argv):
                     config, result = tune_unit(
                         backend, timer, table, kind, key,
                         _candidates(kind, key, device == 'cpu', args.candidates),
-                        share, log)
+                        share, deadline, log)
                     result['model'] = loaded.name
                     table = (table.with_attention if kind == 'attention'
                              else table.with_gemv)(key, config)
