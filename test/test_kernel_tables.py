@@ -110,3 +110,22 @@ def test_provenance_of_this_machine():
     assert set(PROVENANCE) <= set(prov)
     assert prov['gpu_name'] == 'cpu' and prov['command'] == 'bench tune tiny'
     assert prov['triton'] == tables.triton_version()
+
+
+def test_bench_takes_a_table_by_flag_and_its_report_names_it(tmp_path, monkeypatch):
+    """`bench --kernel-configs` refuses a bad table before any session, hands a good one to
+    the sessions (absolute), and report.md names the table the fused cells launched with."""
+    from decode_monitor.bench import grid as G
+    from decode_monitor.bench.cli import finish
+    from test_bench_outputs import results, sample, thresholds
+    quick = G.load('quick')
+    with pytest.raises(G.GridError, match='no such file'):
+        G.with_overrides(quick, kernel_configs=str(tmp_path / 'missing.json'))
+    assert G.with_overrides(quick, kernel_configs='defaults').kernel_configs == 'defaults'
+    path = write_table(tmp_path / 'mine.json', 'cpu', gemv=[('gemv', 'bf16', 8, 8, (4, 8, 4, 1))])
+    monkeypatch.chdir(tmp_path)
+    assert G.with_overrides(quick, kernel_configs='mine.json').kernel_configs == path
+    samples = [dict(sample('m', 64, 'graph', s, 2.0, backend='fused'), kernel_configs=path)
+               for s in range(2)]
+    finish(results(samples), str(tmp_path), thresholds(), 0.95, 200)
+    assert f'kernel configs: {path}' in (tmp_path / 'report.md').read_text()
