@@ -121,18 +121,21 @@ def test_split_k_repeats_bit_for_bit():
 
 
 def test_tuned_rows_with_a_split_reach_the_kernel():
-    """A tuned row may carry a split-K (5th value); the GPU lookup returns it, and the launch
-    clamps it to the chunks K has."""
-    from decode_monitor.engine.fused import configs
-    configs.add_rows([['gemv', 72, 192, 8, 32, 4, 1, 3], ['gated.int4', 40, 192, 16, 64, 4, 3]])
-    assert configs.gemv_config('gemv', 72, 192) == (8, 32, 4, 1, 3)
-    assert configs.gemv_config('gated', 40, 192, fmt='int4') == (16, 64, 4, 3)
+    """A tuned row may carry a split-K (5th value); the lookup returns it (on the CPU too: a
+    table's row wins over the interpreter's default), and the launch clamps it to the chunks K
+    has."""
+    from decode_monitor.engine.fused.configs import DEFAULTS, GemvConfig
+    table = DEFAULTS.with_gemv(('gemv', 'bf16', 72, 192), (8, 32, 4, 1, 3)).with_gemv(
+        ('gated', 'int4', 40, 192), (16, 64, 4, 3))
+    assert table.gemv('gemv', 72, 192, on_cpu=True) == GemvConfig(8, 32, 4, 1, 3)
+    assert table.gemv('gated', 40, 192, 'int4') == GemvConfig(16, 64, 4, 3, 1)
+    assert table.gemv('gemv', 72, 64) == GemvConfig(4, 64, 4, 1)  # BLOCK_K at most K
     assert G._split_config((8, 32, 4, 1, 9), 192, 1) == (8, 32, 4, 1, 6)
     assert G._split_config((8, 32, 4, 1), 192, 64) == (8, 64, 4, 1, 1)
     gen = torch.Generator().manual_seed(5)
     w, x, h = (torch.randn(*shape, generator=gen).to(DEV) for shape in ((72, 192), (192,), (72,)))
     expected = h + F.linear(x, w)
-    G.gemv(w, x, h, residual=h, config=configs.gemv_config('gemv', 72, 192))
+    G.gemv(w, x, h, residual=h, config=table.gemv('gemv', 72, 192))
     assert rel(h, expected) < 1e-5
 
 

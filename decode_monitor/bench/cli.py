@@ -3,6 +3,7 @@
     bench [run] [--grid study|quick|FILE] [overrides...] [--profile] [--reference R.json]
     bench compare A.json B.json
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
+    bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
 
 Exit code: 0 the verdict passed, 1 it failed, 2 usage error (bad grid, bad arguments).
 """
@@ -42,6 +43,9 @@ def _run_parser():
     p.add_argument('--memory-limit-gb', type=float, help='use at most this much memory')
     p.add_argument('--peak-bandwidth-gbs', type=float, help='override the NVML peak bandwidth')
     p.add_argument('--reference', help='results.json of the same device model to compare with')
+    p.add_argument('--kernel-configs', metavar='FILE|defaults',
+                   help="fused kernels' config table (default: the one `bench tune` wrote for "
+                   'this GPU, else the shipped one, else the defaults)')
     p.add_argument('--profile', action='store_true',
                    help='profile a few steps per mode (first session) for the step anatomy')
     p.add_argument('-o', '--output', default=DEFAULT_OUTPUT, help='output directory')
@@ -112,7 +116,7 @@ def cmd_run(argv):
         backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
-        reference=args.reference)
+        reference=args.reference, kernel_configs=args.kernel_configs)
     if grid.verdict.reference and not os.path.isfile(grid.verdict.reference):
         raise VerdictUsageError(f'reference {grid.verdict.reference!r} does not exist')
     from decode_monitor.bench.run import run_grid
@@ -175,7 +179,12 @@ def cmd_compare(argv):
     return PASS
 
 
-COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report}
+def cmd_tune(argv):
+    from decode_monitor.bench.tune import main as tune_main
+    return tune_main(argv)
+
+
+COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune}
 
 
 def _interrupt(signum, frame):

@@ -60,6 +60,7 @@ class Grid:
     confidence: float = 0.95
     resamples: int = 9999
     verdict: Verdict = field(default_factory=Verdict)
+    kernel_configs: str = None  # fused kernels' table: a file, 'defaults', None (look it up)
     source: str = None  # the file it came from
 
     def cells(self):
@@ -237,7 +238,24 @@ def _build(raw, source, base_dir):
         confidence=_confidence(get('confidence', defaults.confidence)),
         resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
         verdict=_verdict(get('verdict'), base_dir),
+        kernel_configs=_kernel_configs(get('kernel_configs'), base_dir),
         source=source)
+
+
+def _kernel_configs(value, base_dir):
+    """None, 'defaults', or a readable table (made absolute: sessions may run elsewhere)."""
+    if value in (None, 'defaults'):
+        return value
+    if not isinstance(value, str):
+        _fail('kernel_configs', "a table file, 'defaults' or null", value)
+    if base_dir and not os.path.isabs(value) and os.path.exists(os.path.join(base_dir, value)):
+        value = os.path.join(base_dir, value)
+    from decode_monitor.engine.fused.tables import TableError, load
+    try:
+        load(value)
+    except TableError as exc:
+        raise GridError(f'kernel_configs: {exc}') from None
+    return os.path.abspath(value)
 
 
 def _weights(raw, backends):
@@ -302,7 +320,8 @@ def load(name_or_path):
 
 # CLI flag -> grid key; values are validated exactly like the file's.
 OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'sessions', 'steps', 'warmup',
-             'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs')
+             'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs',
+             'kernel_configs')
 
 
 def with_overrides(grid, **values):

@@ -229,6 +229,13 @@ def profile_section(profiles):
     return '\n'.join(lines)
 
 
+def _kernel_configs_lines(results):
+    """The kernel-config tables the fused cells launched with (bench tune writes them)."""
+    sources = sorted({s['kernel_configs'] for s in results.get('samples', ())
+                      if s.get('kernel_configs')})
+    return ['', *(f'kernel configs: {source}' for source in sources)] if sources else []
+
+
 def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
              quantised_rows=()):
     parts = ['# Decode bench report', '',
@@ -241,7 +248,7 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
              'time, paired by session. Weights = the format of the stored weights: bf16 = '
              'unquantised (the run\'s dtype), int8/int4 = weight-only quantised (backend '
              'fused), the floor counting their bytes as stored.', '', '## Environment', '',
-             _environment_table(results),
+             _environment_table(results), *_kernel_configs_lines(results),
              '', '## Results', '']
     if results.get('environment', {}).get('peak_bandwidth') is None:
         parts += ['No peak bandwidth is known for this device (no NVML, no override): the floor '

@@ -109,6 +109,7 @@ def session_spec(grid, device, runnable, index, profile=False):
     spec = {'session': index, 'device': device, 'dtype': grid.dtype, 'steps': grid.steps,
             'warmup': grid.warmup, 'order': grid.order, 'seed': grid.seed,
             'peak_bandwidth': grid.peak_bandwidth_gbs * 1e9 if grid.peak_bandwidth_gbs else None,
+            'kernel_configs': grid.kernel_configs,
             'models': [{'source': m, 'cells': [list(c) for c in cells]}
                        for m, cells in runnable.items()]}
     if profile:

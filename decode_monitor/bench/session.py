@@ -181,8 +181,9 @@ class Session:
         try:
             t0 = time.perf_counter()
             decoder = Decoder(loaded, mode=mode, backend=backend, max_context=max_context,
-                              weights=weights)
+                              weights=weights, kernel_configs=self.spec.get('kernel_configs'))
             out['build_s'] = time.perf_counter() - t0
+            out['kernel_configs'] = decoder.kernel_configs_source
             if decoder.mode != mode:
                 status = 'error' if self.device == 'cuda' else 'skipped'
                 out.update(status=status, reason=decoder.fallback_reason)
@@ -236,7 +237,8 @@ class Session:
             decoder = None
             try:
                 decoder = Decoder(loaded, mode=mode, backend=backend,
-                                  max_context=ctx + 3 + steps, weights=weights)
+                                  max_context=ctx + 3 + steps, weights=weights,
+                                  kernel_configs=self.spec.get('kernel_configs'))
                 if decoder.mode != mode:
                     emit('profile', **base, status='skipped',
                          reason=decoder.fallback_reason)

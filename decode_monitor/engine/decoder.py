@@ -36,12 +36,16 @@ def register_backend(name, factory):
 
     A factory whose `formats` lists weight formats besides 'bf16' is also called with
     `weights=`, and should then have `floor_model()`; the others serve the weights as loaded.
+    One with `tunable = True` launches kernels whose configs come from a table: it is called
+    with `kernel_configs=` (a table file, 'defaults', or None to look one up) and its
+    `kernel_configs.source` names the table in use.
     """
     BACKENDS[name] = factory
 
 
 class Decoder:
-    def __init__(self, loaded, mode='graph', backend='hf', max_context=2048, weights='bf16'):
+    def __init__(self, loaded, mode='graph', backend='hf', max_context=2048, weights='bf16',
+                 kernel_configs=None):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, not {mode!r}')
         if backend not in BACKENDS:
@@ -50,10 +54,12 @@ class Decoder:
         self.device = loaded.model.device
         self.max_context = max_context
         factory = BACKENDS[backend]
+        options = {'kernel_configs': kernel_configs} if getattr(factory, 'tunable', False) \
+            else {}
         if weights == 'bf16':
-            self.backend = factory(loaded.model, max_context)
+            self.backend = factory(loaded.model, max_context, **options)
         elif weights in getattr(factory, 'formats', ()):
-            self.backend = factory(loaded.model, max_context, weights=weights)
+            self.backend = factory(loaded.model, max_context, weights=weights, **options)
         else:
             able = ' or '.join(name for name, f in BACKENDS.items()
                                if weights in getattr(f, 'formats', ()))
@@ -79,6 +85,13 @@ class Decoder:
                              torch.cuda.Event(enable_timing=True)) for _ in range(2)]
         if mode == 'graph':
             self._capture_graphs()
+
+    @property
+    def kernel_configs_source(self):
+        """The kernel-config table the backend launches with (a file, or the defaults); None
+        for a backend without one (hf)."""
+        configs = getattr(self.backend, 'kernel_configs', None)
+        return None if configs is None else configs.source
 
     # -- the step ---------------------------------------------------------------------------
     def _step(self, greedy):

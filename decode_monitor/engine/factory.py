@@ -25,6 +25,9 @@ class DecoderSettings:
     backend: str = 'auto'  # auto | hf | fused
     max_context: int = 2048
     weights: str = 'bf16'  # bf16 (as loaded) | int8 | int4 (weight-only, fused backend)
+    # fused kernels' launch configs: a table file, 'defaults', or None (the user's cache for
+    # this GPU, else the table shipped for it, else the defaults: engine/fused/tables.py)
+    kernel_configs: str = None
 
     def resolved_device(self):
         if self.device == 'auto':
@@ -59,6 +62,9 @@ def build_decoder(settings):
     backend = settings.resolved_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f'backend must be auto or one of {sorted(BACKENDS)}, not {backend!r}')
+    if settings.kernel_configs not in (None, 'defaults'):
+        from decode_monitor.engine.fused.tables import load
+        load(settings.kernel_configs)  # a bad table fails here, before minutes of loading
     loaded = load_model(settings.model, device=device, dtype=dtype)
     if loaded.stored_format and settings.weights != loaded.stored_format:
         log.warning('%s is stored as %s; weights=%s serves %s (weights=%s serves the stored '
@@ -66,7 +72,8 @@ def build_decoder(settings):
                     'its dequantised weights' if settings.weights == 'bf16'
                     else 'them quantised again', loaded.stored_format)
     decoder = Decoder(loaded, mode=settings.resolved_mode(device), backend=backend,
-                      max_context=settings.max_context, weights=settings.weights)
+                      max_context=settings.max_context, weights=settings.weights,
+                      kernel_configs=settings.kernel_configs)
     if settings.weights != 'bf16':  # the model is this decoder's alone: keep only what it reads
         decoder.released_bytes = decoder.backend.release_dense(loaded.model)
     return decoder

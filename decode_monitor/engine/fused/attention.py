@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
-from decode_monitor.engine.fused.configs import attention_config
+from decode_monitor.engine.fused.configs import DEFAULTS
 
 _LOG2E = 1.4426950408889634
 
@@ -132,7 +132,7 @@ class DecodeAttention:
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
         block_t, n_splits, self.num_warps, self.num_stages = (
-            config or attention_config(kv_heads, self.group, max_context))
+            config or DEFAULTS.attention(kv_heads, self.group, max_context))
         self.block_t = block_t
         self.n_splits = n_splits or default_splits(kv_heads, max_context, block_t, device)
         parts = kv_heads * self.n_splits * self.g_p2

@@ -217,7 +217,7 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
     STAGES 1: each chunk is loaded at the end of the iteration before. STAGES 2: one chunk
     further ahead, in registers, so a program keeps two chunks in flight; it was the fastest
     int8 config on 8 of the 11 study shapes in a graph of 28 on an H100
-    (`benchmarks/kernels_in_graph.py tune-int8`). STAGES >= 3: Triton's pipeline through shared
+    (benchmarks/results/h100/int8_words/tune/). STAGES >= 3: Triton's pipeline through shared
     memory (the words need no unpacking there). The load past the last chunk is masked off:
     reloading the last chunk instead, from cache, made int8 gate/up 2-3 % slower.
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
-from decode_monitor.engine.fused.configs import gemv_config
+from decode_monitor.engine.fused.configs import DEFAULTS
 from decode_monitor.engine.fused.dequant import quant_dot
 from decode_monitor.engine.fused.quant import QuantWeight
 
@@ -285,7 +285,7 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     kind = kind or ('gated' if gated else 'gemv')
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
     block_n, block_k, warps, stages, split = _split_config(
-        config or gemv_config(kind, n, k, x.device.type == 'cpu', fmt), k, group)
+        config or DEFAULTS.gemv(kind, n, k, fmt, x.device.type == 'cpu'), k, group)
     norm = norm_weight is not None
     res = residual is not None
     grid = (triton.cdiv(n, block_n), split)
@@ -312,7 +312,7 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     on_cpu = x.device.type == 'cpu'
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
     block_n, block_k, warps, stages, split = _split_config(
-        config or gemv_config('qkv', 2 * n_pairs, kdim, on_cpu, fmt), kdim, group)
+        config or DEFAULTS.gemv('qkv', 2 * n_pairs, kdim, fmt, on_cpu), kdim, group)
     grid = (triton.cdiv(n_pairs, block_n), split)
     acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0], split) if split > 1 \
         else (q, q, q)

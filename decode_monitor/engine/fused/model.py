@@ -119,9 +119,10 @@ class Layer:
 class FusedBackend:
     name = 'fused'
     formats = FORMATS  # weight formats it serves (Decoder(weights=...))
+    tunable = True  # launch configs from a kernel-config table (Decoder(kernel_configs=...))
 
     def __init__(self, model, max_context, use_triton=None, attention_config=None,
-                 weights='bf16'):
+                 weights='bf16', kernel_configs=None):
         _supported(model, max_context)
         if model.__dict__.get('_dense_released') and weights not in model.__dict__.get(
                 '_fused_quantised', {}):
@@ -160,8 +161,12 @@ class FusedBackend:
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # launch configs: a KernelConfigs, a table file, 'defaults', or None (look one up)
+        from decode_monitor.engine.fused.tables import resolve
+        self.kernel_configs = resolve(kernel_configs, self.device)
+        self._attention_config = attention_config  # an explicit one wins over the table
         if self.use_triton:
-            self._init_triton(attention_config)
+            self._init_triton()
 
     def _quantise(self, model, weights):
         """Swap in quantised matrices, made once per model and format and shared by every
@@ -217,15 +222,10 @@ class FusedBackend:
         half = self.head_dim // 2
         return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
-    def _init_triton(self, attention_config):
-        from decode_monitor.engine.fused.attention import DecodeAttention  # imports Triton
-        from decode_monitor.engine.fused import configs, gemv
-        if self.device.type == 'cuda':
-            configs.use_builtin(torch.cuda.get_device_name(self.device))
+    def _init_triton(self):
+        from decode_monitor.engine.fused import gemv  # imports Triton
         self._gemv = gemv
-        self.attention = DecodeAttention(self.q_heads, self.kv_heads, self.head_dim,
-                                         self.max_context, self.device, scale=self.scale,
-                                         config=attention_config)
+        self.set_kernel_configs(self.kernel_configs)
         hidden = self.embed.shape[1]
         inter = self.layers[0].wd.shape[1]
         qd = self.q_heads * self.head_dim
@@ -237,6 +237,37 @@ class FusedBackend:
         self.logits = torch.empty(1, self.vocab_size, dtype=torch.float32,
                                   device=self.device)
         self._caches = [(self.k_cache[i], self.v_cache[i]) for i in range(len(self.layers))]
+
+    def gemv_keys(self):
+        """{matrix: GemvKey} of the step's GEMVs: kind, the format the matrix is stored in (a
+        tied lm_head stays dense), N and K."""
+        from decode_monitor.engine.fused.configs import GemvKey
+        layer = self.layers[0]
+        hidden = self.embed.shape[1]
+        shapes = {'wqkv': ('qkv', layer.wqkv, layer.wqkv.shape[0], hidden),
+                  'wo': ('gemv', layer.wo, hidden, layer.wo.shape[1]),
+                  'wgu': ('gated', layer.wgu, layer.wgu.shape[0] // 2, hidden),
+                  'wd': ('gemv', layer.wd, hidden, layer.wd.shape[1]),
+                  'lm_head': ('head', self.lm_head, self.vocab_size, hidden)}
+        return {name: GemvKey(kind, w.fmt if isinstance(w, QuantWeight) else 'bf16', n, k)
+                for name, (kind, w, n, k) in shapes.items()}
+
+    def attention_key(self):
+        return self.kv_heads, self.q_heads // self.kv_heads, self.max_context
+
+    def set_kernel_configs(self, kernel_configs):
+        """Launch the kernels with these configs from the next step on (a captured graph keeps
+        the ones it was captured with)."""
+        from decode_monitor.engine.fused.attention import DecodeAttention
+        self.kernel_configs = kernel_configs
+        on_cpu = self.device.type == 'cpu'
+        self.launch_configs = {
+            name: kernel_configs.gemv(key.kind, key.n, key.k, key.weights, on_cpu)
+            for name, key in self.gemv_keys().items()}
+        self.attention = DecodeAttention(
+            self.q_heads, self.kv_heads, self.head_dim, self.max_context, self.device,
+            scale=self.scale,
+            config=self._attention_config or kernel_configs.attention(*self.attention_key()))
 
     @property
     def vocab_size(self):
@@ -282,17 +313,20 @@ class FusedBackend:
         """
         if not self.use_triton:
             return self._torch_forward(token, int(pos))  # a host read: CPU/reference only
-        gemv, h, eps = self._gemv, self.h, self.eps
+        gemv, h, eps, cfg = self._gemv, self.h, self.eps, self.launch_configs
         torch.index_select(self.embed, 0, token.view(1), out=h)
         h = h.view(-1)
         for layer, (k_cache, v_cache) in zip(self.layers, self._caches):
             gemv.qkv_rope(layer.wqkv, layer.bqkv, h, layer.ln1, self.cos, self.sin, pos,
-                          self.q, k_cache, v_cache, self.q_heads, self.kv_heads, eps)
+                          self.q, k_cache, v_cache, self.q_heads, self.kv_heads, eps,
+                          config=cfg['wqkv'])
             self.attention(self.q, k_cache, v_cache, pos, self.att)
-            gemv.gemv(layer.wo, self.att, h, residual=h)
-            gemv.gemv(layer.wgu, h, self.act, norm_weight=layer.ln2, gated=True, eps=eps)
-            gemv.gemv(layer.wd, self.act, h, residual=h)
-        gemv.gemv(self.lm_head, h, self.logits[0], norm_weight=self.norm, eps=eps, kind='head')
+            gemv.gemv(layer.wo, self.att, h, residual=h, config=cfg['wo'])
+            gemv.gemv(layer.wgu, h, self.act, norm_weight=layer.ln2, gated=True, eps=eps,
+                      config=cfg['wgu'])
+            gemv.gemv(layer.wd, self.act, h, residual=h, config=cfg['wd'])
+        gemv.gemv(self.lm_head, h, self.logits[0], norm_weight=self.norm, eps=eps, kind='head',
+                  config=cfg['lm_head'])
         return self.logits
 
     # -- torch path -------------------------------------------------------------------------

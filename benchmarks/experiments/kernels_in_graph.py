@@ -7,18 +7,14 @@ captured 28 times in one graph over 28 distinct weight matrices or KV caches (a 
 layers, so nothing is served from L2 that the step would read from HBM), and the graph is
 replayed: us per call = median replay time / 28. Prints a table, writes JSON.
 
-    python benchmarks/kernels_in_graph.py attention gemv --out results/
-    python benchmarks/kernels_in_graph.py tune-int8 --out results/   # every int8 shape
+    python benchmarks/experiments/kernels_in_graph.py attention gemv --out results/
 
 `sizes` times qwen2.5-7b's gate/up at its own rows and at twice as many, in every format, and
-`fit --inputs A.json ...` fits t = t0 + bytes / rate over the shapes of tune runs (no GPU): both
-split a call's time into a fixed cost per call and a streaming rate.
+`fit --inputs A.json ...` fits t = t0 + bytes / rate over the shapes of earlier runs' JSON
+(no GPU): both split a call's time into a fixed cost per call and a streaming rate.
 
-`tune-int8` (`tune-int4`) times each int8 (int4) candidate on every matrix shape of the study
-models, with bf16's built-in config alongside, and writes the fastest config per shape as rows
-for `configs.BUILTIN` (`int8_rows.json`, `int4_rows.json`; DECODE_MONITOR_FUSED_CONFIGS can
-point at it). `best --inputs A.json B.json ...` takes the fastest config per shape and format
-over several such runs of the same code (no GPU needed).
+Tuning moved into the product: `bench tune` times candidates in the model's own graphed
+step and writes a kernel-config table; this script keeps the one-off studies.
 """
 import argparse
 import json
@@ -28,11 +24,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from decode_monitor.engine.fused import configs as C  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
 from decode_monitor.engine.fused.attention import DecodeAttention  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize, weight_nbytes  # noqa: E402
+from decode_monitor.engine.fused.tables import resolve  # noqa: E402
 
 LAYERS = 28
 DEV = 'cuda'
@@ -59,21 +55,6 @@ GEMV = {
     ('bf16', 'gemv', 3584, 3584): [(4, 512, 4, 1), (8, 512, 4, 4), (4, 256, 4, 4),
                                    (4, 512, 4, 3, 2)],
 }
-
-# Every GEMV shape of the study models: (kind, N, K, (q_heads, kv_heads)); qwen2.5-7b, then
-# llama-3-8b (mistral-7b has the same shapes but the 32000-row head).
-SHAPES = [('qkv', 4608, 3584, (28, 4)), ('gemv', 3584, 3584, None), ('gated', 18944, 3584, None),
-          ('gemv', 3584, 18944, None), ('head', 152064, 3584, None),
-          ('qkv', 6144, 4096, (32, 8)), ('gemv', 4096, 4096, None), ('gated', 14336, 4096, None),
-          ('gemv', 4096, 14336, None), ('head', 128256, 4096, None), ('head', 32000, 4096, None)]
-INT8_CANDIDATES = [(4, 512, 4, 1), (8, 512, 4, 1), (2, 1024, 4, 1), (4, 1024, 4, 1),
-                   (8, 1024, 4, 1), (4, 512, 2, 1), (8, 512, 8, 1), (16, 512, 4, 1),
-                   (4, 2048, 8, 1), (8, 256, 2, 1)]
-INT4_CANDIDATES = [(8, 1024, 4, 2), (16, 512, 4, 2), (8, 512, 4, 2), (4, 1024, 4, 2),
-                   (16, 1024, 4, 2), (32, 512, 4, 2), (16, 512, 4, 3), (32, 512, 4, 3),
-                   (8, 1024, 4, 3), (16, 512, 8, 2), (8, 2048, 8, 2), (8, 512, 4, 2, 2),
-                   (16, 512, 4, 2, 4), (8, 1024, 4, 1)]
-CANDIDATES = {'int8': INT8_CANDIDATES, 'int4': INT4_CANDIDATES}
 
 
 def graph_us(calls, reps=30):
@@ -159,35 +140,14 @@ def gemv_rows(fmt, kind, n, k, configs, heads=None, d=128):
     return rows
 
 
-def tune(fmt, out_dir, candidates):
-    """bf16's built-in config and every `fmt` candidate on each shape; the fastest `fmt` config
-    per shape as configs.BUILTIN rows."""
-    C.use_builtin(torch.cuda.get_device_name())
-    rows, best = [], []
-    for kind, n, k, heads in SHAPES:
-        bf16 = gemv_rows('bf16', kind, n, k, [C.gemv_config(kind, n, k)], heads)[0]
-        torch.cuda.empty_cache()
-        cands = gemv_rows(fmt, kind, n, k, candidates, heads)
-        torch.cuda.empty_cache()
-        rows += [bf16] + cands
-        fastest = min(cands, key=lambda r: r['us'])
-        best.append([f'{kind}.{fmt}', n, k, *fastest['config']])
-        print(f"{kind} {n}x{k}: bf16 {bf16['us']:.2f} us, {fmt} best "
-              f"{fastest['us']:.2f} us {fastest['config']}", flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'{fmt}_rows.json'), 'w') as f:
-        json.dump(best, f)
-    return rows
-
-
 def size_rows():
     """qwen2.5-7b's gate/up (+ RMSNorm, SiLU) with N and 2N rows, each format at N's config:
     the time per call against the bytes, at equal bytes across formats (bf16 at N, int8 at 2N
     read about as many bytes)."""
-    C.use_builtin(torch.cuda.get_device_name())
+    table = resolve(None, DEV)  # this GPU's table, as the decoder finds it
     rows = []
     for fmt in ('bf16', 'int8', 'int4'):
-        config = C.gemv_config('gated', 18944, 3584, fmt=fmt)
+        config = table.gemv('gated', 18944, 3584, fmt)
         for n in (18944, 2 * 18944):
             rows += gemv_rows(fmt, 'gated', n, 3584, [config])
             torch.cuda.empty_cache()
@@ -222,37 +182,16 @@ def fit_rows(paths):
               f'streaming, largest residual {worst:.2f} us')
 
 
-def best_rows(paths, out_dir):
-    """The fastest quantised config per (format, kind, N, K) over kernels_in_graph.json files;
-    writes `<fmt>_rows.json` per format."""
-    best = _fastest(paths, ('int8', 'int4'))
-    os.makedirs(out_dir, exist_ok=True)
-    for fmt in sorted({key[0] for key in best}):
-        rows = [[f'{kind}.{fmt}', n, k, *r['config']]
-                for (f, kind, n, k), r in best.items() if f == fmt]
-        with open(os.path.join(out_dir, f'{fmt}_rows.json'), 'w') as f:
-            json.dump(rows, f)
-        for row in rows:
-            r = best[(fmt, row[0].split('.')[0], row[1], row[2])]
-            print(f"{row[0]:12s} {row[1]}x{row[2]} {str(tuple(r['config'])):22s} "
-                  f"{r['us']:7.2f} us {r['tb_s']:5.2f} TB/s")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'sizes', 'tune-int8', 'tune-int4', 'best',
-                             'fit'])
+                    choices=['attention', 'gemv', 'sizes', 'fit'])
     ap.add_argument('--out', default='.')
-    ap.add_argument('--candidates', nargs='+', metavar='BN,BK,WARPS,STAGES',
-                    help='tune-*: these configs instead of the built-in candidates (a 5th '
-                    'value: split-K)')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
-                    help='best, fit: kernels_in_graph.json files')
+                    help='fit: kernels_in_graph.json files')
     args = ap.parse_args()
-    if args.what in (['best'], ['fit']):
-        inputs = args.inputs or ap.error(f'{args.what[0]} needs --inputs')
-        return best_rows(inputs, args.out) if args.what == ['best'] else fit_rows(inputs)
+    if args.what == ['fit']:
+        return fit_rows(args.inputs or ap.error('fit needs --inputs'))
     rows = []
     if 'attention' in args.what:
         for (hq, hkv, ctx), configs in ATTENTION.items():
@@ -264,10 +203,6 @@ def main():
             torch.cuda.empty_cache()
     if 'sizes' in args.what:
         rows += size_rows()
-    cands = [tuple(int(v) for v in c.split(',')) for c in args.candidates or []]
-    for fmt in ('int8', 'int4'):
-        if f'tune-{fmt}' in args.what:
-            rows += tune(fmt, args.out, cands or CANDIDATES[fmt])
     print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
     for r in rows:
         name = (f"attention {r['heads'][0]}/{r['heads'][1]} ctx {r['ctx']}"
@@ -276,7 +211,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'kernels_in_graph.json'), 'w') as f:
         json.dump({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
-                   'command': ' '.join(['python3', 'benchmarks/kernels_in_graph.py']
+                   'command': ' '.join(['python3', 'benchmarks/experiments/kernels_in_graph.py']
                                        + sys.argv[1:]),
                    'rows': rows}, f, indent=1)
 
