@@ -30,6 +30,7 @@ def test_defaults_are_valid_and_match_the_shipped_yaml():
     (dict(weights='fp8'), 'weights'), (dict(weights='int4', backend='hf'), 'weights'),
     (dict(default_max_new_tokens=2000), 'default_max_new_tokens'),
     (dict(max_new_tokens_cap=4096), 'max_new_tokens_cap'),
+    (dict(kernel_configs='/no/such/table.json'), 'kernel_configs'),
 ])
 def test_invalid_values_are_rejected_with_the_parameter_named(changes, needle):
     with pytest.raises(ParameterError, match=needle):

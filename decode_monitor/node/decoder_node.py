@@ -160,6 +160,7 @@ class LlmDecoderNode(LifecycleNode):
             model=decoder.loaded.name, dtype=dtype, backend=decoder.backend.name,
             weights=decoder.weights, mode=decoder.mode, device=str(decoder.device),
             max_context=decoder.max_context, graph_fallbacks=decoder.graph_fallbacks,
+            kernel_configs=decoder.kernel_configs_source,
             fallback_reason=decoder.fallback_reason, peak_bandwidth=peak, peak_source=source,
             measured_bandwidth=measured)
         if decoder.fallback_reason:
@@ -183,7 +184,8 @@ class LlmDecoderNode(LifecycleNode):
         self._latency_pub.publish(Float32(data=float(step_ms)))
 
     def _publish_model_info(self, loaded):
-        keys = ('model', 'backend', 'weights', 'mode', 'dtype', 'max_context', 'device')
+        keys = ('model', 'backend', 'weights', 'mode', 'dtype', 'max_context', 'device',
+                'kernel_configs')
         body = {k: self.info.get(k) for k in keys} if loaded else {
             'model': self.config.settings.model}
         body.update(loaded=loaded, gpu=self.gpu.name if self.gpu.available else None)

@@ -76,6 +76,9 @@ PARAMETERS = {
     'mirror_diagnostics': (False, 'also publish on /diagnostics for diagnostic_aggregator', {}),
     'window_steps': (512, 'decode steps in the latency window', _int(8, 1000000)),
     'gpu_index': (0, 'NVML index of the GPU to report', _int(0, 64)),
+    'kernel_configs': ('', 'fused kernels\' launch table: empty for the one tuned for this GPU '
+                       '(bench tune\'s cache, else the shipped one, else defaults), '
+                       '"defaults", or a table file', {}),
     'autostart': (True, 'configure and activate at start-up (false: wait for a lifecycle '
                   'manager)', {}),
 }
@@ -151,9 +154,17 @@ def validate(values):
         raise ParameterError('default_max_new_tokens must not exceed max_new_tokens_cap')
     if values['max_new_tokens_cap'] >= values['max_context']:
         raise ParameterError('max_new_tokens_cap must be below max_context (room for a prompt)')
+    tables = values['kernel_configs'] or None
+    if tables not in (None, 'defaults'):
+        from decode_monitor.engine.fused.tables import load, TableError
+        try:
+            load(tables)  # a bad table stops the start, before minutes of model loading
+        except (TableError, OSError) as exc:
+            raise ParameterError(f'parameter kernel_configs: {exc}') from None
     return NodeConfig(
         settings=DecoderSettings(values['model'], device, values['dtype'], values['mode'],
-                                 values['backend'], values['max_context'], values['weights']),
+                                 values['backend'], values['max_context'], values['weights'],
+                                 tables),
         limits=Limits(default_max_new_tokens=values['default_max_new_tokens'],
                       max_new_tokens=values['max_new_tokens_cap'],
                       max_request_bytes=values['max_request_bytes']),

@@ -54,6 +54,8 @@ def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX, 
         ('dtype', info.get('dtype')),
         ('backend', info.get('backend')),
         ('weights', info.get('weights')),
+        ('kernel configs', info.get('kernel_configs') or (
+            'not used (backend hf)' if info.get('backend') == 'hf' else None)),
         ('mode requested', info.get('mode_requested')),
         ('mode', info.get('mode')),
         ('graph fallbacks', info.get('graph_fallbacks')),
