@@ -83,6 +83,10 @@ class Decoder:
             self._host_tokens = torch.zeros(2, dtype=torch.long, pin_memory=True)
             self._events = [(torch.cuda.Event(enable_timing=True),
                              torch.cuda.Event(enable_timing=True)) for _ in range(2)]
+        # Prompt caching: the tokens whose K/V sit in the cache at positions 0.. . A prompt that
+        # starts with them prefills only from the first token that differs.
+        self.cached_ids = []
+        self.last_cached_tokens = 0  # how many prompt tokens the last generate() reused
         if mode == 'graph':
             self._capture_graphs()
 
@@ -144,8 +148,19 @@ class Decoder:
             self._seek(saved_pos)
 
     def _seek(self, pos):
+        self.cached_ids = []  # steps outside generate() write K/V nobody asked for
         self.pos.fill_(pos)
         self.backend.seek(pos)
+
+    def _reusable(self, prompt_ids):
+        """Prompt tokens whose K/V the cache already holds; the last one is always run again
+        (its logits give the first new token)."""
+        same = 0
+        for cached, wanted in zip(self.cached_ids, prompt_ids):
+            if cached != wanted:
+                break
+            same += 1
+        return min(same, len(prompt_ids) - 1)
 
     def _fall_back(self, reason):
         self.mode = 'eager'
@@ -167,7 +182,14 @@ class Decoder:
     # -- serving ----------------------------------------------------------------------------
     def generate(self, prompt_ids, params=SamplingParams(), max_new_tokens=64,
                  stop_token_ids=(), should_stop=None):
-        """Yield a Step per generated token, until max_new_tokens, a stop id or should_stop()."""
+        """Yield a Step per generated token, until max_new_tokens, a stop id or should_stop().
+
+        The prompt's longest prefix shared with the cached sequence is not prefilled again
+        (`last_cached_tokens`). The cached sequence only ever names K/V that were completely
+        written: it is emptied before the prefill, set to the prompt once the prefill returned,
+        and grows by one token per step the caller received, so a cancel, an error or an
+        abandoned generator leaves only what was computed.
+        """
         n = len(prompt_ids)
         if n == 0:
             raise ValueError('the prompt is empty')
@@ -178,9 +200,12 @@ class Decoder:
         self.sampling.load(params)
         greedy = params.greedy
         t0 = time.perf_counter()
+        reuse = self._reusable(prompt_ids)
+        self.cached_ids, self.last_cached_tokens = [], reuse
         with torch.no_grad():
-            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-            logits = self.backend.prefill(ids, 0)
+            ids = torch.tensor([prompt_ids[reuse:]], dtype=torch.long, device=self.device)
+            logits = self.backend.prefill(ids, reuse)
+            self.cached_ids = list(prompt_ids)
             self.pos.fill_(n - 1)
             first = (sample_greedy(logits) if greedy
                      else sample_stochastic(logits, self.sampling, self.pos))
@@ -192,6 +217,8 @@ class Decoder:
             return
         run = self._run_cuda if self._cuda else self._run_cpu
         for step in run(greedy, n, max_new_tokens - 1):
+            self.cached_ids.append(token)  # the step's input: its K/V is written now
+            token = step.token
             yield step
             if step.token in stop_token_ids or (should_stop is not None and should_stop()):
                 return

@@ -70,6 +70,7 @@ class DecodeService:
         self._hold = False  # queue requests until served (a start-up that will serve)
         self._inactive_reason = None
         self._ttft_ms = deque(maxlen=64)
+        self._prompt_tokens = deque(maxlen=64)  # (prompt tokens, of which cached) per request
         self._queue = deque()
         self._active = None
         self._finished_ids = deque(maxlen=256)
@@ -225,7 +226,12 @@ class DecodeService:
                         worker_error=None if alive else (self.worker_error or 'not running'),
                         queue_depth=len(self._queue), active=self._active is not None,
                         counters=Counters(**vars(self.counters)),
-                        ttft_p50_ms=float(np.median(self._ttft_ms)) if self._ttft_ms else None)
+                        ttft_p50_ms=_percentile(self._ttft_ms, 50),
+                        ttft_p95_ms=_percentile(self._ttft_ms, 95),
+                        prompt_cache_hit_rate=(
+                            sum(c for _, c in self._prompt_tokens)
+                            / sum(n for n, _ in self._prompt_tokens)
+                            if self._prompt_tokens else None))
 
     # -- the worker thread ------------------------------------------------------------------
     def _run(self):
@@ -346,10 +352,12 @@ class DecodeService:
         tail = stream.flush()
         if tail:
             self._publish_stream(request.id, tokens, tail)
+        cached = decoder.last_cached_tokens if ttft_ms is not None else 0
         with self._lock:
             if ttft_ms is not None:
                 self._ttft_ms.append(ttft_ms)
-        extra = dict(tokens=tokens, prompt_tokens=len(prompt_ids),
+                self._prompt_tokens.append((len(prompt_ids), cached))
+        extra = dict(tokens=tokens, prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached,
                      ttft_ms=_round(ttft_ms),
                      step_ms_p50=_round(float(np.median(step_ms))) if step_ms else None,
                      mode=decoder.mode)
@@ -414,6 +422,10 @@ def encode_prompt(tokenizer, request):
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=True, return_dict=False))
     return list(tokenizer.encode(request.prompt, add_special_tokens=False))
+
+
+def _percentile(values, q):
+    return float(np.percentile(values, q)) if values else None
 
 
 def _round(value, digits=3):

@@ -103,6 +103,8 @@ def statuses(snapshot, stats, info, gpu, gpu_sample, thresholds, prefix=PREFIX, 
                     ('received', c.received), ('served', c.served), ('rejected', c.rejected),
                     ('cancelled', c.cancelled), ('errors', c.errors),
                     ('time to first token p50 (ms)', snapshot['ttft_p50_ms']),
+                    ('time to first token p95 (ms)', snapshot.get('ttft_p95_ms')),
+                    ('prompt cache hit rate', snapshot.get('prompt_cache_hit_rate')),
                     ('publish failures', c.publish_failures),
                 ])
     return [(f'{prefix}: {name}', level, message, hardware_id,

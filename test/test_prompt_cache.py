@@ -1,0 +1,84 @@
+"""Prompt caching: a prompt that starts like the cached sequence prefills only the rest, and its
+greedy tokens are transformers' generate() on the whole prompt (the real SmolLM2 on the CPU)."""
+import pytest
+import torch
+
+from decode_monitor.engine.decoder import Decoder
+from decode_monitor.engine.sampling import SamplingParams
+
+SYSTEM = ('You are the voice of a warehouse robot. Answer in one short sentence. The robot has '
+          'two arms, a lidar, four cameras and a battery that lasts six hours. ')
+
+
+def reference(loaded, ids, n):
+    with torch.no_grad():
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def chat(loaded, question):
+    messages = [{'role': 'system', 'content': SYSTEM}, {'role': 'user', 'content': question}]
+    return list(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+
+
+def tokens(decoder, ids, n, stop_after=None):
+    out = []
+    stops = decoder.loaded.stop_token_ids
+    for step in decoder.generate(ids, SamplingParams(), n, stops):
+        out.append(step.token)
+        if stop_after is not None and len(out) == stop_after:
+            break  # the caller walks away, as a cancel does
+    return out
+
+
+@pytest.mark.parametrize('backend', ['hf', 'fused'])
+def test_shared_prefix_is_reused_and_tokens_do_not_change(smollm2, backend):
+    first = chat(smollm2, 'What can you carry?')
+    second = chat(smollm2, 'How long can you work?')
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 20
+    decoder = Decoder(smollm2, mode='eager', backend=backend, max_context=256)
+    got = tokens(decoder, first, 8)
+    assert decoder.last_cached_tokens == 0
+    assert len(got) == 8 and got == reference(smollm2, first, 8)  # an answer, not a stop
+    got = tokens(decoder, second, 8)
+    assert decoder.last_cached_tokens == shared
+    assert got == reference(smollm2, second, 8)
+    # the same prompt again: everything but its last token comes from the cache
+    assert tokens(decoder, second, 8) == got and decoder.last_cached_tokens == len(second) - 1
+
+
+def test_an_abandoned_request_leaves_only_what_was_computed(smollm2):
+    tok = smollm2.tokenizer
+    prompt = chat(smollm2, 'Describe your cameras.')
+    decoder = Decoder(smollm2, mode='eager', backend='hf', max_context=256)
+    done = tokens(decoder, prompt, 20, stop_after=5)
+    # 5 tokens received: the prompt and the inputs of steps 1..4 have their K/V in the cache
+    assert decoder.cached_ids == prompt + done[:4]
+    follow = prompt + done + tok.encode('\nAnd your arms?')
+    got = tokens(decoder, follow, 6)
+    assert decoder.last_cached_tokens == len(prompt) + 4
+    assert got == reference(smollm2, follow, 6)
+
+
+def test_a_failed_prefill_leaves_nothing_cached(smollm2):
+    prompt = chat(smollm2, 'Hello.')
+    decoder = Decoder(smollm2, mode='eager', backend='hf', max_context=256)
+    tokens(decoder, prompt, 3)
+    bad = prompt[:10] + [smollm2.model.config.vocab_size + 5]  # no such token: the prefill fails
+    with pytest.raises((IndexError, RuntimeError)):
+        tokens(decoder, bad, 3)
+    assert decoder.cached_ids == []
+    assert tokens(decoder, prompt, 4) == reference(smollm2, prompt, 4)
+    assert decoder.last_cached_tokens == 0
+
+
+def test_timing_runs_invalidate_the_cache(tiny):
+    decoder = Decoder(tiny, mode='eager', backend='hf', max_context=128)
+    tokens(decoder, list(b'hello robot'), 4)
+    assert decoder.cached_ids
+    decoder.time_steps(pos=4, steps=3, warmup=1)  # random K/V, steps at other positions
+    assert decoder.cached_ids == []
+    tokens(decoder, list(b'hello robot'), 2)
+    assert decoder.last_cached_tokens == 0
