@@ -31,8 +31,10 @@ NEW = 24
 CONTEXT = 128
 # (backend, weights) pairs the decoder serves: hf serves the model as loaded
 SERVED = [('hf', 'bf16'), ('fused', 'bf16'), ('fused', 'int8'), ('fused', 'int4')]
-# bf16 logits of this model are ~N(0, 0.5); one bf16 rounding of a logit is ~4e-3 of it
-BF16_TIE = 0.06
+# bf16 rounds a logit between 2 and 4 to steps of 2^-6; 30 layers of bf16 activations summed in
+# another order (other kernels; the reference's bf16-rounded dequantised weights) move a logit
+# by several such steps. A gap within 2^-3 is taken as a near-tie.
+BF16_TIE = 0.125
 
 
 @pytest.fixture(scope='module', params=[torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
