@@ -6,9 +6,11 @@
     python benchmarks/reliability.py faults --out faults.json
 
 Each prints a one-line summary and writes JSON. The invariant checked everywhere: every request
-message gets exactly one terminal response; the node process never dies.
+message gets exactly one terminal response, counted per request id (a duplicate must not hide a
+loss); the node process never dies.
 """
 import argparse
+from collections import Counter as Tally
 import itertools
 import json
 import math
@@ -26,9 +28,12 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float32, String
 
+from decode_monitor.serving.protocol import parse_request, RequestError
+
 EXECUTABLE = os.path.join(os.path.dirname(sys.executable), 'llm_decoder')
 TERMINAL = {'done', 'error', 'cancelled'}
 _client_ids = itertools.count()
+ANONYMOUS = '<id given by the node>'
 
 
 # -- the node under test -------------------------------------------------------------------
@@ -121,6 +126,31 @@ def send_paced(client, node, messages, outstanding=200, timeout_s=600):
     return sent, len(client.responses) - base
 
 
+def per_id(expected, responses):
+    """Compare the ids requests carried (a Tally) with the ids of the terminal responses.
+
+    Ids the node makes up for requests without one are pooled as ANONYMOUS and must not repeat.
+    Returns lost (requests without a response), duplicated (responses beyond one per request)
+    and unexpected (responses to ids never sent) counts.
+    """
+    got = Tally(ANONYMOUS if r['id'].startswith('req-') else r['id'] for r in responses)
+    made_up = Tally(r['id'] for r in responses if r['id'].startswith('req-'))
+    lost = sum(max(0, n - got[i]) for i, n in expected.items())
+    duplicated = sum(max(0, n - expected[i]) for i, n in got.items() if i in expected)
+    duplicated += sum(n - 1 for n in made_up.values())
+    unexpected = sum(n for i, n in got.items() if i not in expected)
+    return lost, duplicated, unexpected
+
+
+def carried_id(raw):
+    """The id a request message carries, or ANONYMOUS where the node has to make one up."""
+    try:
+        request_id = parse_request(raw).id
+    except RequestError as exc:
+        request_id = exc.request_id
+    return ANONYMOUS if request_id is None or request_id.startswith('req-') else request_id
+
+
 # -- inputs --------------------------------------------------------------------------------
 _text = st.text(st.characters(codec='utf-8'), max_size=64) | st.sampled_from(
     ['', ' ', '\x00', '\u202e', '\ud7ff', '🤖' * 50, '\r\n\t', 'NaN', '{', '"', '\\'])
@@ -181,8 +211,11 @@ def run_fuzz(args):
     kinds = {}
     for r in client.responses:
         kinds[r['status']] = kinds.get(r['status'], 0) + 1
+    lost, duplicated, unexpected = per_id(Tally(map(carried_id, messages[:sent])),
+                                          client.responses)
     return dict(run='fuzz', requests=len(messages), sent=sent, responses=answered,
-                lost=sent - answered, crashes=0 if alive else 1, exit_code=code,
+                lost=lost, duplicated=duplicated, unexpected=unexpected,
+                crashes=0 if alive else 1, exit_code=code,
                 by_status=kinds, largest_request_bytes=max(len(m.encode()) for m in messages),
                 bad_terminal=sum(r['status'] not in TERMINAL for r in client.responses),
                 seconds=time.monotonic() - t0)
@@ -192,48 +225,57 @@ def run_flood(args):
     node, client = start('/flood', **NODE_PARAMS)
     rss_before = node.rss_mib()
     t0 = time.monotonic()
-    for i in range(args.count):  # as fast as the publisher goes: no pacing
-        client.request_pub.publish(String(data=json.dumps({'id': f'f{i}', 'prompt': 'go'})))
+    ids = [f'f{i}' for i in range(args.count)]
+    for request_id in ids:  # as fast as the publisher goes: no pacing
+        client.request_pub.publish(String(data=json.dumps({'id': request_id, 'prompt': 'go'})))
     client.spin_until(lambda: len(client.responses) >= args.count, 300)
+    client.spin_until(lambda: False, 1.0)  # a response beyond one per id would arrive now
     seconds = time.monotonic() - t0
     rss_after = node.rss_mib()
     alive = node.alive()
     node.stop()
-    ids = [r['id'] for r in client.responses]
+    lost, duplicated, unexpected = per_id(Tally(ids), client.responses)
     full = sum('queue full' in (r['error'] or '') for r in client.responses)
-    return dict(run='flood', requests=args.count, responses=len(ids),
-                unique_ids=len(set(ids)), lost=args.count - len(set(ids)), queue_full=full,
+    return dict(run='flood', requests=args.count, responses=len(client.responses),
+                unique_ids=len({r['id'] for r in client.responses}), lost=lost,
+                duplicated=duplicated, unexpected=unexpected, queue_full=full,
                 done=sum(r['status'] == 'done' for r in client.responses),
+                bad_terminal=sum(r['status'] not in TERMINAL for r in client.responses),
                 crashes=0 if alive else 1, rss_before_mib=rss_before, rss_after_mib=rss_after,
                 seconds=seconds)
 
 
 def run_soak(args):
+    """Requests one after another for `--minutes`, or until `--requests` have been answered."""
     node, client = start('/soak', model=args.model, max_context=1024,
                          default_max_new_tokens=48, max_new_tokens_cap=64)
     prompts = ['Describe a robot arm.', 'List three sensors.', 'What is odometry?',
                'Explain a PID loop in one sentence.']
     end = time.monotonic() + args.minutes * 60
-    samples, sent = [], 0
-    while time.monotonic() < end and node.alive():
+    samples, ids = [], []
+    while node.alive() and (len(ids) < args.requests if args.requests
+                            else time.monotonic() < end):
         before = len(client.latencies)
+        ids.append(f's{len(ids)}')
         client.request_pub.publish(String(data=json.dumps(
-            {'prompt': prompts[sent % len(prompts)]})))
-        sent += 1
-        client.spin_until(lambda: len(client.responses) >= sent, 300)
+            {'id': ids[-1], 'prompt': prompts[len(ids) % len(prompts)]})))
+        client.spin_until(lambda: any(r['id'] == ids[-1] for r in client.responses), 300)
         samples.append(dict(t=args.minutes * 60 - (end - time.monotonic()),
                             rss_mib=node.rss_mib(),
                             step_ms=statistics.median(client.latencies[before:] or [math.nan])))
+    client.spin_until(lambda: False, 1.0)  # a response beyond one per id would arrive now
     alive = node.alive()
     node.stop()
+    lost, duplicated, unexpected = per_id(Tally(ids), client.responses)
     k = max(1, len(samples) // 6)  # first and last sixth of the run
     first, last = samples[:k], samples[-k:]
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
-    return dict(run='soak', minutes=args.minutes, model=args.model, requests=sent,
-                responses=len(client.responses), lost=sent - len(client.responses),
-                done=sum(r['status'] == 'done' for r in client.responses),
+    return dict(run='soak', minutes=None if args.requests else args.minutes, model=args.model,
+                requests=len(ids),
+                responses=len(client.responses), lost=lost, duplicated=duplicated,
+                unexpected=unexpected, done=sum(r['status'] == 'done' for r in client.responses),
                 crashes=0 if alive else 1,
                 step_ms_first=med(first, 'step_ms'), step_ms_last=med(last, 'step_ms'),
                 step_drift=med(last, 'step_ms') / med(first, 'step_ms') - 1,
@@ -260,12 +302,21 @@ def run_faults(args):
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     client.spin_until(lambda: client.chunks, 60)
     asker.kill()  # the client vanishes mid-stream
-    client.spin_until(lambda: client.responses, 60)
+    asker.wait()
+    # the scenario happened only if text had streamed and the request was not finished yet
+    chunks_before_kill = len(client.chunks)
+    stream_id = client.chunks[0]['id'] if client.chunks else None
+    answered_before_kill = any(r['id'] == stream_id for r in client.responses)
+    client.spin_until(lambda: any(r['id'] == stream_id for r in client.responses), 60)
     client.request_pub.publish(String(data=json.dumps({'id': 'after', 'prompt': 'hi'})))
     client.spin_until(lambda: any(r['id'] == 'after' for r in client.responses), 60)
+    client.spin_until(lambda: False, 1.0)  # a response beyond one per id would arrive now
     alive = node.alive()
     node.stop()
     results['client vanishes mid-stream'] = dict(
+        chunks_before_kill=chunks_before_kill, answered_before_kill=answered_before_kill,
+        killed_request=[r['status'] for r in client.responses if r['id'] == stream_id],
+        after=[r['status'] for r in client.responses if r['id'] == 'after'],
         responses=[r['status'] for r in client.responses], node_alive=alive)
     return dict(run='faults', results=results)
 
@@ -282,6 +333,8 @@ def main(argv=None):
     parser.add_argument('run', choices=['fuzz', 'flood', 'soak', 'faults'])
     parser.add_argument('--count', type=int, default=None)
     parser.add_argument('--minutes', type=float, default=30.0)
+    parser.add_argument('--requests', type=int, default=None,
+                        help='soak: stop after this many requests instead of after --minutes')
     parser.add_argument('--model', default='smollm2')
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)

@@ -13,6 +13,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU; skipped without one '
+                            '(run them with -m gpu on a GPU machine)')
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope='session')
 def smollm2():
     """The real embedded SmolLM2-135M-Instruct, loaded once (about 20 s on a CPU)."""

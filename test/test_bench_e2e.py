@@ -1,4 +1,5 @@
-"""The quick grid end to end on the CPU: real engine, real session processes, every output."""
+"""The quick grid end to end on the CPU (also on a GPU machine): real engine, real session
+processes, every output."""
 import csv
 import json
 import os
@@ -11,11 +12,23 @@ import torch
 
 from decode_monitor.bench import plots
 from decode_monitor.bench.cli import main
-from decode_monitor.engine.floor import FloorModel
-from decode_monitor.engine.sources import load_model
+from decode_monitor.engine.presets import preset_config
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 STEPS = 8  # the quick grid's
+
+
+def tiny_step_bytes(pos):
+    """Bytes a float32 step of the tiny preset reads at `pos`, added up from its shapes: hidden
+    128, intermediate 256, 2 layers, 4 heads and 2 KV heads of 32, vocab 512, untied lm_head."""
+    config = preset_config('tiny')
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.vocab_size,
+            config.tie_word_embeddings) == (128, 256, 2, 4, 2, 512, False)
+    layer = 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 256 + 2 * 128
+    weights = 2 * layer + 128 + 512 * 128 + 128  # + final norm, lm_head, one embedding row
+    kv_per_token = 2 * 2 * 2 * 32  # layers x (K, V) x KV heads x head_dim
+    return 4 * (weights + kv_per_token * (pos + 1))
 
 
 @pytest.fixture(scope='module')
@@ -23,8 +36,8 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench')
     # ctx 1000000 needs about 1.3 GB for the tiny preset: over the 0.3 GB limit, so skipped.
     cmd = [sys.executable, '-m', 'decode_monitor.bench', '--grid', 'quick', '--profile',
-           '--contexts', '32', '64', '1000000', '--memory-limit-gb', '0.3', '--no-progress',
-           '-o', str(out)]
+           '--device', 'cpu', '--contexts', '32', '64', '1000000', '--memory-limit-gb', '0.3',
+           '--no-progress', '-o', str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     with open(out / 'results.json') as f:
         results = json.load(f)
@@ -44,7 +57,7 @@ def test_exit_code_and_files(run):
 def test_environment_recorded(run):
     _, _, results = run
     env = results['environment']
-    assert env['device'] == 'cpu' and env['torch'] == torch.__version__
+    assert env['device'] == 'cpu' and env['torch'] == torch.__version__  # --device cpu
     assert env['package_version'] and env['transformers'] and env['python']
     assert env['command'].startswith('bench --grid quick')
 
@@ -73,13 +86,12 @@ def test_graph_and_oversized_cells_are_skipped_with_reasons(run):
 def test_samples_hold_steps_and_the_floor_of_the_real_model(run):
     _, _, results = run
     assert results['grid']['dtype'] == 'float32'  # the quick grid's auto dtype on a CPU
-    floor = FloorModel.for_model(load_model('tiny', dtype=torch.float32).model)
     copy_bw = {s['session']: s['copy_bandwidth'] for s in results['sessions']}
     ok = [s for s in results['samples'] if s['status'] == 'ok']
     assert sorted((s['session'], s['ctx']) for s in ok) == [(0, 32), (0, 64), (1, 32), (1, 64)]
     for s in ok:
         assert len(s['step_ms']) == STEPS and min(s['step_ms']) > 0
-        expected = statistics.fmean(floor.bytes_per_step(s['ctx'] + i) for i in range(STEPS))
+        expected = statistics.fmean(tiny_step_bytes(s['ctx'] + i) for i in range(STEPS))
         assert s['bytes_per_step'] == pytest.approx(expected)
         assert s['copy_bandwidth'] == copy_bw[s['session']]
         assert s['floor_ms_copy'] == pytest.approx(expected / copy_bw[s['session']] * 1e3)

@@ -21,10 +21,28 @@ def test_parameter_counts_match_the_published_ones(qwen):
     assert (qwen.layers, qwen.heads, qwen.kv_heads, qwen.head_dim) == (28, 28, 4, 128)
 
 
+def context_bytes(max_context):
+    """What transformers allocates for Qwen2.5-7B at a context, measured on the meta device: its
+    StaticCache (bf16), and one layer's K and V repeated to the query heads, and fp32 scores."""
+    import torch
+    from transformers import StaticCache
+    from transformers.models.llama.modeling_llama import repeat_kv
+    from decode_monitor.engine.presets import preset_config
+    config = preset_config('qwen2.5-7b')
+    cache = StaticCache(config=config, max_cache_len=max_context)
+    cache.early_initialization(1, config.num_key_value_heads, config.head_dim, torch.bfloat16,
+                               'meta')
+    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    groups = config.num_attention_heads // config.num_key_value_heads
+    keys = repeat_kv(cache.layers[0].keys, groups)  # (1, heads, max_context, head_dim)
+    query = torch.empty(1, config.num_attention_heads, 1, config.head_dim, device='meta')
+    scores = query @ keys.float().transpose(2, 3)  # (1, heads, 1, max_context) fp32
+    return kv + 2 * keys.nbytes + scores.nbytes
+
+
 def test_cell_bytes_grow_with_context_by_the_kv_and_attention_buffers(qwen):
     base = memory.cell_bytes(qwen, 2048)
-    per_token = (28 * 2 * 4 * 128 * 2) + (2 * 28 * 128 * 2) + 28 * 4
-    assert memory.cell_bytes(qwen, 4096) - base == pytest.approx(per_token * 2048)
+    assert memory.cell_bytes(qwen, 4096) - base == context_bytes(4096) - context_bytes(2048)
     assert base > qwen.params * 2  # weights alone in bf16
     assert memory.cell_bytes(qwen, 2048, 'float32') > base + qwen.params * 2 - 1
     assert memory.cell_bytes(qwen, 2048, margin_gb=1.5) == pytest.approx(base + 1.5e9)

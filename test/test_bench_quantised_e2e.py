@@ -1,5 +1,6 @@
-"""Weight formats end to end on the CPU: bf16, int8 and int4 on the fused backend beside hf bf16,
-in real session processes, through to the report's speedup-vs-byte-ratio section."""
+"""Weight formats end to end on the CPU (also on a GPU machine): bf16, int8 and int4 on the fused
+backend beside hf bf16, in real session processes, through to the report's speedup-vs-byte-ratio
+section."""
 import csv
 import json
 import os
@@ -9,13 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 from decode_monitor.bench import quantised
 from decode_monitor.bench.cli import main
-from decode_monitor.engine import fused  # noqa: F401  registers backend fused
-from decode_monitor.engine.decoder import Decoder
-from decode_monitor.engine.sources import load_model
+from decode_monitor.engine.presets import preset_config
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CTX, STEPS, WARMUP = 16, 6, 2
@@ -26,8 +23,9 @@ FORMATS = ('bf16', 'int8', 'int4')
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench_weights')
     cmd = [sys.executable, '-m', 'decode_monitor.bench', '--grid', 'quick', '--profile',
-           '--backends', 'hf', 'fused', '--weights', *FORMATS, '--contexts', str(CTX),
-           '--steps', str(STEPS), '--warmup', str(WARMUP), '--no-progress', '-o', str(out)]
+           '--device', 'cpu', '--backends', 'hf', 'fused', '--weights', *FORMATS,
+           '--contexts', str(CTX), '--steps', str(STEPS), '--warmup', str(WARMUP),
+           '--no-progress', '-o', str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     with open(out / 'results.json') as f:
         results = json.load(f)
@@ -36,14 +34,22 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def expected_bytes():
-    """Mean bytes per timed step of each format, from the engine's own floors (float32 tiny)."""
-    loaded = load_model('tiny', dtype=torch.float32)
-    out = {}
-    for weights in FORMATS:
-        floor = Decoder(loaded, mode='eager', backend='fused', max_context=CTX + WARMUP + STEPS,
-                        weights=weights).floor
-        out[weights] = statistics.fmean(floor.bytes_per_step(CTX + i) for i in range(STEPS))
-    return out
+    """Mean bytes per timed step of each format (float32 tiny), added up from the preset's shapes:
+    hidden 128, intermediate 256, 2 layers, 4 heads and 2 KV heads of 32, vocab 512, untied.
+    Every K (128, 256) is a multiple of 128: one group of 128 weights per float32 scale (int8),
+    or per float32 scale and offset (int4)."""
+    config = preset_config('tiny')
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.vocab_size,
+            config.tie_word_embeddings) == (128, 256, 2, 4, 2, 512, False)
+    matrices = 2 * [(256, 128), (128, 128), (512, 128), (128, 256)] + [(512, 128)]  # + lm_head
+    weights = sum(n * k for n, k in matrices)
+    groups = sum(n * k // 128 for n, k in matrices)
+    dense = 4 * (2 * 2 * 128 + 128 + 128)  # layer norms, final norm, one embedding row
+    stored = {'bf16': 4 * weights, 'int8': weights + 4 * groups, 'int4': weights // 2 + 8 * groups}
+    kv_per_token = 4 * 2 * 2 * 2 * 32  # float32 x layers x (K, V) x KV heads x head_dim
+    return {fmt: statistics.fmean(dense + stored[fmt] + kv_per_token * (CTX + i + 1)
+                                  for i in range(STEPS)) for fmt in FORMATS}
 
 
 def test_run_passes(run):

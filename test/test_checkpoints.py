@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from decode_monitor.engine.checkpoints import packed_scheme, read_tensors
-from decode_monitor.engine.decoder import Decoder
+from decode_monitor.engine.decoder import BACKENDS, Decoder
+from decode_monitor.engine.fused import FusedBackend
 from decode_monitor.engine.fused import gemv as G
 from decode_monitor.engine.fused.quant import QuantWeight
 from decode_monitor.engine.sampling import SamplingParams
@@ -27,6 +28,7 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
+DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 GROUP = 64  # SmolLM2's K (576, 1536) are multiples of 64, not of 128
 SCHEMES = {'int4': dict(num_bits=4, symmetric=True),
            'int4-asym': dict(num_bits=4, symmetric=False),
@@ -54,7 +56,9 @@ def write_checkpoint(loaded, directory, num_bits, symmetric):
                 module.weight_zero_point.data.copy_(zero_point)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format='pack-quantized')
     compressor.compress_model(model)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != 'lm_head.weight'}
+    tied = model.config.tie_word_embeddings  # then lm_head is the embedding, saved once
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == 'lm_head.weight')}
     save_file(state, str(directory / 'model.safetensors'), metadata={'format': 'pt'})
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
@@ -63,12 +67,24 @@ def write_checkpoint(loaded, directory, num_bits, symmetric):
     return directory
 
 
+@pytest.fixture(scope='module')
+def written(smollm2, tmp_path_factory):
+    """Checkpoint directories of SmolLM2 by scheme name, each written once when first asked."""
+    directories = {}
+
+    def directory(name):
+        if name not in directories:
+            directories[name] = write_checkpoint(smollm2, tmp_path_factory.mktemp(name),
+                                                 **SCHEMES[name])
+        return directories[name]
+    return directory
+
+
 @pytest.fixture(scope='module', params=list(SCHEMES))
-def checkpoint(request, smollm2, tmp_path_factory):
+def checkpoint(request, written):
     """(scheme name, directory, compressed-tensors' scheme, our load, transformers' load)."""
     from transformers import AutoModelForCausalLM
-    directory = write_checkpoint(smollm2, tmp_path_factory.mktemp(request.param),
-                                 **SCHEMES[request.param])
+    directory = written(request.param)
     with open(directory / 'config.json') as f:
         scheme = QuantizationConfig.model_validate(
             json.load(f)['quantization_config']).config_groups['group_0']
@@ -138,21 +154,60 @@ def test_kernel_on_checkpoint_codes_equals_decompressed_matrix(checkpoint, matri
 
 def test_greedy_tokens_equal_transformers_generate_on_the_checkpoint(checkpoint):
     name, _, _, ours, theirs = checkpoint
-    if name != 'int4':
-        pytest.skip('one scheme is enough for the whole decode')
     tok = ours.tokenizer
     ids = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}],
                                   add_generation_prompt=True, tokenize=True, return_dict=False)
     with torch.no_grad():
         expected = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    decoder = Decoder(ours, mode='eager', backend='fused', max_context=128, weights='int4')
+    decoder = Decoder(ours, mode='eager', backend='fused', max_context=128,
+                      weights=name.split('-')[0])
     got = [s.token for s in decoder.generate(ids, SamplingParams(), max_new_tokens=12)]
     assert got == expected
-    freed = decoder.backend.release_dense(ours.model)  # the dense head stays: it is served
-    assert freed > 0
-    again = [s.token for s in decoder.generate(ids, SamplingParams(), max_new_tokens=12)]
-    assert again == expected
+
+
+class KernelFused(FusedBackend):
+    """The fused backend on its Triton path, in the interpreter here: every step reads the
+    stored codes through the kernels, and prefill dequantises them a layer at a time."""
+
+    def __init__(self, model, max_context, weights='bf16'):
+        super().__init__(model, max_context, use_triton=True, weights=weights)
+
+
+@pytest.mark.parametrize('name', list(SCHEMES))
+def test_a_released_checkpoint_decodes_its_stored_codes(name, smollm2, tmp_path, monkeypatch):
+    """A tiny model (the kernels in the interpreter are slow) written packed: after its dense
+    copies are released, the kernels on the stored codes still give transformers' tokens."""
+    from transformers import AutoModelForCausalLM
+    from decode_monitor.engine.hf_backend import HFBackend
+    monkeypatch.setitem(BACKENDS, 'fused-kernels', KernelFused)
+    tiny = types.SimpleNamespace(model=load_model('tiny', dtype=torch.float32).model,
+                                 tokenizer=smollm2.tokenizer)
+    directory = write_checkpoint(tiny, tmp_path, **SCHEMES[name])
+    theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                  local_files_only=True).eval()
+    prompt = [5, 17, 99, 3, 200, 41, 7]
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = load_model(str(directory), device=DEV, dtype=torch.float32)
+    fmt = name.split('-')[0]
+    decoder = Decoder(ours, mode='eager', backend='fused', max_context=32, weights=fmt)
+    freed = decoder.backend.release_dense(ours.model)
+    # 2 layers of q, k, v, o (128 x 128, 2 x 64 x 128, 128 x 128) and gate, up, down
+    # (3 x 256 x 128) in float32; lm_head is stored dense, and served so: it stays
+    assert freed == 2 * (128 * 128 + 2 * 64 * 128 + 128 * 128 + 3 * 256 * 128) * 4
+    for block in ours.model.model.layers:
+        for module in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                       block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj,
+                       block.mlp.down_proj):
+            assert module.weight.numel() == 0
+    assert ours.model.lm_head.weight.shape == (512, 128)
+    with pytest.raises(ValueError, match='released'):
+        HFBackend(ours.model, 32)
+    kernels = Decoder(ours, mode='eager', backend='fused-kernels', max_context=32, weights=fmt)
+    assert [s.token for s in kernels.generate(prompt, max_new_tokens=5)] == expected
+    assert [s.token for s in decoder.generate(prompt, max_new_tokens=5)] == expected
 
 
 def _config(**weights):
@@ -183,10 +238,8 @@ def test_no_quantization_config_is_a_dense_checkpoint():
     assert (scheme.bits, scheme.group, scheme.symmetric, scheme.fmt) == (4, 128, True, 'int4')
 
 
-def test_loading_an_unsupported_checkpoint_is_a_clear_error(checkpoint, tmp_path):
-    name, directory, _, _, _ = checkpoint
-    if name != 'int4':
-        pytest.skip('once is enough')
+def test_loading_an_unsupported_checkpoint_is_a_clear_error(written, tmp_path):
+    directory = written('int4')
     for f in directory.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     config = json.loads((tmp_path / 'config.json').read_text())
@@ -212,12 +265,10 @@ def _without(source, directory, dropped):
 @pytest.mark.parametrize('dropped', [
     ['model.norm.weight'],  # dense in a packed checkpoint: nothing would replace it
     [f'model.layers.3.mlp.up_proj.weight_{part}' for part in ('packed', 'scale', 'shape')]])
-def test_a_weight_the_checkpoint_lacks_is_refused(checkpoint, tmp_path, dropped):
+def test_a_weight_the_checkpoint_lacks_is_refused(written, tmp_path, dropped):
     """transformers fills a missing weight with random values (and, for a packed checkpoint, is
     told not to draw them): loading must refuse it and name it, not serve noise."""
-    name, directory, _, _, _ = checkpoint
-    if name != 'int4-asym':
-        pytest.skip('once is enough')
+    directory = written('int4-asym')
     lost = dropped[0].rsplit('_', 1)[0] if dropped[0].endswith('_packed') else dropped[0]
     with pytest.raises(ModelLoadError, match=f"lacks 1 weight.*{lost.replace('.', '[.]')}"):
         load_model(str(_without(directory, tmp_path, dropped)))
@@ -246,10 +297,8 @@ def test_a_dense_checkpoint_lacking_a_weight_is_refused(smollm2, tmp_path):
         load_model(str(broken))
 
 
-def test_serving_another_format_than_stored_says_so(checkpoint, caplog):
-    name, directory, _, _, _ = checkpoint
-    if name != 'int4':
-        pytest.skip('once is enough')
+def test_serving_another_format_than_stored_says_so(written, caplog):
+    directory = written('int4')
     from decode_monitor.engine.factory import DecoderSettings, build_decoder
     settings = dict(model=str(directory), device='cpu', mode='eager', max_context=64)
     with caplog.at_level('WARNING', logger='decode_monitor.engine.factory'):

@@ -29,6 +29,7 @@ def test_greedy_tokens_equal_generate(smollm2, decoder):
 
 
 def test_graph_mode_on_cpu_falls_back_to_eager_and_says_why(decoder):
+    assert decoder.device.type == 'cpu'  # the smollm2 fixture loads on the CPU, GPU or not
     assert decoder.mode_requested == 'graph'
     assert decoder.mode == 'eager'
     assert decoder.graph_fallbacks == 1

@@ -11,6 +11,20 @@ from decode_monitor.engine.presets import preset_config
 # embedding row), in GB; and the models' published parameter counts in billions.
 PUBLISHED = {'qwen2.5-7b': (14.14, 7.616), 'llama-3-8b': (15.01, 8.030),
              'mistral-7b': (14.22, 7.242)}
+# The models' public shapes: hidden, intermediate, layers, heads, KV heads, vocab, q/k/v biases.
+SHAPES = {'qwen2.5-7b': (3584, 18944, 28, 28, 4, 152064, True),
+          'llama-3-8b': (4096, 14336, 32, 32, 8, 128256, False),
+          'mistral-7b': (4096, 14336, 32, 32, 8, 32000, False)}
+
+
+def step_bytes(hidden, inter, layers, heads, kv_heads, vocab, bias):
+    """Bytes one bf16 step reads, added up matrix by matrix (untied lm_head)."""
+    d = hidden // heads
+    layer = (hidden * heads * d + 2 * hidden * kv_heads * d  # q, k, v
+             + heads * d * hidden + 3 * hidden * inter  # o, gate, up, down
+             + 2 * hidden  # the two RMSNorms
+             + ((heads + 2 * kv_heads) * d if bias else 0))
+    return 2 * (layers * layer + hidden + vocab * hidden + hidden)  # + norm, lm_head, one row
 
 
 def meta_model(name):
@@ -23,7 +37,10 @@ def test_weight_bytes_match_published_counts(name):
     model = meta_model(name)
     weight_gb, params_b = PUBLISHED[name]
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(params_b, abs=5e-4)
-    assert FloorModel.for_model(model).weight_bytes / 1e9 == pytest.approx(weight_gb, abs=5e-3)
+    weight_bytes = FloorModel.for_model(model).weight_bytes
+    assert weight_bytes / 1e9 == pytest.approx(weight_gb, abs=5e-3)
+    # to the byte: one embedding row (7-8 KB) or a norm too many or too few shows here
+    assert weight_bytes == step_bytes(*SHAPES[name])
 
 
 @pytest.mark.parametrize('name', ['tiny', 'tiny-qwen2', 'smollm2-135m'])

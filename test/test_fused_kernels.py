@@ -100,24 +100,18 @@ def test_split_k_resets_its_tickets():
     assert not tickets.any()
 
 
-def test_split_k_repeats_bit_for_bit():
-    """The last program adds the partial sums in split order: the same input gives the same
-    bits on every launch. On a GPU the splits finish in an order that varies from launch to
-    launch, and a sum in arrival order (atomic adds) would vary with it; the interpreter runs
-    programs in order, so there this checks that the slots' sum is complete and stable."""
+def test_split_k_sum_is_complete_over_six_splits():
+    """Six splits of K = 768 in chunks of 64 (two chunks each): the last program adds every
+    split's partial sum and the norm's sum of squares. That the sum comes out the same bits on
+    every launch, whatever order the splits finish in, needs a GPU: test_gpu.py."""
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(2 * 96, 768, generator=gen).to(DEV)
     x = torch.randn(768, generator=gen).to(DEV)
     g = torch.rand(768, generator=gen).to(DEV) + 0.5
     gate, up = F.linear(rms_norm(x, g), w).chunk(2)
-    outs = []
-    for _ in range(4 if DEV == 'cpu' else 50):
-        out = torch.empty(96, device=DEV)
-        G.gemv(w, x, out, norm_weight=g, gated=True, eps=EPS, config=(16, 64, 4, 1, 6))
-        outs.append(out)
-    assert rel(outs[0], F.silu(gate) * up) < 1e-5
-    for out in outs[1:]:
-        assert torch.equal(out, outs[0])
+    out = torch.full((96,), float('nan'), device=DEV)
+    G.gemv(w, x, out, norm_weight=g, gated=True, eps=EPS, config=(16, 64, 4, 1, 6))
+    assert rel(out, F.silu(gate) * up) < 1e-5
 
 
 def test_tuned_rows_with_a_split_reach_the_kernel():

@@ -227,16 +227,17 @@ def test_release_dense_frees_the_matrices_and_keeps_the_answers(tiny, fmt):
 
 
 def _count_bytes(config, fmt, dtype_bytes):
-    """Bytes per step from the model's shapes alone: what the stored formats must add up to."""
+    """Bytes per step from the model's shapes alone: what the stored formats must add up to.
+    Every K of the tiny preset (128, 256) is a multiple of 128: groups of 128 weights."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     d = config.hidden_size // config.num_attention_heads
     qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
     matrices = [(qkv_rows, h), (h, config.num_attention_heads * d), (2 * i, h), (h, i)]
     matrices = matrices * config.num_hidden_layers + [(v, h)]
-    per_weight, per_group = {'int8': (1, 1), 'int4': (0.5, 2)}[fmt]
-    total = 0
-    for n, k in matrices:
-        total += n * k * per_weight + n * (k // group_size_for(k)) * per_group * dtype_bytes
+    assert all(k % 128 == 0 for _, k in matrices)
+    per_weight, per_group = {'int8': (1, 1), 'int4': (0.5, 2)}[fmt]  # int4: scale and offset
+    total = sum(n * k * per_weight + n * (k // 128) * per_group * dtype_bytes
+                for n, k in matrices)
     norms = (2 * config.num_hidden_layers + 1) * h * dtype_bytes
     return int(total + norms + h * dtype_bytes)  # + one embedding row
 
@@ -260,17 +261,57 @@ def test_quantised_weights_need_the_fused_backend(tiny):
         FusedBackend(tiny.model, 64, weights='fp8')
 
 
-def test_built_decoder_serves_quantised_weights_without_the_dense_ones():
+def dequantised_by_hand(qw):
+    """The (N, K) matrix of a QuantWeight, read from its documented storage alone (quant.py)."""
+    n, k, group = qw.q.shape[0], qw.shape[1], qw.group
+    scale = qw.scale.float().repeat_interleave(group, 1)
+    if qw.fmt == 'int8':
+        return qw.q.float() * scale
+    # int4: a group's G / 2 bytes are G / 8 little-endian 32-bit words; nibble i of word c (byte
+    # i // 2 of the word, its high half when i is odd) holds weight c + i G / 8 of the group
+    words = qw.q.view(n, k // group, group // 8, 4).long()  # (row, group, word c, byte)
+    lanes = torch.stack([(words[..., i // 2] >> 4 * (i % 2)) & 15 for i in range(8)], dim=-2)
+    codes = lanes.reshape(n, k)  # (row, group, lane i, word c): weight i G / 8 + c
+    return codes.float() * scale + qw.offset.float().repeat_interleave(group, 1)
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_built_decoder_serves_the_codes_without_the_dense_weights(fmt):
     """The node's path (build_decoder): a quantised decoder owns its model, so the dense
-    matrices are released, and it generates what a decoder that kept them generates."""
+    matrices are released; what it generates is the model of its codes, read here by hand."""
     from decode_monitor.engine.factory import DecoderSettings, build_decoder
     from decode_monitor.engine.sources import load_model
     settings = DecoderSettings(model='tiny', device='cpu', dtype='float32', mode='eager',
-                               backend='fused', max_context=64, weights='int8')
+                               backend='fused', max_context=64, weights=fmt)
     built = build_decoder(settings)
-    assert built.released_bytes > 0
-    kept = Decoder(load_model('tiny', dtype=torch.float32), mode='eager', backend='fused',
-                   max_context=64, weights='int8')
-    prompt = [5, 17, 99, 3]
-    tokens = [[step.token for step in d.generate(prompt, max_new_tokens=8)] for d in (built, kept)]
-    assert tokens[0] == tokens[1]
+    model = built.loaded.model
+    modules = [m for block in model.model.layers
+               for m in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                         block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj,
+                         block.mlp.down_proj)] + [model.lm_head]
+    assert all(m.weight.numel() == 0 for m in modules)
+    # tiny: 2 layers of q, k, v, o (128 x 128, 2 x 64 x 128, 128 x 128) and gate, up, down
+    # (3 x 256 x 128), and the untied 512 x 128 lm_head, in float32
+    assert built.released_bytes == (2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128)
+                                    + 512 * 128) * 4
+    reference = load_model('tiny', dtype=torch.float32).model  # the same seed: the same weights
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        dense_logits = reference(prompt).logits[0, -1]
+        for block, layer in zip(reference.model.layers, built.backend.layers):
+            attn, mlp = block.self_attn, block.mlp
+            q, k, v = dequantised_by_hand(layer.wqkv).split([128, 64, 64])
+            gate, up = dequantised_by_hand(layer.wgu).split([256, 256])
+            for module, w in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v),
+                              (attn.o_proj, dequantised_by_hand(layer.wo)),
+                              (mlp.gate_proj, gate), (mlp.up_proj, up),
+                              (mlp.down_proj, dequantised_by_hand(layer.wd))):
+                module.weight.copy_(w)
+        reference.lm_head.weight.copy_(dequantised_by_hand(built.backend.lm_head))
+        logits = reference(prompt).logits[0, -1]
+        expected = reference.generate(prompt, max_new_tokens=8, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+    assert rel(built.backend.prefill(prompt)[0], logits) < 1e-5
+    assert rel(dense_logits, logits) > 1e-3  # the codes' model is not the dense one
+    assert [step.token for step in built.generate(prompt[0].tolist(), max_new_tokens=8)] \
+        == expected

@@ -21,7 +21,9 @@ def run(tmp_path, *args):
 def test_fuzz_ten_thousand_adversarial_requests(tmp_path):
     r = run(tmp_path, 'fuzz', '--count', '10000')
     assert r['requests'] == r['sent'] == r['responses'] == 10000
-    assert r['lost'] == 0 and r['crashes'] == 0 and r['bad_terminal'] == 0
+    # exactly one terminal response per request id: none lost, none twice, none made up
+    assert (r['lost'], r['duplicated'], r['unexpected']) == (0, 0, 0)
+    assert r['crashes'] == 0 and r['bad_terminal'] == 0
     assert r['by_status'].get('done', 0) > 0 and r['by_status']['error'] > 0
     assert r['largest_request_bytes'] > 2 << 20
     assert r['exit_code'] == 0
@@ -29,7 +31,8 @@ def test_fuzz_ten_thousand_adversarial_requests(tmp_path):
 
 def test_flood_of_a_thousand(tmp_path):
     r = run(tmp_path, 'flood', '--count', '1000')
-    assert r['unique_ids'] == r['responses'] == 1000 and r['lost'] == 0
+    assert r['unique_ids'] == r['responses'] == 1000
+    assert (r['lost'], r['duplicated'], r['unexpected'], r['bad_terminal']) == (0, 0, 0, 0)
     assert r['queue_full'] > 0 and r['done'] > 0 and r['crashes'] == 0
     assert r['rss_after_mib'] - r['rss_before_mib'] < 64
 
@@ -41,11 +44,16 @@ def test_faults_keep_the_node_up(tmp_path):
         assert r[name]['response']['status'] == 'error'
         assert 'model not loaded' in r[name]['response']['error']
     assert 'no such file' in r['missing model path']['message']
-    assert r['client vanishes mid-stream']['node_alive']
-    assert r['client vanishes mid-stream']['responses'][-1] == 'done'
+    vanished = r['client vanishes mid-stream']
+    # the scenario happened: text had streamed to the client, and the request was still running
+    assert vanished['chunks_before_kill'] > 0 and not vanished['answered_before_kill']
+    assert vanished['node_alive']
+    assert len(vanished['killed_request']) == 1 and vanished['killed_request'][0] in (
+        'done', 'cancelled', 'error')
+    assert vanished['after'] == ['done']
 
 
 def test_short_soak(tmp_path):
-    r = run(tmp_path, 'soak', '--minutes', '0.3', '--model', 'tiny')
-    assert r['requests'] > 3 and r['lost'] == 0 and r['crashes'] == 0
-    assert r['done'] == r['requests']
+    r = run(tmp_path, 'soak', '--requests', '4', '--model', 'tiny')  # a count, not a clock
+    assert r['requests'] == r['responses'] == r['done'] == 4
+    assert (r['lost'], r['duplicated'], r['unexpected'], r['crashes']) == (0, 0, 0, 0)

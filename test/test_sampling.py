@@ -45,7 +45,13 @@ def test_tied_logits_give_the_same_draw_every_time():
     assert len(set(first)) > 10
 
 
-@pytest.mark.parametrize('vocab', [7, 49152])
-def test_greedy_is_argmax(vocab):
-    logits = torch.randn(1, vocab)
-    assert int(sample_greedy(logits)) == int(logits.argmax())
+@pytest.mark.parametrize('vocab,top', [(7, 0), (7, 6), (49152, 31337), (49152, 49151)])
+def test_greedy_picks_the_largest_logit(vocab, top):
+    gen = torch.Generator().manual_seed(vocab + top)
+    logits = torch.rand(1, vocab, generator=gen) * 10 - 5  # in [-5, 5)
+    logits[0, top] = 5.5  # above every other by construction
+    assert sample_greedy(logits).tolist() == [[top]]
+    # a tie goes to the lowest id, so a greedy run is the same on every device
+    logits[0, vocab // 2] = 7.0
+    logits[0, vocab - 1 if top == 0 else 0] = 7.0
+    assert sample_greedy(logits).tolist() == [[min(vocab // 2, vocab - 1 if top == 0 else 0)]]

@@ -81,8 +81,10 @@ class Decoder:
         self._cuda = self.device.type == 'cuda'
         if self._cuda:
             self._host_tokens = torch.zeros(2, dtype=torch.long, pin_memory=True)
+            # per slot: the step's start and end (timing), and the token's copy to the host
             self._events = [(torch.cuda.Event(enable_timing=True),
-                             torch.cuda.Event(enable_timing=True)) for _ in range(2)]
+                             torch.cuda.Event(enable_timing=True), torch.cuda.Event())
+                            for _ in range(2)]
         # Prompt caching: the tokens whose K/V sit in the cache at positions 0.. . A prompt that
         # starts with them prefills only from the first token that differs.
         self.cached_ids = []
@@ -237,11 +239,12 @@ class Decoder:
 
         def launch(index, step_pos):
             slot = index % 2
-            start, end = self._events[slot]
+            start, end, copied = self._events[slot]
             start.record()
             self._launch(greedy)
             end.record()
             self._host_tokens[slot].copy_(self.token[0, 0], non_blocking=True)
+            copied.record()  # the copy runs after `end`: waiting for `end` can read a stale slot
             pending.append((slot, index, step_pos))
 
         with torch.no_grad():
@@ -250,8 +253,8 @@ class Decoder:
                 if index < count:
                     launch(index + 1, pos + index)  # one step ahead of the host
                 slot, i, step_pos = pending.popleft()
-                start, end = self._events[slot]
-                end.synchronize()
+                start, end, copied = self._events[slot]
+                copied.synchronize()
                 token = int(self._host_tokens[slot])
                 yield Step(i, token, step_pos, start.elapsed_time(end))
 
