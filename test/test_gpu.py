@@ -161,8 +161,9 @@ class TorchPathFused(FusedBackend):
     """The fused backend's torch path on the GPU: it reads the position back to the host every
     step, so it cannot be captured in a graph."""
 
-    def __init__(self, model, max_context, weights='bf16'):
-        super().__init__(model, max_context, use_triton=False, weights=weights)
+    def __init__(self, model, max_context, weights='bf16', kernel_configs=None):
+        super().__init__(model, max_context, use_triton=False, weights=weights,
+                         kernel_configs=kernel_configs)
 
 
 def test_capture_failure_falls_back_to_eager_and_capture_still_works_after(loaded, monkeypatch):
