@@ -41,9 +41,9 @@ print('@@' + json.dumps(row))
 
 
 def child(pythonpath):
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
-    out = subprocess.run([sys.executable, '-c', CHILD], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    root = os.path.abspath(pythonpath)  # also the working directory: `-c` imports from there
+    out = subprocess.run([sys.executable, '-c', CHILD], env=dict(os.environ, PYTHONPATH=root),
+                         cwd=root, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line[2:] for line in out.splitlines() if line.startswith('@@')))
 
 
