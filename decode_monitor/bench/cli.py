@@ -3,6 +3,7 @@
     bench [run] [--grid study|quick|FILE] [overrides...] [--profile] [--reference R.json]
     bench compare A.json B.json
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
+    bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
 
 Exit code: 0 the verdict passed, 1 it failed (or the analysis broke: results.json holds every
 sample, `bench report` reruns it), 2 usage error (bad grid, bad arguments, a reference that cannot
@@ -27,7 +28,7 @@ def _run_parser():
         prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
         'backends and weight formats in fresh processes; write results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json.')
+        'report results.json; quality (agreement with transformers).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -193,7 +194,16 @@ def cmd_compare(argv):
     return PASS
 
 
-COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report}
+def cmd_quality(argv):
+    from decode_monitor.bench import quality
+    try:
+        return quality.main(argv)
+    except quality.QualityError as exc:
+        print(f'bench quality: error: {exc}', file=sys.stderr)
+        return USAGE
+
+
+COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'quality': cmd_quality}
 
 
 def _interrupt(signum, frame):
