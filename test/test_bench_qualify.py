@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -49,13 +48,11 @@ def test_unusable_reference_is_refused_before_any_session(tmp_path, capsys, cont
     elif content is not None:
         ref.write_text(content)
     out = tmp_path / 'out'
-    t0 = time.monotonic()
     code = main(['--grid', _grid(tmp_path / 'grid.yaml'), '--reference', str(ref),
                  '--no-progress', '-o', str(out)])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # no session log, no results: nothing ran
-    assert time.monotonic() - t0 < 20  # a session alone (a fresh process) takes longer
 
 
 @pytest.fixture(scope='module')
