@@ -2,6 +2,7 @@
 
 Unquantised weights in float32 must choose transformers' greedy token at every position: the
 reference is transformers' `generate()`, our side is the decoder's prefill and decode steps.
+The same on the real SmolLM2, with int8 and int4, is in test_quant_quality.
 """
 import json
 
@@ -35,12 +36,19 @@ def test_cli_fused_and_hf_follow_transformers_on_tiny(tmp_path, capsys):
         _check_exact(row)
 
 
-def test_fused_follows_transformers_on_smollm2(smollm2):
-    prompts = quality.prompt_ids(smollm2, 2)
-    assert smollm2.tokenizer.chat_template and all(len(p) > 20 for p in prompts)
-    [row] = quality.evaluate(smollm2, [('fused', 'bf16')], prompts, tokens=16)
-    assert row['positions'] == 32
-    _check_exact(row)
+def test_float32_reference_adds_transformers_in_the_model_dtype(tmp_path):
+    out = tmp_path / 'quality.json'
+    code = main(['quality', '--model', 'tiny', '--dtype', 'bfloat16', '--reference-dtype',
+                 'float32', '--weights', 'bf16', '--tokens', '8', '--prompts', '1', '--device',
+                 'cpu', '-o', str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert (record['dtype'], record['reference_dtype']) == ('bfloat16', 'float32')
+    own, fused = record['results']
+    assert (own['backend'], fused['backend']) == (quality.REFERENCE, 'fused')
+    # bf16 rounding shows against the float32 copy, in transformers as in fused, alike
+    assert 1e-4 < own['logit_error_mean'] < 0.1
+    assert 1e-4 < fused['logit_error_mean'] < 3 * own['logit_error_mean']
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -158,7 +158,8 @@ def evaluate(loaded, rows, prompts, tokens, reference_dtype='same'):
     import torch
     from decode_monitor.engine.decoder import Decoder
     model = loaded.model
-    ref_model = _fp32_copy(model) if reference_dtype == 'float32' else model
+    upcast = reference_dtype == 'float32' and model.dtype != torch.float32
+    ref_model = _fp32_copy(model) if upcast else model
     eos = model.generation_config.eos_token_id
     suppressed = [i for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
     pad = getattr(loaded.tokenizer, 'eos_token_id', None)
