@@ -7,7 +7,8 @@
 
 Exit code: 0 the verdict passed, 1 it failed (or the analysis broke: results.json holds every
 sample, `bench report` reruns it), 2 usage error (bad grid, bad arguments, a reference that cannot
-be used: refused before the first session), 130 interrupted before any result was written.
+be used: refused before the first session), 130 interrupted outside the sessions (results.json
+is written once they began).
 """
 import argparse
 import os

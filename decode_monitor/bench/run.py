@@ -168,8 +168,8 @@ def run_session(spec, timeout_s, log, on_event):
         timed_out.set()
         proc.kill()
     timer = threading.Timer(timeout_s, kill)
-    timer.start()
-    try:
+    try:  # from here on, an interruption ends the session process too
+        timer.start()
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
         for line in proc.stdout:
