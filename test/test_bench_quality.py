@@ -36,6 +36,18 @@ def test_cli_fused_and_hf_follow_transformers_on_tiny(tmp_path, capsys):
         _check_exact(row)
 
 
+def test_random_prompts_of_a_given_length(tmp_path):
+    out = tmp_path / 'quality.json'
+    assert main(['quality', '--model', 'tiny', '--weights', 'bf16', '--prompt-tokens', '40',
+                 '--prompts', '2', '--tokens', '4', '--device', 'cpu', '-o', str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [len(p) for p in record['prompts']] == [40, 40]
+    assert record['prompts'][0] != record['prompts'][1]
+    [row] = record['results']
+    assert row['positions'] == 8
+    _check_exact(row)
+
+
 def test_float32_reference_adds_transformers_in_the_model_dtype(tmp_path):
     out = tmp_path / 'quality.json'
     code = main(['quality', '--model', 'tiny', '--dtype', 'bfloat16', '--reference-dtype',
