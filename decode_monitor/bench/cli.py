@@ -4,19 +4,25 @@
     bench compare A.json B.json
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
     bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
+    bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
 
-Exit code: 0 the verdict passed, 1 it failed, 2 usage error (bad grid, bad arguments).
+Exit code: 0 the verdict passed, 1 it failed (or the analysis broke: results.json holds every
+sample, `bench report` reruns it), 2 usage error (bad grid, bad arguments, a reference that cannot
+be used: refused before the first session), 130 interrupted outside the sessions (results.json
+is written once they began).
 """
 import argparse
 import os
 import signal
 import sys
 import threading
+import traceback
 
 from decode_monitor.bench import grid as grid_mod
 from decode_monitor.bench.verdict import FAIL, PASS, USAGE, VerdictUsageError
 
 DEFAULT_OUTPUT = 'bench-results'
+INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 def _run_parser():
@@ -24,7 +30,7 @@ def _run_parser():
         prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
         'backends and weight formats in fresh processes; write results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json.')
+        'report results.json; quality (agreement with transformers).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -72,15 +78,15 @@ def _report_parser():
     return p
 
 
-def finish(results, out_dir, thresholds, confidence, resamples):
+def finish(results, out_dir, thresholds, confidence, resamples, reference=None):
     """Analyse raw results, write every output.
 
+    reference: the loaded reference profile (default: read thresholds.reference, if any).
     Returns (verdict, cell statistics, graph speedups, quantised-weights speedups).
     """
     from decode_monitor.bench import analysis, plots, quantised, report, verdict
-    reference = None
-    if thresholds.reference:
-        reference = verdict.load_results(thresholds.reference)
+    if reference is None and thresholds.reference:
+        reference = verdict.load_reference(thresholds.reference, verdict.device_name(results))
     cells = analysis.cell_stats(results, confidence, resamples)
     speedups = analysis.speedups(results, confidence, resamples)
     quantised_rows = quantised.speedups(results, confidence, resamples)
@@ -117,13 +123,23 @@ def cmd_run(argv):
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         reference=args.reference, kernel_configs=args.kernel_configs)
-    if grid.verdict.reference and not os.path.isfile(grid.verdict.reference):
-        raise VerdictUsageError(f'reference {grid.verdict.reference!r} does not exist')
-    from decode_monitor.bench.run import run_grid
-    results = run_grid(grid, args.output, argv, profile=args.profile,
-                       progress=not args.no_progress)
-    outcome, cells, speedups, quantised_rows = finish(
-        results, args.output, grid.verdict, grid.confidence, grid.resamples)
+    from decode_monitor.bench import run
+    reference = None
+    if grid.verdict.reference:  # refused now, not after the sessions
+        from decode_monitor.bench.verdict import load_reference
+        device = run.resolve_device(grid.device)
+        reference = load_reference(grid.verdict.reference, run.device_name(device))
+    results = run.run_grid(grid, args.output, argv, profile=args.profile,
+                           progress=not args.no_progress)  # results.json written
+    try:
+        outcome, cells, speedups, quantised_rows = finish(
+            results, args.output, grid.verdict, grid.confidence, grid.resamples, reference)
+    except Exception:
+        path = os.path.abspath(os.path.join(args.output, 'results.json'))
+        traceback.print_exc()
+        print(f'bench: error: the analysis failed; every sample is in {path} '
+              f'(`bench report {path}` runs the analysis again)', file=sys.stderr)
+        return FAIL
     _print_table(cells, speedups, quantised_rows, grid.confidence, outcome, args.output)
     return PASS if outcome['passed'] else FAIL
 
@@ -143,11 +159,15 @@ def cmd_report(argv):
     if args.reference:
         from dataclasses import replace
         thresholds = replace(thresholds, reference=args.reference)
+    reference = None
+    if thresholds.reference:
+        from decode_monitor.bench.verdict import device_name, load_reference
+        reference = load_reference(thresholds.reference, device_name(results))
     out_dir = args.output or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(out_dir, exist_ok=True)
     results.pop('verdict', None)
     outcome, cells, speedups, quantised_rows = finish(results, out_dir, thresholds, confidence,
-                                                      resamples)
+                                                      resamples, reference)
     _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir)
     return PASS if outcome['passed'] else FAIL
 
@@ -184,7 +204,17 @@ def cmd_tune(argv):
     return tune_main(argv)
 
 
-COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune}
+def cmd_quality(argv):
+    from decode_monitor.bench import quality
+    try:
+        return quality.main(argv)
+    except quality.QualityError as exc:
+        print(f'bench quality: error: {exc}', file=sys.stderr)
+        return USAGE
+
+
+COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune,
+            'quality': cmd_quality}
 
 
 def _interrupt(signum, frame):
@@ -195,6 +225,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, systemd: finish with partial data
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     command = cmd_run
     if argv and argv[0] in COMMANDS:
         command = COMMANDS[argv.pop(0)]
@@ -205,6 +236,9 @@ def main(argv=None):
     except (grid_mod.GridError, VerdictUsageError) as exc:
         print(f'bench: error: {exc}', file=sys.stderr)
         return USAGE
+    except KeyboardInterrupt:  # outside a run's sessions: whatever was measured is written
+        print('bench: interrupted', file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == '__main__':

@@ -2,6 +2,10 @@
 
 The parent never opens a CUDA context (free memory comes from NVML), so every session starts
 on a GPU exactly as a freshly started robot process would.
+
+No measurement is lost: results.json is rewritten (atomically) after every session with
+`partial: true`, and once more when the run ends or is interrupted (Ctrl-C, SIGTERM), before any
+analysis. An interrupted run keeps every sample that was reported, `interrupted: true`.
 """
 import dataclasses
 import datetime
@@ -40,6 +44,26 @@ def _cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    """The device model a run on `device` reports (NVML's GPU name; 'cpu: <model>' on a CPU).
+
+    None when it cannot be told (a GPU without NVML). A reference profile is matched on it.
+    """
+    if device == 'cuda':
+        from decode_monitor.telemetry.gpu import GpuTelemetry
+        return GpuTelemetry().name
+    return f'cpu: {_cpu_name()}'
+
+
+def save_results(out_dir, results):
+    """Write results.json through a temporary file, so an interruption leaves the last copy."""
+    from decode_monitor.bench.report import write_json
+    path = os.path.join(out_dir, 'results.json')
+    write_json(path + '.tmp', results)
+    os.replace(path + '.tmp', path)
+    return path
 
 
 def environment(device, argv):
@@ -145,8 +169,8 @@ def run_session(spec, timeout_s, log, on_event):
         timed_out.set()
         proc.kill()
     timer = threading.Timer(timeout_s, kill)
-    timer.start()
-    try:
+    try:  # from here on, an interruption ends the session process too
+        timer.start()
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
         for line in proc.stdout:
@@ -175,25 +199,28 @@ def run_grid(grid, out_dir, argv=(), profile=False, progress=True, free=None):
     runnable, skipped, notes = precheck(grid, device, free)
     results = {'format': FORMAT, 'environment': environment(device, list(argv)),
                'grid': grid.as_dict(), 'sessions': [], 'samples': [], 'skipped': skipped,
-               'profile': [], 'notes': notes, 'sessions_completed': 0}
+               'profile': [], 'notes': notes, 'sessions_completed': 0, 'partial': True}
     total = grid.sessions * sum(len(c) for c in runnable.values())
     bar = tqdm(total=total, unit='cell', desc='bench', disable=not progress or None,
                file=sys.stderr, dynamic_ncols=True)
     log_path = os.path.join(out_dir, 'sessions.log')
     with open(log_path, 'w', encoding='utf-8') as log:
         try:
-            _run_sessions(grid, device, runnable, results, profile, bar, log)
+            _run_sessions(grid, device, runnable, results, profile, bar, log,
+                          lambda: save_results(out_dir, results))
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what finished, report it
             results['interrupted'] = True
             results['notes'].append(
                 f"interrupted after {results['sessions_completed']} of {grid.sessions} sessions: "
                 'the results hold the cells that finished before that')
             log.write('interrupted\n')
+        results['partial'] = bool(results.get('interrupted'))
+        save_results(out_dir, results)
     bar.close()
     return results
 
 
-def _run_sessions(grid, device, runnable, results, profile, bar, log):
+def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint):
     for index in range(grid.sessions if runnable else 0):
         spec = session_spec(grid, device, runnable, index, profile and index == 0)
         seen = set()
@@ -228,6 +255,7 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log):
                  'reason': f'session process ended ({ending}) before this cell '
                            'reported (see sessions.log)'})
             bar.update(1)
+        checkpoint()
         if bar.disable:
             print(f'bench: session {index + 1}/{grid.sessions} done ({ending})',
                   file=sys.stderr, flush=True)

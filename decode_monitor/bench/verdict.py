@@ -36,6 +36,26 @@ def device_name(results):
     return (results.get('environment') or {}).get('device_name')
 
 
+def load_reference(path, mine):
+    """Read a reference profile for a run on device model `mine`, or refuse it.
+
+    Called before the first session: a reference that cannot be used must not cost a run.
+    """
+    reference = load_results(path)
+    theirs = device_name(reference)
+    if not theirs:
+        raise VerdictUsageError(f'reference {path}: it does not say which device measured it '
+                                '(no environment.device_name)')
+    if mine is None:
+        raise VerdictUsageError(f'reference {path}: the device model of this run cannot be '
+                                'told (no NVML), so a reference cannot be matched to it')
+    if mine != theirs:
+        raise VerdictUsageError(
+            f'reference {path} was measured on {theirs!r}, this run is on {mine!r}: a '
+            'reference must come from the same device model')
+    return reference
+
+
 def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=9999,
              cells=None):
     """-> {'passed', 'cells': [...], 'reasons': [...], 'reference': {...} or None}."""

@@ -5,7 +5,7 @@ still in the model), times steps and generates greedily, then calls `release_den
 measures again: allocated bytes (torch) and device memory in use (nvidia-smi), the median step
 time at position 2000, and whether the greedy tokens are the same. Prints one JSON line.
 
-    python benchmarks/quant_memory.py qwen2.5-7b int4
+    python benchmarks/experiments/quant_memory.py qwen2.5-7b int4
 """
 import json
 import statistics

@@ -6,7 +6,8 @@ layer but lm_head for `bitsandbytes.nn.Linear4bit` (nf4, bf16 compute; what tran
 `load_in_4bit` does) and times `hf` again, eager and graph (capture may fail: then eager, and
 the reason is recorded). Step times are CUDA events over `--steps` steps at ctx - 1.
 
-    python benchmarks/bnb_nf4.py --model qwen2.5-7b --ctx 2048 --sessions 5 --out results/
+    python benchmarks/experiments/bnb_nf4.py --model qwen2.5-7b --ctx 2048 --sessions 5 \
+        --out results/
 """
 import argparse
 import json

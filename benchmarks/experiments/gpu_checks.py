@@ -8,7 +8,7 @@
 - CUDA runs out of memory during a step (the GPU filled by another allocation): the request gets
   an error response and, once memory is back, the next request is served.
 
-    PYTHONPATH=. python3 benchmarks/gpu_checks.py --out gpu_checks.json
+    PYTHONPATH=. python3 benchmarks/experiments/gpu_checks.py --out gpu_checks.json
 """
 import argparse
 import json
