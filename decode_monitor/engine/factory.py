@@ -49,10 +49,13 @@ class DecoderSettings:
         return self.mode
 
     def resolved_backend(self, device):
+        """auto: fused wherever it is installed (on a CPU its torch path decodes SmolLM2 faster
+        than transformers' generate(): benchmarks/experiments/cpu_default_backend.py), else hf.
+        A model fused cannot serve falls back to hf at build time (build_decoder)."""
         if self.backend == 'auto':
             if self.weights != 'bf16':  # only fused serves quantised weights, on any device
                 return 'fused'
-            return 'fused' if device.startswith('cuda') and 'fused' in BACKENDS else 'hf'
+            return 'fused' if 'fused' in BACKENDS else 'hf'
         return self.backend
 
 
@@ -71,9 +74,15 @@ def build_decoder(settings):
                     'codes)', loaded.name, loaded.stored_format, settings.weights,
                     'its dequantised weights' if settings.weights == 'bf16'
                     else 'them quantised again', loaded.stored_format)
-    decoder = Decoder(loaded, mode=settings.resolved_mode(device), backend=backend,
-                      max_context=settings.max_context, weights=settings.weights,
-                      kernel_configs=settings.kernel_configs)
+    options = dict(mode=settings.resolved_mode(device), max_context=settings.max_context,
+                   weights=settings.weights, kernel_configs=settings.kernel_configs)
+    try:
+        decoder = Decoder(loaded, backend=backend, **options)
+    except ValueError as exc:  # an architecture fused does not cover (sliding window, ...)
+        if settings.backend != 'auto' or settings.weights != 'bf16' or backend != 'fused':
+            raise
+        log.warning('backend auto: %s; serving %s with backend hf', exc, loaded.name)
+        decoder = Decoder(loaded, backend='hf', **options)
     if settings.weights != 'bf16':  # the model is this decoder's alone: keep only what it reads
         decoder.released_bytes = decoder.backend.release_dense(loaded.model)
     return decoder
