@@ -54,4 +54,3 @@ def test_node_refuses_to_start_on_a_bad_parameter():
                              timeout=60)
         assert run.returncode == 2, run.stderr
         assert needle in run.stderr
-
