@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from decode_monitor.engine.sampling import SamplingParams
+from decode_monitor.serving.prompt import encode_prompt
 from decode_monitor.serving.protocol import (
     Limits, parse_request, RequestError, RequestIds, response)
 from decode_monitor.serving.text import TextStream
@@ -406,22 +407,6 @@ class DecodeService:
             with self._lock:
                 self.counters.publish_failures += 1
             self._log_error(f'publish failed: {type(exc).__name__}: {exc}')
-
-
-def encode_prompt(tokenizer, request):
-    """Token ids for a request: the chat template for messages (or a plain prompt, by default,
-    when the model has a template), else the raw text."""
-    has_template = bool(getattr(tokenizer, 'chat_template', None))
-    use_chat = request.chat if request.chat is not None else has_template
-    messages = request.messages
-    if messages is None and use_chat and has_template:
-        messages = [{'role': 'user', 'content': request.prompt}]
-    if messages is not None:
-        if not has_template:
-            raise ValueError('the model has no chat template; send "prompt" instead')
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-    return list(tokenizer.encode(request.prompt, add_special_tokens=False))
 
 
 def _percentile(values, q):
