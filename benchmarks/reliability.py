@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -126,6 +127,9 @@ def send_paced(client, node, messages, outstanding=200, timeout_s=600):
     return sent, len(client.responses) - base
 
 
+MADE_UP = re.compile(r'node-[0-9a-f]{8}-[0-9]+\Z')  # the node's ids for requests without one
+
+
 def per_id(expected, responses):
     """Compare the ids requests carried (a Tally) with the ids of the terminal responses.
 
@@ -133,8 +137,8 @@ def per_id(expected, responses):
     Returns lost (requests without a response), duplicated (responses beyond one per request)
     and unexpected (responses to ids never sent) counts.
     """
-    got = Tally(ANONYMOUS if r['id'].startswith('req-') else r['id'] for r in responses)
-    made_up = Tally(r['id'] for r in responses if r['id'].startswith('req-'))
+    got = Tally(ANONYMOUS if MADE_UP.match(r['id']) else r['id'] for r in responses)
+    made_up = Tally(r['id'] for r in responses if MADE_UP.match(r['id']))
     lost = sum(max(0, n - got[i]) for i, n in expected.items())
     duplicated = sum(max(0, n - expected[i]) for i, n in got.items() if i in expected)
     duplicated += sum(n - 1 for n in made_up.values())
@@ -145,10 +149,10 @@ def per_id(expected, responses):
 def carried_id(raw):
     """The id a request message carries, or ANONYMOUS where the node has to make one up."""
     try:
-        request_id = parse_request(raw).id
+        request_id = parse_request(raw, new_id=lambda: None).id
     except RequestError as exc:
         request_id = exc.request_id
-    return ANONYMOUS if request_id is None or request_id.startswith('req-') else request_id
+    return ANONYMOUS if request_id is None else request_id
 
 
 # -- inputs --------------------------------------------------------------------------------

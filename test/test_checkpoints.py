@@ -170,8 +170,9 @@ class KernelFused(FusedBackend):
     """The fused backend on its Triton path, in the interpreter here: every step reads the
     stored codes through the kernels, and prefill dequantises them a layer at a time."""
 
-    def __init__(self, model, max_context, weights='bf16'):
-        super().__init__(model, max_context, use_triton=True, weights=weights)
+    def __init__(self, model, max_context, weights='bf16', kernel_configs=None):
+        super().__init__(model, max_context, use_triton=True, weights=weights,
+                         kernel_configs=kernel_configs)
 
 
 @pytest.mark.parametrize('name', list(SCHEMES))
