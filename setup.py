@@ -8,7 +8,8 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test']),
-    package_data={'decode_monitor.engine.fused': ['tuned/*.json']},  # kernel-config tables
+    package_data={'decode_monitor.engine.fused': ['tuned/*.json'],  # kernel-config tables
+                  'decode_monitor.bench': ['references/*.json']},  # reference profiles
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),

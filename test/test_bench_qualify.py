@@ -120,3 +120,35 @@ def test_sigint_mid_run_keeps_every_finished_sample(tmp_path):
     assert results['verdict']['passed'] is False
     assert 'the run was interrupted' in results['verdict']['reasons']
     assert (out / 'report.md').stat().st_size > 0  # analysed after the interruption
+
+
+def test_shipped_profiles_name_their_gpus():
+    from decode_monitor.bench.verdict import shipped_references
+    shipped = shipped_references()
+    assert set(shipped) == {'NVIDIA H100 80GB HBM3', 'NVIDIA H200'}
+    for path in shipped.values():  # the study grid: 3 models x 4 contexts x 2 modes, 5 sessions
+        results = json.loads(open(path).read())
+        cells = {(s['model'], s['ctx'], s['mode']) for s in results['samples']
+                 if s['status'] == 'ok'}
+        assert len(cells) == 24 and len(results['samples']) == 24 * 5
+
+
+def test_shipped_reference_for_an_unknown_gpu_is_refused_before_any_session(tmp_path, capsys):
+    out = tmp_path / 'out'
+    code = main(['--grid', _grid(tmp_path / 'grid.yaml'), '--reference', 'shipped',
+                 '--no-progress', '-o', str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no reference profile ships for 'cpu" in err and "'NVIDIA H200'" in err
+    assert not out.exists()
+
+
+def test_a_run_judged_against_its_own_shipped_profile_is_at_ratio_one(tmp_path, capsys):
+    from decode_monitor.bench.verdict import shipped_references
+    h200 = shipped_references()['NVIDIA H200']
+    code = main(['report', h200, '--grid', 'study', '--reference', 'shipped', '-o', str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    verdict = json.loads((tmp_path / 'results.json').read_text())['verdict']
+    assert verdict['reference']['device_name'] == 'NVIDIA H200'
+    ratios = [c['reference_ratio']['value'] for c in verdict['cells']]
+    assert len(ratios) == 24 and all(r == pytest.approx(1.0) for r in ratios)

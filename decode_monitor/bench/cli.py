@@ -48,7 +48,10 @@ def _run_parser():
     p.add_argument('--seed', type=int)
     p.add_argument('--memory-limit-gb', type=float, help='use at most this much memory')
     p.add_argument('--peak-bandwidth-gbs', type=float, help='override the NVML peak bandwidth')
-    p.add_argument('--reference', help='results.json of the same device model to compare with')
+    p.add_argument('--reference', metavar='R.json|shipped',
+                   help="results.json of the same device model to compare with, or 'shipped': "
+                   'the study grid measured on a known-good GPU of this model (H100 80GB HBM3, '
+                   'H200), shipped with the package')
     p.add_argument('--kernel-configs', metavar='FILE|defaults',
                    help="fused kernels' config table (default: the one `bench tune` wrote for "
                    'this GPU, else the shipped one, else the defaults)')
@@ -73,7 +76,8 @@ def _report_parser():
                                 'summary and plots of a results.json and re-run its verdict.')
     p.add_argument('results', help='results.json of a bench run')
     p.add_argument('--grid', help='take the verdict thresholds from this grid instead')
-    p.add_argument('--reference', help='results.json of the same device model')
+    p.add_argument('--reference', metavar='R.json|shipped',
+                   help="results.json of the same device model, or 'shipped'")
     p.add_argument('-o', '--output', help='output directory (default: next to results.json)')
     return p
 

@@ -162,8 +162,9 @@ def _verdict(raw, base_dir):
     reference = raw.get('reference')
     if reference is not None:
         if not isinstance(reference, str):
-            _fail('verdict.reference', 'a path to a results.json or null', reference)
-        reference = resolve_path(reference, base_dir)
+            _fail('verdict.reference', "a path to a results.json, 'shipped' or null", reference)
+        if reference != 'shipped':  # the profile shipped for this GPU model (bench.verdict)
+            reference = resolve_path(reference, base_dir)
     return Verdict(
         min_floor_fraction=clean,
         max_step_ms=_number('verdict.max_step_ms', raw.get('max_step_ms'), allow_none=True,

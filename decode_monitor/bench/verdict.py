@@ -6,13 +6,21 @@ allowed), any of its sessions failed, or it is slower than the reference by more
 tolerance (the CI of the ratio lies wholly above 1 + tolerance). Cells skipped because they
 cannot fit are reported, not failed. The run passes when at least one cell was measured and no
 cell failed.
+
+A reference is a results.json measured on the same device model, or `shipped`: the study grid as
+measured on a known-good GPU of this model, shipped as package data (`references/<gpu>.json`),
+so that a robot can be qualified against it without a second machine.
 """
+import glob
 import json
+import os
 
 from decode_monitor.bench import analysis
 from decode_monitor.telemetry import stats
 
 PASS, FAIL, USAGE = 0, 1, 2
+SHIPPED = 'shipped'
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'references')
 
 
 class VerdictUsageError(ValueError):
@@ -36,11 +44,38 @@ def device_name(results):
     return (results.get('environment') or {}).get('device_name')
 
 
+def shipped_references():
+    """{device model: path} of the reference profiles that ship with the package."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(REFERENCE_DIR, '*.json'))):
+        name = device_name(load_results(path))
+        if name:
+            out[name] = path
+    return out
+
+
+def reference_path(spec, mine):
+    """A path given as is; `shipped` -> the shipped profile for device model `mine`."""
+    if spec != SHIPPED:
+        return spec
+    shipped = shipped_references()
+    if mine is None:
+        raise VerdictUsageError('reference shipped: the device model of this run cannot be told '
+                                '(no NVML), so no shipped profile can be matched to it')
+    if mine not in shipped:
+        known = ', '.join(repr(k) for k in shipped) or 'none'
+        raise VerdictUsageError(
+            f'reference shipped: no reference profile ships for {mine!r} (shipped: {known}); '
+            "pass the results.json of a known-good GPU of this model instead")
+    return shipped[mine]
+
+
 def load_reference(path, mine):
     """Read a reference profile for a run on device model `mine`, or refuse it.
 
     Called before the first session: a reference that cannot be used must not cost a run.
     """
+    path = reference_path(path, mine)
     reference = load_results(path)
     theirs = device_name(reference)
     if not theirs:
