@@ -205,15 +205,18 @@ def test_cost_per_million_tokens_and_joules_per_token():
 
 
 def test_the_command_line_price_replaces_the_grids(tmp_path, capsys):
-    run = run_of('GPU A', 2e12, [sample('m', 2048, 'graph', 0, [4.0], 1e9)], price=1.0)
-    path = write(tmp_path / 'r.json', run)
+    priced = write(tmp_path / 'r.json', run_of('GPU A', 2e12, [
+        sample('m', 2048, 'graph', 0, [4.0], 1e9)], price=1.0))
+    assert figures.cost_data(figures.load([priced]))[0]['cost_per_mtok'] == pytest.approx(
+        4.0 / 3.6)
+    assert figures.cost_data(figures.load([priced], 7.2))[0]['cost_per_mtok'] == \
+        pytest.approx(8.0)
+    unpriced = write(tmp_path / 'u.json', run_of('GPU A', 2e12, [
+        sample('m', 2048, 'graph', 0, [4.0], 1e9)]))
     out = tmp_path / 'figs'
-    assert main(['figures', path, '-o', str(out), '--price-per-gpu-hour', '7.2']) == 0
+    assert main(['figures', unpriced, '-o', str(out), '--price-per-gpu-hour', '7.2']) == 0
     assert str(out / figures.COST) in capsys.readouterr().out.split()
-    loaded = figures.load([path])
-    loaded[0]['grid']['price_per_gpu_hour'] = 7.2  # what the command line does
-    assert figures.cost_data(loaded)[0]['cost_per_mtok'] == pytest.approx(8.0)
-    assert main(['figures', path, '-o', str(out), '--price-per-gpu-hour', '-1']) == 2
+    assert main(['figures', unpriced, '-o', str(out), '--price-per-gpu-hour', '-1']) == 2
     assert '--price-per-gpu-hour' in capsys.readouterr().err
 
 
@@ -247,17 +250,25 @@ def test_unreadable_results_are_refused_before_drawing(tmp_path, capsys):
 
 
 # -- traces: a GPU-style trace with known layers, and the repeating-block search ---------------
-def gpu_trace(path, layers=3, gap=2.0):
+def gpu_trace(path, layers=3):
     """Kernels of one step: embedding, `layers` x [gemv 10 us, attention 5 us, gemv 8 us] with
-    `gap` us between kernels, then lm_head; a CPU operator that must be ignored."""
+    2 + layer us between kernels and a 4 us copy on a second stream from 8 us into each first
+    gemv, then
+    lm_head; a CPU operator that must be ignored."""
     events, t = [], 0.0
-    names = ['embedding_kernel'] + ['gemv_a', 'flash_decode', 'gemv_b'] * layers + ['lm_head']
-    durations = {'gemv_a': 10.0, 'flash_decode': 5.0, 'gemv_b': 8.0}
-    for name in names:
-        dur = durations.get(name, 3.0)
-        events.append({'ph': 'X', 'cat': 'kernel', 'name': name, 'ts': 1000.0 + t, 'dur': dur,
-                       'pid': 0, 'tid': 7})
-        t += dur + gap
+
+    def kernel(name, ts, dur, cat='kernel', tid=7):
+        events.append({'ph': 'X', 'cat': cat, 'name': name, 'ts': 1000.0 + ts, 'dur': dur,
+                       'pid': 0, 'tid': tid})
+    kernel('embedding_kernel', 0.0, 3.0)
+    t = 5.0
+    for layer in range(layers):
+        for name, dur in (('gemv_a', 10.0), ('flash_decode', 5.0), ('gemv_b', 8.0)):
+            kernel(name, t, dur)
+            if name == 'gemv_a':
+                kernel('Memcpy DtoD', t + 8.0, 4.0, 'gpu_memcpy', tid=8)
+            t += dur + 2.0 + layer
+    kernel('lm_head', t, 3.0)
     events.append({'ph': 'X', 'cat': 'cpu_op', 'name': 'aten::mm', 'ts': 1000.0, 'dur': 500.0,
                    'pid': 1, 'tid': 1})
     with gzip.open(path, 'wt') as f:
@@ -269,16 +280,18 @@ def test_a_gpu_trace_gives_one_layer_and_its_gaps(tmp_path):
     events, source = figures_trace.read_trace(str(tmp_path / 't.json.gz'))
     assert source == 'gpu kernels' and 'aten::mm' not in [e[0] for e in events]
     layer = figures_trace.one_layer(events, layers=3)
+    # The middle layer (1): 3 us between kernels; the copy runs 2 us past the first gemv.
     assert [(n, s, d) for n, s, d in layer['events']] == [
-        ('gemv_a', 0.0, 10.0), ('flash_decode', 12.0, 5.0), ('gemv_b', 19.0, 8.0)]
-    assert layer['window_us'] == 29.0 and layer['busy_us'] == 23.0 and layer['gap_us'] == 6.0
-    assert layer['layer'] == 1
+        ('gemv_a', 0.0, 10.0), ('Memcpy DtoD', 8.0, 4.0), ('flash_decode', 13.0, 5.0),
+        ('gemv_b', 21.0, 8.0)]
+    assert layer['window_us'] == 32.0 and layer['busy_us'] == 25.0 and layer['gap_us'] == 7.0
+    assert layer['layer'] == 1 and layer['events_per_layer'] == 4
     run = run_of('GPU A', 2e12, [], profile=[
         {'model': 'm', 'ctx': 2048, 'backend': 'fused', 'mode': 'graph', 'weights': 'bf16',
          'status': 'ok', 'trace': 't.json.gz', 'layers': 3, 'anatomy': {'steps': 1}}])
     run['results_path'] = str(tmp_path / 'results.json')
     (row,) = figures_trace.timeline_data([run])
-    assert row['gap_us'] == 6.0 and 'fused graph' in row['label']
+    assert row['gap_us'] == 7.0 and 'fused graph' in row['label']
 
 
 def test_a_trace_that_cannot_be_read_is_said_and_skipped(tmp_path, caplog):
@@ -293,10 +306,12 @@ def test_a_trace_that_cannot_be_read_is_said_and_skipped(tmp_path, caplog):
 
 
 def test_the_block_is_the_layer_not_a_repeat_inside_it_nor_the_step():
-    layer = ['norm', 'gemv', 'gemv', 'gemv', 'attn', 'gemv']
+    # Inside the layer, (gemv, add) repeats 4 times: a period of 2 over 6 names.
+    layer = ['norm'] + ['gemv', 'add'] * 4 + ['attn']
     step = ['embed'] + layer * 4 + ['norm', 'lm_head']
-    period, start, count = figures_trace.block_period(step * 3, layers=4, steps=3)
-    assert (period, start, count) == (len(layer), 1, 4)
+    assert figures_trace.block_period(step * 3, layers=4, steps=3) == (len(layer), 1, 4)
+    step = ['embed'] + layer * 2 + ['norm', 'lm_head']  # 2 layers: the step repeats longer
+    assert figures_trace.block_period(step * 3, layers=2, steps=3) == (len(layer), 1, 2)
     assert figures_trace.block_period(['a', 'b', 'c', 'd'], layers=4) is None
 
 

@@ -229,18 +229,17 @@ def cmd_figures(argv):
     price = args.price_per_gpu_hour
     if price is not None and not price > 0:
         raise grid_mod.GridError(f'--price-per-gpu-hour: expected a number > 0, got {price:g}')
-    runs = figures.load(args.results)  # an unreadable file is refused before anything is drawn
-    for run in runs:
-        if price is not None:
-            run.setdefault('grid', {})['price_per_gpu_hour'] = price
+    runs = figures.load(args.results, price)  # an unreadable file: refused before drawing
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter('bench figures: %(message)s'))
-    figures.log.addHandler(handler)
+    level = figures.log.level
+    figures.log.addHandler(handler)  # the reasons a figure is left out, on stderr
     figures.log.setLevel(logging.INFO)
     try:
         paths = figures.draw(runs, args.output)
     finally:
         figures.log.removeHandler(handler)
+        figures.log.setLevel(level)
     for path in paths:
         print(path)
     if not paths:

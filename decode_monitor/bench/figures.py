@@ -40,12 +40,17 @@ _MODE_COLOURS = {'eager': 'tab:orange', 'graph': 'tab:blue'}
 _MODE_MARKERS = {'eager': 'o', 'graph': 's'}
 
 
-def load(paths):
-    """results.json files -> runs; an unreadable file is a VerdictUsageError naming it."""
+def load(paths, price_per_gpu_hour=None):
+    """results.json files -> runs; an unreadable file is a VerdictUsageError naming it.
+
+    price_per_gpu_hour: replaces every run's grid price (the cost figure's).
+    """
     runs = []
     for path in paths:
         run = load_results(path)
         run['results_path'] = os.path.abspath(path)
+        if price_per_gpu_hour is not None:
+            run['grid'] = dict(run.get('grid') or {}, price_per_gpu_hour=price_per_gpu_hour)
         runs.append(run)
     return runs
 
