@@ -3,6 +3,7 @@
     bench [run] [--grid study|quick|FILE] [overrides...] [--profile] [--reference R.json]
     bench compare A.json B.json
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
+    bench figures RESULTS.json... [-o DIR] [--price-per-gpu-hour PRICE]
     bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
     bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
 
@@ -30,7 +31,7 @@ def _run_parser():
         prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
         'backends and weight formats in fresh processes; write results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json; quality (agreement with transformers).')
+        'report results.json; figures RESULTS.json...; quality (agreement with transformers).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -55,8 +56,11 @@ def _run_parser():
     p.add_argument('--kernel-configs', metavar='FILE|defaults',
                    help="fused kernels' config table (default: the one `bench tune` wrote for "
                    'this GPU, else the shipped one, else the defaults)')
+    p.add_argument('--price-per-gpu-hour', type=float, metavar='PRICE',
+                   help='what a GPU-hour costs (any currency): cost per million tokens')
     p.add_argument('--profile', action='store_true',
-                   help='profile a few steps per mode (first session) for the step anatomy')
+                   help='profile a few steps per mode (first session) for the step anatomy '
+                   'and a Chrome trace per profiled cell')
     p.add_argument('-o', '--output', default=DEFAULT_OUTPUT, help='output directory')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
@@ -82,13 +86,29 @@ def _report_parser():
     return p
 
 
-def finish(results, out_dir, thresholds, confidence, resamples, reference=None):
+def _figures_parser():
+    p = argparse.ArgumentParser(
+        prog='bench figures', description="The study's figures from one or more results.json "
+        '(one per GPU): the ladder (fraction of the memory floor against peak bandwidth), a '
+        "decoder layer's kernels on a time axis (runs with --profile), step-time distributions "
+        'per fresh session, cost per million tokens (with a price per GPU-hour).')
+    p.add_argument('results', nargs='+', help='results.json of bench runs')
+    p.add_argument('-o', '--output', default='bench-figures', help='output directory')
+    p.add_argument('--price-per-gpu-hour', type=float, metavar='PRICE',
+                   help="what a GPU-hour costs (any currency), for every run (default: each "
+                   "run's grid price_per_gpu_hour)")
+    return p
+
+
+def finish(results, out_dir, thresholds, confidence, resamples, reference=None,
+           results_path=None):
     """Analyse raw results, write every output.
 
     reference: the loaded reference profile (default: read thresholds.reference, if any).
+    results_path: where the results.json (and its profile traces) lies, if not in out_dir.
     Returns (verdict, cell statistics, graph speedups, quantised-weights speedups).
     """
-    from decode_monitor.bench import analysis, plots, quantised, report, verdict
+    from decode_monitor.bench import analysis, figures, plots, quantised, report, verdict
     if reference is None and thresholds.reference:
         reference = verdict.load_reference(thresholds.reference, verdict.device_name(results))
     cells = analysis.cell_stats(results, confidence, resamples)
@@ -98,6 +118,8 @@ def finish(results, out_dir, thresholds, confidence, resamples, reference=None):
     results['verdict'] = outcome
     names = plots.write_plots(out_dir, cells, speedups,
                               results.get('environment', {}).get('device_name'))
+    names += figures.report_figures(
+        results, results_path or os.path.join(out_dir, 'results.json'), out_dir)
     report.write_all(out_dir, results, cells, speedups, outcome, names, confidence,
                      quantised_rows)
     return outcome, cells, speedups, quantised_rows
@@ -126,7 +148,8 @@ def cmd_run(argv):
         backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
-        reference=args.reference, kernel_configs=args.kernel_configs)
+        reference=args.reference, kernel_configs=args.kernel_configs,
+        price_per_gpu_hour=args.price_per_gpu_hour)
     from decode_monitor.bench import run
     reference = None
     if grid.verdict.reference:  # refused now, not after the sessions
@@ -171,7 +194,7 @@ def cmd_report(argv):
     os.makedirs(out_dir, exist_ok=True)
     results.pop('verdict', None)
     outcome, cells, speedups, quantised_rows = finish(results, out_dir, thresholds, confidence,
-                                                      resamples, reference)
+                                                      resamples, reference, args.results)
     _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir)
     return PASS if outcome['passed'] else FAIL
 
@@ -203,6 +226,32 @@ def cmd_compare(argv):
     return PASS
 
 
+def cmd_figures(argv):
+    import logging
+    from decode_monitor.bench import figures
+    args = _figures_parser().parse_args(argv)
+    price = args.price_per_gpu_hour
+    if price is not None and not price > 0:
+        raise grid_mod.GridError(f'--price-per-gpu-hour: expected a number > 0, got {price:g}')
+    runs = figures.load(args.results, price)  # an unreadable file: refused before drawing
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('bench figures: %(message)s'))
+    level = figures.log.level
+    figures.log.addHandler(handler)  # the reasons a figure is left out, on stderr
+    figures.log.setLevel(logging.INFO)
+    try:
+        paths = figures.draw(runs, args.output)
+    finally:
+        figures.log.removeHandler(handler)
+        figures.log.setLevel(level)
+    for path in paths:
+        print(path)
+    if not paths:
+        print('bench figures: no figure could be drawn from these results', file=sys.stderr)
+        return FAIL
+    return PASS
+
+
 def cmd_tune(argv):
     from decode_monitor.bench.tune import main as tune_main
     return tune_main(argv)
@@ -218,7 +267,7 @@ def cmd_quality(argv):
 
 
 COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune,
-            'quality': cmd_quality}
+            'quality': cmd_quality, 'figures': cmd_figures}
 
 
 def _interrupt(signum, frame):

@@ -61,6 +61,7 @@ class Grid:
     resamples: int = 9999
     verdict: Verdict = field(default_factory=Verdict)
     kernel_configs: str = None  # fused kernels' table: a file, 'defaults', None (look it up)
+    price_per_gpu_hour: float = None  # what a GPU-hour costs (any currency): the cost figure
     source: str = None  # the file it came from
 
     def cells(self):
@@ -240,6 +241,8 @@ def _build(raw, source, base_dir):
         resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
         verdict=_verdict(get('verdict'), base_dir),
         kernel_configs=_kernel_configs(get('kernel_configs'), base_dir),
+        price_per_gpu_hour=_number('price_per_gpu_hour', get('price_per_gpu_hour'),
+                                   allow_none=True, exclusive=True),
         source=source)
 
 
@@ -322,7 +325,7 @@ def load(name_or_path):
 # CLI flag -> grid key; values are validated exactly like the file's.
 OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'sessions', 'steps', 'warmup',
              'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs',
-             'kernel_configs')
+             'kernel_configs', 'price_per_gpu_hour')
 
 
 def with_overrides(grid, **values):

@@ -107,8 +107,12 @@ def device_events(prof, device_type):
     return outer, [(e.name, float(e.self_cpu_time_total)) for e in ops]
 
 
-def profile_steps(decoder, pos, steps, warmup=3):
-    """Warm up at `pos`, then run `steps` greedy decode steps under torch.profiler."""
+def profile_steps(decoder, pos, steps, warmup=3, trace_path=None):
+    """Warm up at `pos`, then run `steps` greedy decode steps under torch.profiler.
+
+    trace_path: also write the profile there as a Chrome trace (gzipped when it ends in .gz),
+    the events on their time axis (the kernel-timeline figure reads it).
+    """
     import torch
     from torch.profiler import ProfilerActivity, profile
     cuda = decoder.device.type == 'cuda'
@@ -122,6 +126,8 @@ def profile_steps(decoder, pos, steps, warmup=3):
             decoder.step()
         if cuda:
             torch.cuda.synchronize()
+    if trace_path is not None:
+        prof.export_chrome_trace(trace_path)
     events, self_times = device_events(prof, 'cuda' if cuda else 'cpu')
     result = anatomy(events, steps, self_times=self_times)
     result['source'] = 'gpu kernels' if cuda else 'cpu operators'

@@ -129,7 +129,9 @@ def _shape_or_none(model, notes):
         return None
 
 
-def session_spec(grid, device, runnable, index, profile=False):
+def session_spec(grid, device, runnable, index, profile=False, trace_dir=None):
+    """One session's spec. profile: profile this session; trace_dir: write the profile's
+    Chrome traces there (absolute: the session runs in its own process)."""
     spec = {'session': index, 'device': device, 'dtype': grid.dtype, 'steps': grid.steps,
             'warmup': grid.warmup, 'order': grid.order, 'seed': grid.seed,
             'peak_bandwidth': grid.peak_bandwidth_gbs * 1e9 if grid.peak_bandwidth_gbs else None,
@@ -141,7 +143,8 @@ def session_spec(grid, device, runnable, index, profile=False):
         ctx = grid.profile_context or (contexts[0] if contexts else None)
         spec['profile'] = {'context': ctx, 'steps': grid.profile_steps,
                            'backends': list(grid.backends), 'modes': list(grid.modes),
-                           'weights': list(grid.weights)}
+                           'weights': list(grid.weights),
+                           'trace_dir': os.path.abspath(trace_dir) if trace_dir else None}
     return spec
 
 
@@ -207,7 +210,7 @@ def run_grid(grid, out_dir, argv=(), profile=False, progress=True, free=None):
     with open(log_path, 'w', encoding='utf-8') as log:
         try:
             _run_sessions(grid, device, runnable, results, profile, bar, log,
-                          lambda: save_results(out_dir, results))
+                          lambda: save_results(out_dir, results), out_dir)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what finished, report it
             results['interrupted'] = True
             results['notes'].append(
@@ -220,9 +223,9 @@ def run_grid(grid, out_dir, argv=(), profile=False, progress=True, free=None):
     return results
 
 
-def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint):
+def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint, out_dir):
     for index in range(grid.sessions if runnable else 0):
-        spec = session_spec(grid, device, runnable, index, profile and index == 0)
+        spec = session_spec(grid, device, runnable, index, profile and index == 0, out_dir)
         seen = set()
 
         def on_event(event, index=index, seen=seen):

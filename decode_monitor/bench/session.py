@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -45,6 +46,12 @@ def cell_order(cells, order, seed, session):
                        reverse=flip)
         out.extend(group)
     return out
+
+
+def trace_name(source, ctx, backend, mode, weights):
+    """File name of a profiled cell's Chrome trace (in the bench output directory)."""
+    model = re.sub(r'[^A-Za-z0-9._-]+', '_', os.path.basename(source.rstrip('/\\')))
+    return f'trace-{model}-{ctx}-{backend}-{mode}-{weights}.json.gz'
 
 
 def _sample_dict(sample):
@@ -243,8 +250,14 @@ class Session:
                     emit('profile', **base, status='skipped',
                          reason=decoder.fallback_reason)
                     continue
-                emit('profile', **base, status='ok',
-                     anatomy=profile_steps(decoder, ctx, steps, warmup=3))
+                # The trace's name is kept relative: the output directory may move.
+                trace = (trace_name(source, ctx, backend, mode, weights)
+                         if profile.get('trace_dir') else None)
+                anatomy = profile_steps(
+                    decoder, ctx, steps, warmup=3,
+                    trace_path=os.path.join(profile['trace_dir'], trace) if trace else None)
+                emit('profile', **base, status='ok', anatomy=anatomy, trace=trace,
+                     layers=loaded.config.num_hidden_layers)
             except Exception as exc:
                 emit('profile', **base, status='error',
                      reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
