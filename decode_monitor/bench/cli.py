@@ -90,17 +90,18 @@ def finish(results, out_dir, thresholds, confidence, resamples, reference=None):
     cells = analysis.cell_stats(results, confidence, resamples)
     speedups = analysis.speedups(results, confidence, resamples)
     quantised_rows = quantised.speedups(results, confidence, resamples)
+    slowdowns = analysis.co_runner_slowdowns(results, confidence, resamples)
     outcome = verdict.evaluate(results, thresholds, reference, confidence, resamples, cells)
     results['verdict'] = outcome
     names = plots.write_plots(out_dir, cells, speedups,
                               results.get('environment', {}).get('device_name'))
     report.write_all(out_dir, results, cells, speedups, outcome, names, confidence,
-                     quantised_rows)
+                     quantised_rows, slowdowns)
     return outcome, cells, speedups, quantised_rows
 
 
 def _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir):
-    from decode_monitor.bench import quantised, report
+    from decode_monitor.bench import analysis, quantised, report
     if cells:
         print(report.results_table(cells, speedups, confidence))
     if quantised_rows:
@@ -109,8 +110,7 @@ def _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir):
           + (f" ({'; '.join(outcome['reasons'])})" if outcome['reasons'] else ''))
     for c in outcome['cells']:
         if not c['passed']:
-            print(f"  {c['model']} ctx {c['ctx']} {c['backend']} {c['mode']} {c['weights']}: "
-                  + '; '.join(c['reasons']))
+            print(f"  {analysis.key_words(c)}: " + '; '.join(c['reasons']))
     print(f'outputs: {os.path.abspath(out_dir)}')
 
 
@@ -184,15 +184,18 @@ def cmd_compare(argv):
     rows, only_a, only_b = analysis.compare(a, b, args.confidence)
     print(f'A: {args.a} ({device_name(a)})')
     print(f'B: {args.b} ({device_name(b)})')
-    print(f'| model | ctx | backend | mode | weights | A ms | B ms '
-          f'| B/A [{args.confidence:.0%} CI] |')
-    print('|---|---:|---|---|---|---:|---:|---:|')
+    axes = analysis.varied_axes(rows)
+    names, align = analysis.key_columns(axes)
+    print(f'| {names} | A ms | B ms | B/A [{args.confidence:.0%} CI] |')
+    print(f'|{align}|---:|---:|---:|')
     for r in rows:
-        print(f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['weights']} "
+        print(f"| {analysis.key_cells(r, axes)} "
               f"| {r['a_ms']:.3f} | {r['b_ms']:.3f} | {stats.format_ratio(r['ratio'])} |")
     for label, keys in (('only in A', only_a), ('only in B', only_b)):
         for k in keys:
-            print(f'{label}: {" ".join(map(str, k))}')
+            extra = [f'{a} {v}' for a, v in zip(analysis.AXES, k[5:])
+                     if v != analysis.AXIS_DEFAULTS[a]]
+            print(f'{label}: {" ".join(map(str, k[:5] + tuple(extra)))}')
     if not rows:
         print('no cell is in both results')
         return FAIL

@@ -82,6 +82,7 @@ def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=999
         reasons = [f'error in {e}' for e in errors.pop(key, [])]
         reasons += _threshold_reasons(cell, thresholds)
         row = analysis.key_dict(key)
+        row['ms_per_step'] = cell['ms_per_step'].value
         if ref_medians is not None:
             mine = cell['session_medians_ms']
             if key in ref_medians:
