@@ -5,6 +5,7 @@
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
     bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
     bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
+    bench attention [--model M] [--contexts CTX..] [--iters N] [-o FILE.json]
 
 Exit code: 0 the verdict passed, 1 it failed (or the analysis broke: results.json holds every
 sample, `bench report` reruns it), 2 usage error (bad grid, bad arguments, a reference that cannot
@@ -27,10 +28,12 @@ INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 def _run_parser():
     p = argparse.ArgumentParser(
-        prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
-        'backends and weight formats in fresh processes; write results.json, results.csv, '
+        prog='bench', description='Time decode steps over a grid of models, contexts, modes, '
+        'backends, weight formats, batch sizes and co-runners in fresh processes; write '
+        'results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json; quality (agreement with transformers).')
+        'report results.json; quality (agreement with transformers); attention (time per '
+        'layer by attention implementation).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -39,6 +42,11 @@ def _run_parser():
     p.add_argument('--backends', nargs='+')
     p.add_argument('--weights', nargs='+', choices=grid_mod.WEIGHTS,
                    help='weight formats (int8/int4 run on backend fused only)')
+    p.add_argument('--batches', nargs='+', type=int, metavar='B',
+                   help='sequences per decode step (above 1: backend hf only)')
+    p.add_argument('--co-runners', nargs='+', metavar='R',
+                   help="a process loading the device during a cell's steps: none, "
+                   f"{', '.join(grid_mod.CO_RUNNERS[1:])}, or a command line (quoted)")
     p.add_argument('--sessions', type=int, help='fresh processes per cell')
     p.add_argument('--steps', type=int, help='timed steps per cell and session')
     p.add_argument('--warmup', type=int, help='discarded steps before the timed ones')
@@ -119,7 +127,8 @@ def cmd_run(argv):
     grid = grid_mod.load(args.grid)
     grid = grid_mod.with_overrides(
         grid, models=args.models, contexts=args.contexts, modes=args.modes,
-        backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
+        backends=args.backends, weights=args.weights, batches=args.batches,
+        co_runners=args.co_runners, sessions=args.sessions, steps=args.steps,
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         reference=args.reference, kernel_configs=args.kernel_configs)
@@ -207,6 +216,11 @@ def cmd_tune(argv):
     return tune_main(argv)
 
 
+def cmd_attention(argv):
+    from decode_monitor.bench.attention import main as attention_main
+    return attention_main(argv)
+
+
 def cmd_quality(argv):
     from decode_monitor.bench import quality
     try:
@@ -217,7 +231,7 @@ def cmd_quality(argv):
 
 
 COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune,
-            'quality': cmd_quality}
+            'quality': cmd_quality, 'attention': cmd_attention}
 
 
 def _interrupt(signum, frame):

@@ -7,16 +7,18 @@ work. Built in (run as `python -m decode_monitor.bench.corunner KIND DEVICE`):
     matmul  products of two square matrices (bf16 8192 on a GPU, float32 512 on a CPU): compute
     idle    holds the copy buffers (and on a GPU a CUDA context) and runs nothing
 
-Any other co-runner is a command line, split as a shell would (shlex) and run without one.
+Any other co-runner is a command line, split as a shell would (shlex) and run without one
+(`python -m decode_monitor.bench.corunner exec CMD...` starts it: same pid, see below).
 
 Each runs in its own session (process group), its output in a log file that nothing has to
 drain. A built-in prints READY once its buffers exist and its first unit of work ran, loops until
 SIGTERM, then prints its RESULT (iterations, seconds, rate); a command is ready once it has
 stayed alive `settle_s`. `stop()` sends SIGTERM to the group, SIGKILL after `grace_s`, and
-reaps the process: none outlives its cell, and if the parent dies first, the kernel ends the
-co-runner (PR_SET_PDEATHSIG on Linux; a built-in also notices its parent is gone). A co-runner
-that cannot start, is not ready in time, or exits before it is stopped is reported (`report()`),
-never waited on without a limit.
+reaps the process: none outlives its cell. If the parent dies first, the kernel ends the
+co-runner: the co-runner asks for that itself (PR_SET_PDEATHSIG, Linux), before it imports
+anything or execs a command, because the parent is multi-threaded (CUDA, OpenMP) and a
+`preexec_fn` there could deadlock. A co-runner that cannot start, is not ready in time, or exits
+before it is stopped is reported (`report()`), never waited on without a limit.
 """
 import ctypes
 import json
@@ -39,14 +41,19 @@ class CoRunnerError(RuntimeError):
 
 
 def command(spec, device):
-    """The argv a co-runner spec runs: a built-in's module invocation, or the command split."""
+    """The argv a co-runner spec runs: a built-in's, or the command split (shlex)."""
     if spec in BUILTIN:
-        return [sys.executable, '-m', 'decode_monitor.bench.corunner', spec, device]
+        return [spec, device]
     return shlex.split(spec)
 
 
+def _launcher(argv):
+    return [sys.executable, '-m', 'decode_monitor.bench.corunner'] + (
+        argv if argv[0] in BUILTIN else ['exec'] + argv)
+
+
 def _die_with_parent():
-    """In the child before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
+    """SIGKILL this process when its parent dies (Linux; elsewhere a no-op). Kept across exec."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -76,8 +83,8 @@ class CoRunner:
         fd, self.log_path = tempfile.mkstemp(prefix='corunner-', suffix='.log')
         try:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+                _launcher(self.argv), stdin=subprocess.DEVNULL, stdout=fd,
+                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         except OSError as exc:
             os.close(fd)
             self._fail(f'cannot start {self.argv[0]!r}: {exc.strerror or exc}')
@@ -218,11 +225,24 @@ def _work(kind, device):
     raise SystemExit(f'corunner: kind must be one of {", ".join(BUILTIN)}, not {kind!r}')
 
 
+def _exec(argv):
+    """Become the command (same pid), set to die with the parent."""
+    _die_with_parent()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f'corunner: cannot run {argv[0]!r}: {exc.strerror or exc}', flush=True)
+        return 127
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == 'exec':
+        return _exec(argv[1:])
     if len(argv) != 2 or argv[1] not in ('cuda', 'cpu'):
         raise SystemExit('usage: python -m decode_monitor.bench.corunner '
-                         f'{"|".join(BUILTIN)} cuda|cpu')
+                         f'{"|".join(BUILTIN)} cuda|cpu  |  exec COMMAND [ARG...]')
+    _die_with_parent()
     kind, device = argv
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,8 @@ from decode_monitor.bench.profile import CLASS_LABELS, CLASSES
 from decode_monitor.telemetry import stats
 
 CSV_FIELDS = (
-    'model', 'ctx', 'backend', 'mode', 'weights', 'batch', 'co_runner', 'session', 'status', 'reason', 'steps', 'warmup',
+    'model', 'ctx', 'backend', 'mode', 'weights', 'batch', 'co_runner', 'session', 'status',
+    'reason', 'steps', 'warmup',
     'median_ms', 'mean_ms', 'p90_ms', 'min_ms', 'max_ms', 'floor_ms_peak', 'floor_ms_copy',
     'floor_fraction', 'copy_fraction', 'bytes_per_step', 'peak_bandwidth_gbs',
     'copy_bandwidth_gbs', 'sm_clock_mhz', 'mem_clock_mhz', 'temperature_c', 'power_w',
@@ -265,8 +266,9 @@ def _kernel_configs_lines(results):
 def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
              quantised_rows=(), slowdowns=()):
     parts = ['# Decode bench report', '',
-             'Decode step time per cell (batch 1 unless a batch column says otherwise): per-session medians of the timed steps '
-             '(device events, warm-up discarded), then the mean over fresh sessions with a '
+             'Decode step time per cell (batch 1 unless a batch column says otherwise): '
+             'per-session medians of the timed steps (device events, warm-up discarded), then '
+             'the mean over fresh sessions with a '
              f'{confidence:.0%} bootstrap CI. Floor = bytes a step must move (weights, lm_head '
              'in full, one embedding row, the valid KV prefix and the new K/V) over peak '
              'bandwidth; % of floor = floor / step time. The copy ceiling uses the measured '
