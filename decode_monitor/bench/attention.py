@@ -65,15 +65,16 @@ class Inputs:
 
     def __init__(self, shape, ctx, dtype, device, seed=0):
         import torch
-        gen = torch.Generator(device='cpu').manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         h, kvh, d, layers = (shape['q_heads'], shape['kv_heads'], shape['head_dim'],
                              shape['layers'])
         self.shape, self.ctx, self.device, self.dtype = shape, ctx, device, dtype
-        self.q = torch.randn(1, h, 1, d, generator=gen).to(device, dtype)
-        self.k = [torch.randn(1, kvh, ctx, d, generator=gen).to(device, dtype)
-                  for _ in range(layers)]
-        self.v = [torch.randn(1, kvh, ctx, d, generator=gen).to(device, dtype)
-                  for _ in range(layers)]
+
+        def randn(*size):
+            return torch.randn(*size, generator=gen, device=device).to(dtype)
+        self.q = randn(1, h, 1, d)
+        self.k = [randn(1, kvh, ctx, d) for _ in range(layers)]
+        self.v = [randn(1, kvh, ctx, d) for _ in range(layers)]
 
     def reference(self):
         """Layer 0's attention in float32 through the math backend."""

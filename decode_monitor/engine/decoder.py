@@ -135,18 +135,20 @@ class Decoder:
             # Warm up off the capture stream, as graphs require. A step that syncs with the host
             # cannot be captured, and a capture that fails half-way leaves torch's CUDA RNG
             # believing it is still capturing: catch such steps here, before any capture.
+            # A batch above 1 only times greedy steps (generate() is batch 1): one graph.
+            kinds = (True, False) if self.batch == 1 else (True,)
             sync_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode('error')
             try:
                 with torch.cuda.stream(stream):
-                    for greedy in (True, False):
+                    for greedy in kinds:
                         for _ in range(2):
                             self._seek(0)
                             self._step(greedy)
             finally:
                 torch.cuda.set_sync_debug_mode(sync_mode)
             torch.cuda.current_stream().wait_stream(stream)
-            for greedy in (True, False):
+            for greedy in kinds:
                 self._seek(0)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
