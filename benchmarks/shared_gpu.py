@@ -3,13 +3,16 @@
     python benchmarks/shared_gpu.py --model qwen2.5-7b --ctx 2048 --steps 1000 --out DIR
 
 One decoding process (fused backend, graph mode, event-timed steps from Decoder.time_steps)
-and two co-runner processes (benchmarks/corunner.py: a device-copy loop, a bf16 matmul loop),
-timed in phases, each `steps` steps at position `ctx`:
+and, one phase at a time, a co-runner process (decode_monitor.bench.corunner, as `bench
+--co-runners` starts them), timed in phases, each `steps` steps at position `ctx`:
 
-  alone        co-runners have imported torch but hold no CUDA context
-  idle         co-runners hold a context and memory, run nothing
-  copy         the copy loop runs
-  matmul       the matmul loop runs
+  alone        no other process
+  idle         a co-runner holds a CUDA context and 2 GiB, runs nothing
+  copy         the device-copy loop runs
+  matmul       the bf16 matmul loop runs
+
+`bench --co-runners none copy matmul` measures the step time beside each co-runner over fresh
+sessions; this script shows what the telemetry and diagnostics see meanwhile.
 
 In the copy and matmul phases the GPU telemetry lists the other processes (GpuTelemetry
 .processes(): pid, name, memory, SM share), next to nvidia-smi's listing as a cross-check,
@@ -24,11 +27,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
+from decode_monitor.bench.corunner import CoRunner
 import decode_monitor.engine.factory  # noqa: F401  (registers the fused backend)
 from decode_monitor.engine.decoder import Decoder
 from decode_monitor.engine.sources import load_model
@@ -39,8 +42,6 @@ from decode_monitor.telemetry.health import Thresholds
 from decode_monitor.telemetry.live import LiveTelemetry
 from decode_monitor.telemetry.report import statuses
 from decode_monitor.telemetry.window import StepWindow
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def summary(times):
@@ -59,18 +60,6 @@ def nvidia_smi_apps():
         return f'nvidia-smi failed: {exc}'
 
 
-def touch(control, name):
-    open(os.path.join(control, name), 'w').close()
-
-
-def wait_for(path, timeout_s=120):
-    end = time.time() + timeout_s
-    while not os.path.exists(path):
-        if time.time() > end:
-            raise TimeoutError(f'{path} never appeared')
-        time.sleep(0.02)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--model', default='qwen2.5-7b')
@@ -82,16 +71,12 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, 'shared_gpu.json')
     t_start = time.perf_counter()
-    control = tempfile.mkdtemp(prefix='corunner-')
-    runners = {kind: subprocess.Popen([sys.executable, os.path.join(HERE, 'corunner.py'), kind,
-                                       control]) for kind in ('copy', 'matmul')}
     gpu = GpuTelemetry()
     nv = gpu._nvml
     props = torch.cuda.get_device_properties(0)
     device = DeviceIdentity.from_torch(torch.device('cuda', 0), props)
     record = dict(
         command=' '.join(['python'] + sys.argv), pid=os.getpid(),
-        corunner_pids={k: p.pid for k, p in runners.items()},
         env=dict(gpu=gpu.name, gpu_uuid=gpu.uuid, driver=gpu.driver, torch=torch.__version__,
                  cuda=torch.version.cuda, python=platform.python_version(),
                  platform=platform.platform()),
@@ -161,19 +146,11 @@ def main():
               f'others {len(reading.processes)}  decode: {report[0][2]!r}', flush=True)
 
     phase('alone')
-    for kind in runners:
-        touch(control, f'init-{kind}')
-    for kind in runners:
-        wait_for(os.path.join(control, f'ready-{kind}'))
-    phase('idle')
-    for kind in ('copy', 'matmul'):
-        touch(control, f'go-{kind}')
-        time.sleep(0.5)
-        phase(kind)
-        touch(control, f'stop-{kind}')
-        runners[kind].wait(timeout=60)
-        with open(os.path.join(control, f'result-{kind}.json')) as f:
-            record['phases'][kind]['corunner'] = json.load(f)
+    for kind in ('idle', 'copy', 'matmul'):
+        with CoRunner(kind, 'cuda') as runner:
+            time.sleep(0.5)
+            phase(kind)
+        record['phases'][kind]['corunner'] = runner.report()
         save()
     alone = record['phases']['alone']['steps']['median_ms']
     for name, p in record['phases'].items():

@@ -146,10 +146,10 @@ def test_cells_pair_quantised_weights_with_fused_only(tmp_path):
     g = G.load(_write(tmp_path, dict(BASE, contexts=[16], modes=['eager'],
                                      backends=['hf', 'fused'], weights=['bf16', 'int8', 'int4'])))
     assert g.weights == ('bf16', 'int8', 'int4')
-    assert g.cells() == [('tiny', 16, 'hf', 'eager', 'bf16'),
-                         ('tiny', 16, 'fused', 'eager', 'bf16'),
-                         ('tiny', 16, 'fused', 'eager', 'int8'),
-                         ('tiny', 16, 'fused', 'eager', 'int4')]
+    assert g.cells() == [('tiny', 16, 'hf', 'eager', 'bf16', 1, 'none'),
+                         ('tiny', 16, 'fused', 'eager', 'bf16', 1, 'none'),
+                         ('tiny', 16, 'fused', 'eager', 'int8', 1, 'none'),
+                         ('tiny', 16, 'fused', 'eager', 'int4', 1, 'none')]
     only_quantised = G.with_overrides(g, weights=['int4'], modes=['eager', 'graph'])
     assert [(c[2], c[3], c[4]) for c in only_quantised.cells()] == [
         ('fused', 'eager', 'int4'), ('fused', 'graph', 'int4')]

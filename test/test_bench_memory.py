@@ -140,8 +140,8 @@ def test_precheck_sizes_each_weight_format(qwen):
     assert need['bf16'] < need['int4'] < need['int8']
     free = (need['int4'] + need['int8']) / 2  # bf16 and int4 fit, int8 does not
     runnable, skipped, _ = precheck(grid, 'cuda', free=free, shapes={'qwen2.5-7b': qwen})
-    assert runnable['qwen2.5-7b'] == [(2048, 'hf', 'eager', 'bf16'),
-                                      (2048, 'fused', 'eager', 'bf16'),
-                                      (2048, 'fused', 'eager', 'int4')]
+    assert runnable['qwen2.5-7b'] == [(2048, 'hf', 'eager', 'bf16', 1, 'none'),
+                                      (2048, 'fused', 'eager', 'bf16', 1, 'none'),
+                                      (2048, 'fused', 'eager', 'int4', 1, 'none')]
     assert [(s['backend'], s['weights']) for s in skipped] == [('fused', 'int8')]
     assert skipped[0]['need_gb'] == pytest.approx(need['int8'] / 1e9)

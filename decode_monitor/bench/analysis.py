@@ -1,7 +1,8 @@
 """From raw samples to per-cell statistics, graph speedups and run-to-run comparisons.
 
-A cell is (model, ctx, backend, mode, weights). Results written before weights became an axis
-have no `weights` field: they were all unquantised, so a missing field reads as 'bf16'.
+A cell is (model, ctx, backend, mode, weights, batch, co_runner). Results written before an
+axis existed have no field for it, and read as its only value then: weights 'bf16', batch 1,
+co_runner 'none'.
 """
 from collections import defaultdict
 import statistics
@@ -10,16 +11,27 @@ from decode_monitor.telemetry import stats
 
 MODE_ORDER = {'eager': 0, 'graph': 1}
 WEIGHTS_ORDER = {'bf16': 0, 'int8': 1, 'int4': 2}  # most bytes first
-KEY_FIELDS = ('model', 'ctx', 'backend', 'mode', 'weights')
+KEY_FIELDS = ('model', 'ctx', 'backend', 'mode', 'weights', 'batch', 'co_runner')
+# The axes beyond the first five: a report shows their columns only when a run varies them.
+AXES = ('batch', 'co_runner')
+AXIS_DEFAULTS = {'batch': 1, 'co_runner': 'none'}
 
 
 def weights_of(record):
     return record.get('weights') or 'bf16'
 
 
+def batch_of(record):
+    return record.get('batch') or 1
+
+
+def co_runner_of(record):
+    return record.get('co_runner') or 'none'
+
+
 def cell_key(sample):
     return (sample['model'], sample['ctx'], sample['backend'], sample['mode'],
-            weights_of(sample))
+            weights_of(sample), batch_of(sample), co_runner_of(sample))
 
 
 def key_dict(key):
@@ -27,9 +39,43 @@ def key_dict(key):
 
 
 def sort_key(key):
-    model, ctx, backend, mode, weights = key
+    model, ctx, backend, mode, weights, batch, co_runner = key
     return (model, ctx, backend, MODE_ORDER.get(mode, 9), mode,
-            WEIGHTS_ORDER.get(weights, 9), weights)
+            WEIGHTS_ORDER.get(weights, 9), weights, batch, co_runner != 'none', co_runner)
+
+
+def varied_axes(records):
+    """The axes (of AXES) on which some record is not at its default, in AXES order."""
+    return tuple(a for a in AXES if any(
+        key_dict(cell_key(r))[a] != AXIS_DEFAULTS[a] for r in records))
+
+
+# A Markdown table's key columns: the first five always, batch and co-runner when varied.
+_AXIS_COLUMNS = {'batch': ('batch', '---:'), 'co_runner': ('co-runner', '---')}
+
+
+def key_columns(axes):
+    """(header cells, alignment cells) of a key: 'model | ctx | ...', '---|---:|...'."""
+    names = ['model', 'ctx', 'backend', 'mode', 'weights'] + [_AXIS_COLUMNS[a][0] for a in axes]
+    align = ['---', '---:', '---', '---', '---'] + [_AXIS_COLUMNS[a][1] for a in axes]
+    return ' | '.join(names), '|'.join(align)
+
+
+def key_cells(record, axes=AXES):
+    """A record's key as Markdown table cells: 'm | 2048 | hf | eager | bf16[ | 8][ | copy]'."""
+    key = key_dict(cell_key(record))
+    return ' | '.join(str(key[f]) for f in KEY_FIELDS[:5] + tuple(axes))
+
+
+def key_words(record):
+    """A record's key in words: 'm ctx 2048 hf eager bf16', '... batch 8', '... + copy'."""
+    key = key_dict(cell_key(record))
+    words = f"{key['model']} ctx {key['ctx']} {key['backend']} {key['mode']} {key['weights']}"
+    if key['batch'] != 1:
+        words += f" batch {key['batch']}"
+    if key['co_runner'] != 'none':
+        words += f" + co-runner {key['co_runner']}"
+    return words
 
 
 def session_median(sample):
@@ -106,14 +152,18 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+GRAPH_FIELDS = tuple(f for f in KEY_FIELDS if f != 'mode')
+
+
 def graph_key(cell):
     """What a graph speedup is per: the cell without its mode."""
-    return (cell['model'], cell['ctx'], cell['backend'], weights_of(cell))
+    return (cell['model'], cell['ctx'], cell['backend'], weights_of(cell), batch_of(cell),
+            co_runner_of(cell))
 
 
 def _graph_sort_key(key):
-    model, ctx, backend, weights = key
-    return (model, ctx, backend, WEIGHTS_ORDER.get(weights, 9), weights)
+    model, ctx, backend, weights, batch, co_runner = key
+    return sort_key((model, ctx, backend, '', weights, batch, co_runner))
 
 
 def speedups(results, confidence=0.95, resamples=9999):
@@ -128,12 +178,41 @@ def speedups(results, confidence=0.95, resamples=9999):
             continue
         eager = [p['eager'] for p in pairs]
         graph = [p['graph'] for p in pairs]
-        model, ctx, backend, weights = key
-        out.append({'model': model, 'ctx': ctx, 'backend': backend, 'weights': weights,
-                    'pairs': len(pairs),
+        out.append({**dict(zip(GRAPH_FIELDS, key)), 'pairs': len(pairs),
                     'speedup': stats.paired_ratio_ci(eager, graph, confidence, resamples,
                                                      seed)})
     return out
+
+
+CO_RUNNER_FIELDS = tuple(f for f in KEY_FIELDS if f != 'co_runner')
+
+
+def co_runner_slowdowns(results, confidence=0.95, resamples=9999):
+    """Step time beside each co-runner over the step time alone (co_runner none), per cell.
+
+    Paired by session, as the graph speedup is: both ran in the same process, so what the
+    session shares cancels out of the CI. One row per cell with a co-runner and a baseline.
+    """
+    by_session = defaultdict(lambda: defaultdict(dict))  # cell without co-runner -> session
+    for s in ok_samples(results):
+        key = cell_key(s)[:-1]
+        by_session[key][s['session']][co_runner_of(s)] = session_median(s)
+    rows = []
+    keys = sorted(((*k, r) for k, sessions in by_session.items()
+                   for r in {r for v in sessions.values() for r in v} if r != 'none'),
+                  key=sort_key)
+    for seed, key in enumerate(keys):
+        sessions = by_session[key[:-1]]
+        pairs = [v for _, v in sorted(sessions.items()) if 'none' in v and key[-1] in v]
+        if not pairs:
+            continue
+        alone = [p['none'] for p in pairs]
+        loaded = [p[key[-1]] for p in pairs]
+        rows.append({**key_dict(key), 'pairs': len(pairs), 'alone_ms': statistics.fmean(alone),
+                     'co_runner_ms': statistics.fmean(loaded),
+                     'slowdown': stats.paired_ratio_ci(loaded, alone, confidence, resamples,
+                                                       seed)})
+    return rows
 
 
 def compare(results_a, results_b, confidence=0.95, resamples=9999):

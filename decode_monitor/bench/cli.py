@@ -6,6 +6,7 @@
     bench figures RESULTS.json... [-o DIR] [--price-per-gpu-hour PRICE]
     bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
     bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
+    bench attention [--model M] [--contexts CTX..] [--iters N] [-o FILE.json]
 
 Exit code: 0 the verdict passed, 1 it failed (or the analysis broke: results.json holds every
 sample, `bench report` reruns it), 2 usage error (bad grid, bad arguments, a reference that cannot
@@ -28,10 +29,12 @@ INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 def _run_parser():
     p = argparse.ArgumentParser(
-        prog='bench', description='Time batch-1 decode over a grid of models, contexts, modes, '
-        'backends and weight formats in fresh processes; write results.json, results.csv, '
+        prog='bench', description='Time decode steps over a grid of models, contexts, modes, '
+        'backends, weight formats, batch sizes and co-runners in fresh processes; write '
+        'results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json; figures RESULTS.json...; quality (agreement with transformers).')
+        'report results.json; figures RESULTS.json...; quality (agreement with '
+        'transformers); attention (time per layer by attention implementation).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -40,6 +43,11 @@ def _run_parser():
     p.add_argument('--backends', nargs='+')
     p.add_argument('--weights', nargs='+', choices=grid_mod.WEIGHTS,
                    help='weight formats (int8/int4 run on backend fused only)')
+    p.add_argument('--batches', nargs='+', type=int, metavar='B',
+                   help='sequences per decode step (above 1: backend hf only)')
+    p.add_argument('--co-runners', nargs='+', metavar='R',
+                   help="a process loading the device during a cell's steps: none, "
+                   f"{', '.join(grid_mod.CO_RUNNERS[1:])}, or a command line (quoted)")
     p.add_argument('--sessions', type=int, help='fresh processes per cell')
     p.add_argument('--steps', type=int, help='timed steps per cell and session')
     p.add_argument('--warmup', type=int, help='discarded steps before the timed ones')
@@ -114,6 +122,7 @@ def finish(results, out_dir, thresholds, confidence, resamples, reference=None,
     cells = analysis.cell_stats(results, confidence, resamples)
     speedups = analysis.speedups(results, confidence, resamples)
     quantised_rows = quantised.speedups(results, confidence, resamples)
+    slowdowns = analysis.co_runner_slowdowns(results, confidence, resamples)
     outcome = verdict.evaluate(results, thresholds, reference, confidence, resamples, cells)
     results['verdict'] = outcome
     names = plots.write_plots(out_dir, cells, speedups,
@@ -121,12 +130,12 @@ def finish(results, out_dir, thresholds, confidence, resamples, reference=None,
     names += figures.report_figures(
         results, results_path or os.path.join(out_dir, 'results.json'), out_dir)
     report.write_all(out_dir, results, cells, speedups, outcome, names, confidence,
-                     quantised_rows)
+                     quantised_rows, slowdowns)
     return outcome, cells, speedups, quantised_rows
 
 
 def _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir):
-    from decode_monitor.bench import quantised, report
+    from decode_monitor.bench import analysis, quantised, report
     if cells:
         print(report.results_table(cells, speedups, confidence))
     if quantised_rows:
@@ -135,8 +144,7 @@ def _print_table(cells, speedups, quantised_rows, confidence, outcome, out_dir):
           + (f" ({'; '.join(outcome['reasons'])})" if outcome['reasons'] else ''))
     for c in outcome['cells']:
         if not c['passed']:
-            print(f"  {c['model']} ctx {c['ctx']} {c['backend']} {c['mode']} {c['weights']}: "
-                  + '; '.join(c['reasons']))
+            print(f"  {analysis.key_words(c)}: " + '; '.join(c['reasons']))
     print(f'outputs: {os.path.abspath(out_dir)}')
 
 
@@ -145,7 +153,8 @@ def cmd_run(argv):
     grid = grid_mod.load(args.grid)
     grid = grid_mod.with_overrides(
         grid, models=args.models, contexts=args.contexts, modes=args.modes,
-        backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
+        backends=args.backends, weights=args.weights, batches=args.batches,
+        co_runners=args.co_runners, sessions=args.sessions, steps=args.steps,
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         reference=args.reference, kernel_configs=args.kernel_configs,
@@ -211,15 +220,18 @@ def cmd_compare(argv):
     rows, only_a, only_b = analysis.compare(a, b, args.confidence)
     print(f'A: {args.a} ({device_name(a)})')
     print(f'B: {args.b} ({device_name(b)})')
-    print(f'| model | ctx | backend | mode | weights | A ms | B ms '
-          f'| B/A [{args.confidence:.0%} CI] |')
-    print('|---|---:|---|---|---|---:|---:|---:|')
+    axes = analysis.varied_axes(rows)
+    names, align = analysis.key_columns(axes)
+    print(f'| {names} | A ms | B ms | B/A [{args.confidence:.0%} CI] |')
+    print(f'|{align}|---:|---:|---:|')
     for r in rows:
-        print(f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['weights']} "
+        print(f"| {analysis.key_cells(r, axes)} "
               f"| {r['a_ms']:.3f} | {r['b_ms']:.3f} | {stats.format_ratio(r['ratio'])} |")
     for label, keys in (('only in A', only_a), ('only in B', only_b)):
         for k in keys:
-            print(f'{label}: {" ".join(map(str, k))}')
+            extra = [f'{a} {v}' for a, v in zip(analysis.AXES, k[5:])
+                     if v != analysis.AXIS_DEFAULTS[a]]
+            print(f'{label}: {" ".join(map(str, k[:5] + tuple(extra)))}')
     if not rows:
         print('no cell is in both results')
         return FAIL
@@ -257,6 +269,11 @@ def cmd_tune(argv):
     return tune_main(argv)
 
 
+def cmd_attention(argv):
+    from decode_monitor.bench.attention import main as attention_main
+    return attention_main(argv)
+
+
 def cmd_quality(argv):
     from decode_monitor.bench import quality
     try:
@@ -267,7 +284,7 @@ def cmd_quality(argv):
 
 
 COMMANDS = {'run': cmd_run, 'compare': cmd_compare, 'report': cmd_report, 'tune': cmd_tune,
-            'quality': cmd_quality, 'figures': cmd_figures}
+            'quality': cmd_quality, 'figures': cmd_figures, 'attention': cmd_attention}
 
 
 def _interrupt(signum, frame):

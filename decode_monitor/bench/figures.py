@@ -29,7 +29,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from decode_monitor.bench import analysis  # noqa: E402
-from decode_monitor.bench.verdict import load_results  # noqa: E402
+from decode_monitor.bench.verdict import load_run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,14 @@ _MODE_MARKERS = {'eager': 'o', 'graph': 's'}
 
 
 def load(paths, price_per_gpu_hour=None):
-    """results.json files -> runs; an unreadable file is a VerdictUsageError naming it.
+    """results.json or `bench attention` files -> runs; an unreadable file is a
+    VerdictUsageError naming it.
 
     price_per_gpu_hour: replaces every run's grid price (the cost figure's).
     """
     runs = []
     for path in paths:
-        run = load_results(path)
+        run = load_run(path)
         run['results_path'] = os.path.abspath(path)
         if price_per_gpu_hour is not None:
             run['grid'] = dict(run.get('grid') or {}, price_per_gpu_hour=price_per_gpu_hour)
@@ -326,15 +327,25 @@ FIGURES = (ladder, kernel_timeline, step_time_distributions, cost)
 REPORT_FIGURES = (kernel_timeline, step_time_distributions, cost)
 
 
-def draw(runs, out_dir, figures=FIGURES):
-    """Every figure the runs hold the data for; returns the written paths."""
+def draw(runs, out_dir, figures=None):
+    """Every figure the runs hold the data for; returns the written paths.
+
+    figures: default all, this module's and figures_axes' (the batch and co-runner axes and
+    `bench attention`, which also read attention files; this module's read bench results only).
+    """
+    from decode_monitor.bench import figures_axes
+    if figures is None:
+        figures = FIGURES + figures_axes.FIGURES_AXES
+    results = [r for r in runs if 'samples' in r]
     paths = []
     for figure in figures:
-        paths += figure(runs, out_dir)
+        paths += figure(runs if figure in figures_axes.FIGURES_AXES else results, out_dir)
     return paths
 
 
 def report_figures(results, results_path, out_dir):
     """The one-run figures of a bench run, as file names relative to out_dir (report.md)."""
     run = dict(results, results_path=os.path.abspath(results_path))
-    return [os.path.relpath(p, out_dir) for p in draw([run], out_dir, REPORT_FIGURES)]
+    from decode_monitor.bench.figures_axes import step_time_per_co_runner
+    figures = REPORT_FIGURES + (step_time_per_co_runner,)
+    return [os.path.relpath(p, out_dir) for p in draw([run], out_dir, figures)]

@@ -7,6 +7,8 @@ import os
 
 import yaml
 
+from decode_monitor.bench.corunner import BUILTIN
+
 NAMED_GRIDS = {'study': 'bench.yaml', 'quick': 'bench_quick.yaml'}
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')  # auto: bfloat16 on a GPU, float32 on a CPU
 DEVICES = ('auto', 'cuda', 'cpu')
@@ -17,6 +19,11 @@ MODES = ('eager', 'graph')
 WEIGHTS = ('bf16', 'int8', 'int4')
 # Backends that can serve quantised weights (the Decoder refuses the others).
 QUANTISED_BACKENDS = ('fused',)
+# Backends that decode more than one sequence a step (HFBackend.batched; the others are batch-1).
+BATCHED_BACKENDS = ('hf',)
+BATCHES = (1, 2, 4, 8, 16)  # the study's batch sizes (any positive integer is accepted)
+# Co-runners: none, the built-in loops, or (any other value) a command line.
+CO_RUNNERS = ('none',) + BUILTIN
 
 
 def pairs_with(backend, weights):
@@ -44,6 +51,8 @@ class Grid:
     modes: tuple = MODES
     backends: tuple = ('hf',)
     weights: tuple = ('bf16',)
+    batches: tuple = (1,)
+    co_runners: tuple = ('none',)
     dtype: str = 'bfloat16'
     device: str = 'auto'
     sessions: int = 10
@@ -65,14 +74,15 @@ class Grid:
     source: str = None  # the file it came from
 
     def cells(self):
-        """Every (model, ctx, backend, mode, weights) of the grid, in file order.
+        """Every (model, ctx, backend, mode, weights, batch, co_runner) of the grid, in file order.
 
         Quantised weights pair only with the backends that serve them: a grid of backends
         [hf, fused] and weights [bf16, int4] has hf×bf16, fused×bf16 and fused×int4 cells.
+        (A batch above 1 with a batch-1 backend is refused when the grid is read.)
         """
-        return [(m, c, b, mode, w) for m in self.models for c in self.contexts
+        return [(m, c, b, mode, w, n, r) for m in self.models for c in self.contexts
                 for b in self.backends for mode in self.modes for w in self.weights
-                if pairs_with(b, w)]
+                for n in self.batches for r in self.co_runners if pairs_with(b, w)]
 
     def as_dict(self):
         return asdict(self)
@@ -214,11 +224,14 @@ def _build(raw, source, base_dir):
     backends = tuple(_choice(f'backends[{i}]', b, known_backends)
                      for i, b in enumerate(backends))
     weights = _weights(get('weights', ['bf16']), backends)
+    batches = _batches(get('batches', [1]), backends)
+    co_runners = _co_runners(get('co_runners', ['none']))
     profile_context = get('profile_context')
     if profile_context is not None:
         _pos_int('profile_context', profile_context)
     return Grid(
         models=models, contexts=contexts, modes=modes, backends=backends, weights=weights,
+        batches=batches, co_runners=co_runners,
         dtype=_choice('dtype', get('dtype', defaults.dtype), DTYPES),
         device=_choice('device', get('device', defaults.device), DEVICES),
         sessions=_pos_int('sessions', get('sessions', defaults.sessions)),
@@ -275,6 +288,37 @@ def _weights(raw, backends):
     return weights
 
 
+def _batches(raw, backends):
+    batches = _nonempty_list('batches', raw)
+    batches = tuple(_pos_int(f'batches[{i}]', b) for i, b in enumerate(batches))
+    single = [b for b in backends if b not in BATCHED_BACKENDS]
+    for i, b in enumerate(batches):
+        if b > 1 and single:
+            # A batch-1 backend cannot run it; leaving its cells out would hide that silently.
+            raise GridError(f'batches[{i}]: batch {b} needs a batched backend '
+                            f'({", ".join(BATCHED_BACKENDS)}); {", ".join(single)} '
+                            f'{"decodes" if len(single) == 1 else "decode"} batch 1 only '
+                            '(time it in a grid of its own with batches [1])')
+    return batches
+
+
+def _co_runners(raw):
+    """none, a built-in co-runner, or a command line (split as a shell would, run without one)."""
+    import shlex
+    runners = _nonempty_list('co_runners', raw)
+    for i, r in enumerate(runners):
+        if not isinstance(r, str) or not r.strip():
+            _fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
+        if r not in CO_RUNNERS:
+            try:
+                words = shlex.split(r)
+            except ValueError as exc:
+                raise GridError(f'co_runners[{i}]: {r!r} is not a command line: {exc}') from None
+            if not words:
+                _fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
+    return tuple(runners)
+
+
 def _confidence(value):
     value = _number('confidence', value, exclusive=True)
     if value >= 1.0:
@@ -323,9 +367,9 @@ def load(name_or_path):
 
 
 # CLI flag -> grid key; values are validated exactly like the file's.
-OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'sessions', 'steps', 'warmup',
-             'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs',
-             'kernel_configs', 'price_per_gpu_hour')
+OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'batches', 'co_runners',
+             'sessions', 'steps', 'warmup', 'device', 'dtype', 'order', 'seed',
+             'memory_limit_gb', 'peak_bandwidth_gbs', 'kernel_configs', 'price_per_gpu_hour')
 
 
 def with_overrides(grid, **values):
@@ -343,7 +387,7 @@ def with_overrides(grid, **values):
         verdict['reference'] = changes.pop('reference')
     for key, value in changes.items():
         raw[key] = list(value) if isinstance(value, tuple) else value
-    for key in ('models', 'contexts', 'modes', 'backends', 'weights'):
+    for key in ('models', 'contexts', 'modes', 'backends', 'weights', 'batches', 'co_runners'):
         raw[key] = list(raw[key])
     raw['verdict'] = verdict
     try:

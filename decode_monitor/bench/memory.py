@@ -2,9 +2,11 @@
 
 need = weights (parameters x dtype size, counted on the meta device)
      + for int8/int4 cells, the quantised copy of the linear weights (see quantised_copy_bytes)
-     + static KV cache for the cell (layers x 2 x kv_heads x head_dim x max_context x dtype size)
+     + static KV cache for the cell (layers x 2 x kv_heads x head_dim x max_context x dtype size,
+       per sequence of the batch)
      + the hf backend's transient attention buffers (K/V repeated to the query heads, one layer)
-     + logits + a fixed margin (CUDA context, library workspaces, graph pools).
+     + logits + a fixed margin (CUDA context, library workspaces, graph pools)
+     + a built-in co-runner's buffers and context (a command's memory is not known).
 free = NVML free memory on a GPU (the parent never opens a CUDA context), MemAvailable on a CPU,
 capped by `memory_limit_gb` when the grid sets one.
 """
@@ -111,19 +113,32 @@ def quantised_copy_bytes(linear_weights, weights, dtype, dense_copy=False):
     return linear_weights * (per_weight + (elem if dense_copy else 0))
 
 
+def co_runner_bytes(spec, device='cuda'):
+    """Memory a built-in co-runner holds on `device` (decode_monitor.bench.corunner): its
+    buffers, and on a GPU its CUDA context (about 0.5 GB). 0 for none or a command."""
+    cuda = device == 'cuda'
+    buffers = {'copy': 2 * (2**30 if cuda else 2**26), 'idle': 2 * (2**30 if cuda else 2**26),
+               'matmul': 3 * (8192**2 * 2 if cuda else 512**2 * 4)}.get(spec)
+    if buffers is None:
+        return 0.0
+    return buffers + (0.5 * GB if cuda else 0.0)
+
+
 def cell_bytes(shape, max_context, dtype='bfloat16', margin_gb=0.0, weights='bf16',
-               device='cuda'):
-    """Bytes a cell needs: weights (+ a quantised copy) + KV cache + transient attention/logits
-    buffers + margin. An estimate, meant to skip cells that cannot fit, not to predict a peak.
+               device='cuda', batch=1, co_runner='none'):
+    """Bytes a cell needs: weights (+ a quantised copy) + KV cache of every sequence + transient
+    attention/logits buffers + margin (+ a co-runner's). An estimate, meant to skip cells that
+    cannot fit, not to predict a peak.
     """
     elem = DTYPE_BYTES[dtype]
     weight_bytes = shape.params * elem + quantised_copy_bytes(
         shape.linear_params, weights, dtype, dense_copy=device != 'cuda')
-    kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * max_context * elem
-    repeated_kv = 2 * shape.heads * shape.head_dim * max_context * elem
-    scores = shape.heads * max_context * 4
-    logits = shape.vocab * 4 * 2
-    return weight_bytes + kv + repeated_kv + scores + logits + margin_gb * GB
+    kv = batch * shape.layers * 2 * shape.kv_heads * shape.head_dim * max_context * elem
+    repeated_kv = batch * 2 * shape.heads * shape.head_dim * max_context * elem
+    scores = batch * shape.heads * max_context * 4
+    logits = batch * shape.vocab * 4 * 2
+    return (weight_bytes + kv + repeated_kv + scores + logits + margin_gb * GB
+            + co_runner_bytes(co_runner, device))
 
 
 def check(need_bytes, free_bytes):

@@ -25,12 +25,18 @@ def _weights(record):
     return record.get('weights') or 'bf16'
 
 
+def _extra(record):
+    """A series' batch and co-runner: (batch, co_runner), (1, 'none') for older results."""
+    return (record.get('batch') or 1, record.get('co_runner') or 'none')
+
+
 def _series(cells, model):
-    """(backend, mode, weights) -> sorted [(ctx, cell)]"""
+    """(backend, mode, batch, co_runner, weights) -> sorted [(ctx, cell)]"""
     out = {}
     for c in cells:
         if c['model'] == model:
-            out.setdefault((c['backend'], c['mode'], _weights(c)), []).append((c['ctx'], c))
+            out.setdefault((c['backend'], c['mode'], *_extra(c), _weights(c)),
+                           []).append((c['ctx'], c))
     return {k: sorted(v, key=lambda t: t[0])
             for k, v in sorted(out.items(), key=lambda kv: _by_format(kv[0]))}
 
@@ -40,8 +46,10 @@ def _by_format(key):
     return (*key[:-1], WEIGHTS_ORDER.get(key[-1], 9), key[-1])
 
 
-def _label(backend, mode, weights):
-    return f'{backend} {mode}' + ('' if weights == 'bf16' else f' {weights}')
+def _label(backend, mode, batch=1, co_runner='none', weights='bf16'):
+    return (f'{backend} {mode}' + ('' if weights == 'bf16' else f' {weights}')
+            + ('' if batch == 1 else f' b{batch}')
+            + ('' if co_runner == 'none' else f' +{co_runner}'))
 
 
 def _errors(ests):
@@ -78,12 +86,15 @@ def step_ms_plot(cells, out_dir, title):
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
         floors = {}  # (basis, weights) -> {ctx: ms}: quantised weights have their own floor
-        for (backend, mode, weights), points in _series(cells, model).items():
+        for key, points in _series(cells, model).items():
+            mode, batch, weights = key[1], key[2], key[-1]
             ctx = [p[0] for p in points]
             ests = [p[1]['ms_per_step'] for p in points]
             ax.errorbar(ctx, [e.value for e in ests], yerr=_errors(ests), capsize=3,
                         marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
-                        label=_label(backend, mode, weights))
+                        label=_label(*key))
+            if batch != 1:
+                continue  # the floor drawn is batch 1's
             for c, cell in points:
                 floors.setdefault(('peak', weights), {})[c] = cell['floor_ms_peak']
                 floors.setdefault(('copy', weights), {})[c] = cell['floor_ms_copy']
@@ -109,14 +120,15 @@ def fraction_plot(cells, out_dir, title):
     models = _models(cells)
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        for (backend, mode, weights), points in _series(cells, model).items():
+        for series, points in _series(cells, model).items():
+            mode, weights = series[1], series[-1]
             basis = 'peak' if points[0][1]['floor_fraction'] is not None else 'copy'
             key = 'floor_fraction' if basis == 'peak' else 'copy_fraction'
             ests = [p[1][key] for p in points]
             ax.errorbar([p[0] for p in points], [e.value * 100 for e in ests],
                         yerr=[[v * 100 for v in side] for side in _errors(ests)], capsize=3,
                         marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
-                        label=f'{_label(backend, mode, weights)} (vs {basis})')
+                        label=f'{_label(*series)} (vs {basis})')
         _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
         ax.set_ylabel('achieved % of the memory floor')
         ax.set_ylim(0, 100)
@@ -131,14 +143,15 @@ def speedup_plot(speedups, out_dir, title):
     models = sorted({s['model'] for s in speedups})
     fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
-        series = sorted({(s['backend'], _weights(s)) for s in speedups if s['model'] == model},
-                        key=_by_format)
-        for backend, weights in series:
+        series = sorted({(s['backend'], *_extra(s), _weights(s)) for s in speedups
+                         if s['model'] == model}, key=_by_format)
+        for key in series:
             rows = sorted((s for s in speedups if s['model'] == model
-                           and (s['backend'], _weights(s)) == (backend, weights)),
+                           and (s['backend'], *_extra(s), _weights(s)) == key),
                           key=lambda s: s['ctx'])
             ests = [s['speedup'] for s in rows]
-            name = backend if weights == 'bf16' else f'{backend} {weights}'
+            weights = key[-1]
+            name = ' '.join(_label(key[0], '', *key[1:]).split())
             ax.errorbar([s['ctx'] for s in rows], [e.value for e in ests], yerr=_errors(ests),
                         capsize=4, marker='o', linestyle=_LINESTYLES.get(weights, '-'),
                         label=f'{name}: eager / graph')

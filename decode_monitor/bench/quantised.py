@@ -18,7 +18,8 @@ TITLE = 'Quantised weights: realised speedup vs byte ratio'
 
 
 def speedups(results, confidence=0.95, resamples=9999):
-    """One row per (model, ctx, backend, mode, int8/int4) measured beside bf16 on that backend.
+    """One row per cell of int8/int4 weights measured beside bf16 on that backend (same model,
+    ctx, mode, batch and co-runner).
 
     The speedup pairs each session's bf16 and quantised medians (same process, same clocks), as
     the graph speedup pairs eager and graph: what the session shares cancels out of the CI.
@@ -27,18 +28,18 @@ def speedups(results, confidence=0.95, resamples=9999):
     for s in analysis.ok_samples(results):
         if s['backend'] not in QUANTISED_BACKENDS:
             continue
-        key = (s['model'], s['ctx'], s['backend'], s['mode'])
-        by_session[key][s['session']][analysis.weights_of(s)] = s
+        key = analysis.cell_key(s)
+        by_session[key[:4] + key[5:]][s['session']][analysis.weights_of(s)] = s
     rows = []
-    keys = sorted(((*k, w) for k in by_session for w in QUANTISED),
+    keys = sorted((k[:4] + (w,) + k[4:] for k in by_session for w in QUANTISED),
                   key=analysis.sort_key)
-    for seed, (model, ctx, backend, mode, weights) in enumerate(keys):
-        sessions = by_session[(model, ctx, backend, mode)]
+    for seed, key in enumerate(keys):
+        sessions = by_session[key[:4] + key[5:]]
+        weights = key[4]
         pairs = [(v['bf16'], v[weights]) for _, v in sorted(sessions.items())
                  if 'bf16' in v and weights in v]
         if pairs:
-            rows.append(_row((model, ctx, backend, mode, weights), pairs, confidence,
-                             resamples, seed))
+            rows.append(_row(key, pairs, confidence, resamples, seed))
     return rows
 
 
@@ -72,6 +73,8 @@ def markdown_section(rows, confidence):
     if not rows:
         return []
     ci = f'{confidence:.0%} CI'
+    axes = analysis.varied_axes(rows)
+    names, align = analysis.key_columns(axes)
     lines = ['', f'## {TITLE}', '',
              'Realised speedup = bf16 step time / quantised step time on the same backend, '
              f'paired by session ({ci}); bf16 = unquantised, in the run\'s dtype. Byte ratio = '
@@ -79,13 +82,13 @@ def markdown_section(rows, confidence):
              'weights as stored, the KV cache unchanged): the speedup of a purely '
              'bandwidth-bound step. Realised / byte ratio = how much of that the step achieved.',
              '',
-             f'| model | ctx | backend | mode | weights | bf16 ms/step | quantised ms/step '
+             f'| {names} | bf16 ms/step | quantised ms/step '
              f'| realised speedup [{ci}] | byte ratio | realised / byte ratio [{ci}] | N |',
-             '|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|']
+             f'|{align}|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         ratio = '—' if r['byte_ratio'] is None else f"{r['byte_ratio']:.2f}×"
         lines.append(
-            f"| {r['model']} | {r['ctx']} | {r['backend']} | {r['mode']} | {r['weights']} "
+            f"| {analysis.key_cells(r, axes)} "
             f"| {r['bf16_ms']:.3f} | {r['quantised_ms']:.3f} "
             f"| {stats.format_ratio(r['speedup'])} | {ratio} "
             f"| {stats.format_percent(r['share_of_byte_ratio'], digits=0)} | {r['pairs']} |")

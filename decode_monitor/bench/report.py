@@ -10,7 +10,8 @@ from decode_monitor.bench.profile import CLASS_LABELS, CLASSES
 from decode_monitor.telemetry import stats
 
 CSV_FIELDS = (
-    'model', 'ctx', 'backend', 'mode', 'weights', 'session', 'status', 'reason', 'steps', 'warmup',
+    'model', 'ctx', 'backend', 'mode', 'weights', 'batch', 'co_runner', 'session', 'status',
+    'reason', 'steps', 'warmup',
     'median_ms', 'mean_ms', 'p90_ms', 'min_ms', 'max_ms', 'floor_ms_peak', 'floor_ms_copy',
     'floor_fraction', 'copy_fraction', 'bytes_per_step', 'peak_bandwidth_gbs',
     'copy_bandwidth_gbs', 'sm_clock_mhz', 'mem_clock_mhz', 'temperature_c', 'power_w',
@@ -40,7 +41,7 @@ def csv_rows(results):
                                      'reason', 'steps', 'warmup', 'floor_ms_peak',
                                      'floor_ms_copy', 'bytes_per_step', 'energy_j',
                                      'joules_per_token')}
-        row['weights'] = analysis.weights_of(s)
+        row.update(analysis.key_dict(analysis.cell_key(s)))
         if s.get('status') == 'ok':
             summary = stats.summarize(s['step_ms'])
             median = summary['median']
@@ -78,15 +79,16 @@ def _csv_value(v):
     return v
 
 
-def summary_rows(cells, speedups, quantised_rows=()):
+def summary_rows(cells, speedups, quantised_rows=(), slowdowns=()):
     """One row per measured cell (the committed summary.json).
 
     A graph cell's row carries its graph speedup; an int8/int4 cell's row carries its speedup
-    over bf16 and the byte ratio (the quantised section's row), so the file stays one row per
-    cell.
+    over bf16 and the byte ratio (the quantised section's row); a cell beside a co-runner its
+    slowdown against the same cell alone: the file stays one row per cell.
     """
     speed = {analysis.graph_key(s): s for s in speedups}
     quant = quantised.summary_fields(quantised_rows)
+    slow = {analysis.cell_key(r): r['slowdown'] for r in slowdowns}
     rows = []
     for c in cells:
         row = {**analysis.key_dict(analysis.cell_key(c)),
@@ -103,6 +105,10 @@ def summary_rows(cells, speedups, quantised_rows=()):
             row['graph_speedup'] = s['speedup'].value
             row['graph_speedup_ci'] = [s['speedup'].lo, s['speedup'].hi]
         row.update(quant.get(analysis.cell_key(c), {}))
+        if analysis.cell_key(c) in slow:
+            est = slow[analysis.cell_key(c)]
+            row['co_runner_slowdown'] = est.value
+            row['co_runner_slowdown_ci'] = [est.lo, est.hi]
         rows.append({k: _clean(v) for k, v in row.items()})
     return rows
 
@@ -127,16 +133,18 @@ def _fmt(v, digits=3):
 def results_table(cells, speedups, confidence):
     speed = {analysis.graph_key(s): s for s in speedups}
     ci = f'{confidence:.0%} CI'
-    lines = [f'| model | ctx | backend | mode | weights | ms/step [{ci}] | floor ms | % of floor '
+    axes = analysis.varied_axes(cells)
+    names, align = analysis.key_columns(axes)
+    lines = [f'| {names} | ms/step [{ci}] | floor ms | % of floor '
              f'| % of copy ceiling | J/token [{ci}] | graph speedup [{ci}] | N |',
-             '|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
+             f'|{align}|---:|---:|---:|---:|---:|---:|---:|']
     for c in cells:
         s = speed.get(analysis.graph_key(c))
         speedup = stats.format_ratio(s['speedup']) if c['mode'] == 'graph' and s else '—'
         floor = c['floor_ms_peak'] if c['floor_ms_peak'] is not None else c['floor_ms_copy']
         jpt = c['joules_per_token']  # None without NVML
         lines.append(
-            f"| {c['model']} | {c['ctx']} | {c['backend']} | {c['mode']} | {c['weights']} "
+            f"| {analysis.key_cells(c, axes)} "
             f"| {stats.format_estimate(c['ms_per_step'], 3)} | {_fmt(floor)} "
             f"| {stats.format_percent(c['floor_fraction'])} "
             f"| {stats.format_percent(c['copy_fraction'])} "
@@ -189,14 +197,31 @@ def _copy_bw(results):
     return statistics.median(values) if values else None
 
 
-def _cell_cells(record):
-    """A cell's key as Markdown table cells: 'm | 2048 | hf | eager | bf16'."""
-    return ' | '.join(str(v) for v in analysis.cell_key(record))
+def _key_head(records):
+    """(axes, header cells, alignment) for a table of these records' keys."""
+    axes = analysis.varied_axes(records)
+    return (axes, *analysis.key_columns(axes))
 
 
-def _cell_words(record):
-    model, ctx, backend, mode, weights = analysis.cell_key(record)
-    return f'{model} ctx {ctx} {backend} {mode} {weights}'
+def co_runner_section(rows, confidence):
+    """The report's section (a list of lines): step time alone and beside each co-runner."""
+    if not rows:
+        return []
+    ci = f'{confidence:.0%} CI'
+    axes, names, align = _key_head(rows)
+    lines = ['', '## Step time per co-runner', '',
+             'Step time while another process loads the device (co-runner: `copy` a '
+             'device-copy loop, `matmul` a matmul loop, `idle` a context and buffers, or a '
+             'command), against the same cell alone (co-runner none); slowdown = step time '
+             f'beside it / alone, paired by session ({ci}). The co-runner starts before the '
+             'warm-up and stops after the timed steps; its rate is in results.json.', '',
+             f'| {names} | alone ms/step | ms/step | slowdown [{ci}] | N |',
+             f'|{align}|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f"| {analysis.key_cells(r, axes)} | {r['alone_ms']:.3f} "
+                     f"| {r['co_runner_ms']:.3f} | {stats.format_ratio(r['slowdown'])} "
+                     f"| {r['pairs']} |")
+    return lines
 
 
 def profile_section(profiles):
@@ -206,26 +231,28 @@ def profile_section(profiles):
     if ok:
         source = ok[0]['anatomy'].get('source', 'kernels')
         header = ' | '.join(CLASS_LABELS[c] for c in CLASSES)
+        axes, names, align = _key_head(ok)
         lines += [f'Time per decode step by class ({source}; ms, mean over the profiled steps). '
                   'Idle = span between the first and last event minus the time any event ran; '
                   'the profiler itself adds host-side time, so idle is an upper bound.', '',
-                  f'| model | ctx | backend | mode | weights | span ms | busy ms | idle ms (%) '
+                  f'| {names} | span ms | busy ms | idle ms (%) '
                   f'| events | {header} |',
-                  '|---|---:|---|---|---|---:|---:|---:|---:|' + '---:|' * len(CLASSES)]
+                  f'|{align}|---:|---:|---:|---:|' + '---:|' * len(CLASSES)]
         for p in ok:
             a = p['anatomy']
             classes = ' | '.join(f"{a['by_class_ms'][c]:.3f}" for c in CLASSES)
-            lines.append(f"| {_cell_cells(p)} | {a['span_ms']:.3f} | {a['busy_ms']:.3f} "
+            lines.append(f"| {analysis.key_cells(p, axes)} | {a['span_ms']:.3f} "
+                         f"| {a['busy_ms']:.3f} "
                          f"| {a['idle_ms']:.3f} ({a['idle_fraction']:.0%}) "
                          f"| {a['events_per_step']:.0f} | {classes} |")
         lines += ['', 'Longest events per step:', '']
         for p in ok:
             top = ', '.join(f"`{t['name'][:60]}` {t['ms_per_step']:.3f} ms"
                             for t in p['anatomy']['top'][:4])
-            lines.append(f"- {_cell_words(p)}: {top}")
+            lines.append(f"- {analysis.key_words(p)}: {top}")
     for p in profiles:
         if p.get('status') != 'ok':
-            lines.append(f"- {_cell_words(p)}: {p['status']} ({p.get('reason')})")
+            lines.append(f"- {analysis.key_words(p)}: {p['status']} ({p.get('reason')})")
     return '\n'.join(lines)
 
 
@@ -237,10 +264,11 @@ def _kernel_configs_lines(results):
 
 
 def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
-             quantised_rows=()):
+             quantised_rows=(), slowdowns=()):
     parts = ['# Decode bench report', '',
-             'Batch-1 decode step time per cell: per-session medians of the timed steps '
-             '(device events, warm-up discarded), then the mean over fresh sessions with a '
+             'Decode step time per cell (batch 1 unless a batch column says otherwise): '
+             'per-session medians of the timed steps (device events, warm-up discarded), then '
+             'the mean over fresh sessions with a '
              f'{confidence:.0%} bootstrap CI. Floor = bytes a step must move (weights, lm_head '
              'in full, one embedding row, the valid KV prefix and the new K/V) over peak '
              'bandwidth; % of floor = floor / step time. The copy ceiling uses the measured '
@@ -253,14 +281,21 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
     if results.get('environment', {}).get('peak_bandwidth') is None:
         parts += ['No peak bandwidth is known for this device (no NVML, no override): the floor '
                   'column uses the measured copy bandwidth and % of floor is not given.', '']
+    if 'batch' in analysis.varied_axes(cells):
+        parts += ['A cell of batch b steps b sequences, each with ctx tokens in its K/V cache: '
+                  'the floor counts the weights once and the K/V of every sequence; J/token '
+                  'divides by the b tokens a step makes.', '']
     parts.append(results_table(cells, speedups, confidence) if cells else 'No cell was measured.')
     parts += quantised.markdown_section(quantised_rows, confidence)
+    parts += co_runner_section(slowdowns, confidence)
     skipped = analysis.skipped_cells(results)
     if skipped:
+        axes, names, align = _key_head(skipped)
         parts += ['', '## Skipped cells', '',
-                  '| model | ctx | backend | mode | weights | status | reason |',
-                  '|---|---:|---|---|---|---|---|']
-        parts += [f"| {_cell_cells(s)} | {s['status']} | {s['reason']} |" for s in skipped]
+                  f'| {names} | status | reason |',
+                  f'|{align}|---|---|']
+        parts += [f"| {analysis.key_cells(s, axes)} | {s['status']} | {s['reason']} |"
+                  for s in skipped]
     if any(c['joules_per_token'] is not None for c in cells):
         parts += ['', 'J/token = NVML energy-counter difference over the warm-up and timed steps '
                   'of a cell, divided by their number. The counter advances in steps (period '
@@ -272,7 +307,7 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
     throttled = [c for c in cells if c['throttle_reasons']]
     if throttled:
         parts += ['', '## Throttling', '']
-        parts += [f"- {_cell_words(c)}: {', '.join(c['throttle_reasons'])}"
+        parts += [f"- {analysis.key_words(c)}: {', '.join(c['throttle_reasons'])}"
                   f" (sessions {', '.join(map(str, c['throttled_sessions']))})"
                   for c in throttled]
     if results.get('profile'):
@@ -295,19 +330,20 @@ def verdict_text(verdict):
                  f"{'allowed' if t['allow_throttling'] else 'not allowed'}"
                  + (f", reference {t['reference']} (tolerance {t['reference_tolerance']:.0%})"
                     if t['reference'] else ''))
-    lines += ['', '| model | ctx | backend | mode | weights | result | reasons |',
-              '|---|---:|---|---|---|---|---|']
+    axes, names, align = _key_head(verdict['cells'])
+    lines += ['', f'| {names} | ms/step | result | reasons |', f'|{align}|---:|---|---|']
     for c in verdict['cells']:
-        lines.append(f"| {_cell_cells(c)} | {'pass' if c['passed'] else 'FAIL'} "
-                     f"| {'; '.join(c['reasons'])} |")
+        lines.append(f"| {analysis.key_cells(c, axes)} | {_fmt(c.get('ms_per_step'))} "
+                     f"| {'pass' if c['passed'] else 'FAIL'} | {'; '.join(c['reasons'])} |")
     return '\n'.join(lines)
 
 
 def write_all(out_dir, results, cells, speedups, verdict, plots, confidence,
-              quantised_rows=()):
+              quantised_rows=(), slowdowns=()):
     write_json(os.path.join(out_dir, 'results.json'), results)
     write_csv(os.path.join(out_dir, 'results.csv'), results)
     write_json(os.path.join(out_dir, 'summary.json'),
-               summary_rows(cells, speedups, quantised_rows))
+               summary_rows(cells, speedups, quantised_rows, slowdowns))
     with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
-        f.write(markdown(results, cells, speedups, verdict, plots, confidence, quantised_rows))
+        f.write(markdown(results, cells, speedups, verdict, plots, confidence, quantised_rows,
+                         slowdowns))

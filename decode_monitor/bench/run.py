@@ -18,6 +18,7 @@ import sys
 import threading
 
 from decode_monitor.bench import memory
+from decode_monitor.bench.analysis import KEY_FIELDS as CELL_FIELDS  # as Grid.cells() lists them
 from decode_monitor.bench.grid import GridError
 from decode_monitor.bench.session import MARK
 
@@ -91,7 +92,8 @@ def precheck(grid, device, free=None, shapes=None):
     """Split the grid into runnable cells per model and skipped cells with reasons.
 
     free: bytes available (None: read now); shapes: model -> ModelShape (None: count now).
-    Returns (runnable: {model: [(ctx, backend, mode, weights)]}, skipped: [dict], notes: [str]).
+    Returns (runnable: {model: [(ctx, backend, mode, weights, batch, co_runner)]},
+    skipped: [dict], notes: [str]).
     """
     if free is None:
         free = memory.free_bytes(device, grid.memory_limit_gb)
@@ -99,25 +101,28 @@ def precheck(grid, device, free=None, shapes=None):
     if free is None:
         notes.append('free memory unknown: no memory pre-check')
     shapes = dict(shapes or {})
-    fits = {}  # (model, ctx, weights) -> Fit: the need depends on nothing else
+    fits = {}  # (model, ctx, weights, batch, co_runner) -> Fit: the need depends on no more
     runnable, skipped = {}, []
-    for model, ctx, backend, mode, weights in grid.cells():
+    for model, ctx, backend, mode, weights, batch, co_runner in grid.cells():
         if model not in shapes:
             shapes[model] = _shape_or_none(model, notes)
         fit = None
+        need_key = (model, ctx, weights, batch, co_runner)
         if shapes[model] is not None and free is not None:
-            if (model, ctx, weights) not in fits:
+            if need_key not in fits:
                 need = memory.cell_bytes(shapes[model], ctx + grid.warmup + grid.steps,
-                                         grid.dtype, grid.memory_margin_gb, weights, device)
-                fits[(model, ctx, weights)] = memory.check(need, free)
-            fit = fits[(model, ctx, weights)]
+                                         grid.dtype, grid.memory_margin_gb, weights, device,
+                                         batch, co_runner)
+                fits[need_key] = memory.check(need, free)
+            fit = fits[need_key]
         if fit is not None and not fit.fits:
             skipped.append({'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
-                            'weights': weights, 'status': 'skipped', 'reason': fit.reason,
+                            'weights': weights, 'batch': batch, 'co_runner': co_runner,
+                            'status': 'skipped', 'reason': fit.reason,
                             'need_gb': fit.need_bytes / memory.GB,
                             'free_gb': fit.free_bytes / memory.GB})
         else:
-            runnable.setdefault(model, []).append((ctx, backend, mode, weights))
+            runnable.setdefault(model, []).append((ctx, backend, mode, weights, batch, co_runner))
     return runnable, skipped, notes
 
 
@@ -231,12 +236,10 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint
         def on_event(event, index=index, seen=seen):
             kind = event.pop('event')
             if kind == 'sample':
-                seen.add((event['model'], event['ctx'], event['backend'], event['mode'],
-                          event['weights']))
+                seen.add(tuple(event[k] for k in CELL_FIELDS))
                 results['samples'].append(event)
                 bar.update(1)
-                bar.set_postfix_str(f"s{index} {event['model']} {event['ctx']} "
-                                    f"{event['backend']} {event['mode']} {event['weights']} "
+                bar.set_postfix_str(f"s{index} {' '.join(str(event[k]) for k in CELL_FIELDS)} "
                                     f"{event['status']}", refresh=False)
             elif kind == 'session':
                 results['sessions'].append(event)
@@ -251,10 +254,9 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint
         results['sessions_completed'] += 1
         missing = [(m, *c) for m, cells in runnable.items() for c in cells
                    if (m, *c) not in seen]
-        for model, ctx, backend, mode, weights in missing:
+        for cell in missing:
             results['samples'].append(
-                {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode,
-                 'weights': weights, 'session': index, 'status': 'error',
+                {**dict(zip(CELL_FIELDS, cell)), 'session': index, 'status': 'error',
                  'reason': f'session process ended ({ending}) before this cell '
                            'reported (see sessions.log)'})
             bar.update(1)

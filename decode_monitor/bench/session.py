@@ -6,6 +6,7 @@ reads a JSON spec on stdin and writes one line per event on stdout, each `@@benc
 `session` (environment and bandwidths), `sample` (one cell), `profile`, `done`. Anything else on
 stdout or stderr is library chatter the parent keeps in its log.
 """
+import contextlib
 import gc
 import json
 import os
@@ -137,10 +138,10 @@ class Session:
             self.run_model(entry)
         emit('done', session=self.index)
 
-    def _base(self, source, ctx, backend, mode, weights):
+    def _base(self, source, ctx, backend, mode, weights, batch=1, co_runner='none'):
         return {'model': source, 'ctx': ctx, 'backend': backend, 'mode': mode,
-                'weights': weights, 'session': self.index, 'steps': self.steps,
-                'warmup': self.warmup}
+                'weights': weights, 'batch': batch, 'co_runner': co_runner,
+                'session': self.index, 'steps': self.steps, 'warmup': self.warmup}
 
     def run_model(self, entry):
         from decode_monitor.engine.sources import load_model
@@ -156,9 +157,8 @@ class Session:
             for cell in cells:
                 emit('sample', **self._base(source, *cell), status='error', reason=reason)
             return
-        for ctx, backend, mode, weights in cells:
-            emit('sample', **self.run_cell(loaded, source, ctx, backend, mode, weights),
-                 load_s=load_s)
+        for cell in cells:
+            emit('sample', **self.run_cell(loaded, source, *cell), load_s=load_s)
             _free_cuda_memory()
         profile = self.spec.get('profile')
         if profile:
@@ -166,21 +166,21 @@ class Session:
         del loaded
         _free_cuda_memory()
 
-    def _cell_fits(self, loaded, max_context, weights):
+    def _cell_fits(self, loaded, max_context, weights, batch, co_runner):
         """In-process check once the dense weights are resident: what the cell adds (KV,
-        attention buffers, a quantised copy of the weights) vs free memory."""
+        attention buffers, a quantised copy of the weights, a co-runner) vs free memory."""
         from decode_monitor.bench import memory
         shape = memory.shape_from_config(loaded.config, 0, memory.linear_params(loaded.model))
         need = memory.cell_bytes(shape, max_context, self.spec['dtype'], weights=weights,
-                                 device=self.device)
+                                 device=self.device, batch=batch, co_runner=co_runner)
         return memory.check(need, self.torch.cuda.mem_get_info()[0])
 
-    def run_cell(self, loaded, source, ctx, backend, mode, weights):
+    def run_cell(self, loaded, source, ctx, backend, mode, weights, batch=1, co_runner='none'):
         from decode_monitor.engine.decoder import Decoder
-        out = self._base(source, ctx, backend, mode, weights)
+        out = self._base(source, ctx, backend, mode, weights, batch, co_runner)
         max_context = ctx + self.warmup + self.steps
         if self.device == 'cuda':
-            fit = self._cell_fits(loaded, max_context, weights)
+            fit = self._cell_fits(loaded, max_context, weights, batch, co_runner)
             if not fit.fits:
                 out.update(status='skipped', reason=fit.reason)
                 return out
@@ -188,23 +188,32 @@ class Session:
         try:
             t0 = time.perf_counter()
             decoder = Decoder(loaded, mode=mode, backend=backend, max_context=max_context,
-                              weights=weights, kernel_configs=self.spec.get('kernel_configs'))
+                              weights=weights, kernel_configs=self.spec.get('kernel_configs'),
+                              batch=batch)
             out['build_s'] = time.perf_counter() - t0
             out['kernel_configs'] = decoder.kernel_configs_source
             if decoder.mode != mode:
                 status = 'error' if self.device == 'cuda' else 'skipped'
                 out.update(status=status, reason=decoder.fallback_reason)
                 return out
-            # The energy window spans the warm-up and the timed steps (the same decode steps,
-            # back to back) so that it is long against the NVML energy counter's update period.
-            before = self.telemetry.sample() if self.telemetry else None
-            t0 = time.perf_counter()
-            decoder.time_steps(ctx, 0, self.warmup)  # randomise the cache, warm up
-            times = decoder.time_steps(ctx, self.steps, 0)
-            wall = time.perf_counter() - t0
-            after = self.telemetry.sample() if self.telemetry else None
-            out.update(self._measurements(decoder, ctx, times, wall, before, after))
-            out['status'] = 'ok'
+            with self._co_runner(co_runner, out) as running:
+                if not running:
+                    return out  # it could not start: the reason is in `out`
+                # The energy window spans the warm-up and the timed steps (the same decode
+                # steps, back to back) so that it is long against the NVML energy counter's
+                # update period.
+                before = self.telemetry.sample() if self.telemetry else None
+                t0 = time.perf_counter()
+                decoder.time_steps(ctx, 0, self.warmup)  # randomise the cache, warm up
+                times = decoder.time_steps(ctx, self.steps, 0)
+                wall = time.perf_counter() - t0
+                after = self.telemetry.sample() if self.telemetry else None
+            out.update(self._measurements(decoder, ctx, times, wall, before, after, batch))
+            report = out.get('co_runner_run') or {}
+            if report.get('status', 'ran') != 'ran':  # it ended while the steps ran
+                out.update(status='error', reason=f"co-runner {co_runner}: {report['reason']}")
+            else:
+                out['status'] = 'ok'
         except Exception as exc:
             oom = type(exc).__name__ == 'OutOfMemoryError'
             out.update(status='skipped' if oom else 'error',
@@ -215,7 +224,29 @@ class Session:
             del decoder
         return out
 
-    def _measurements(self, decoder, ctx, times, wall, before, after):
+    @contextlib.contextmanager
+    def _co_runner(self, spec, out):
+        """Run `spec` in its own process around the block; yields False if it cannot start.
+
+        Its report (pid, how it ended, its rate) lands in out['co_runner_run'].
+        """
+        if spec == 'none':
+            yield True
+            return
+        from decode_monitor.bench.corunner import CoRunner, CoRunnerError
+        runner = CoRunner(spec, self.device)
+        try:
+            runner.start()
+        except CoRunnerError as exc:
+            out.update(status='error', reason=str(exc), co_runner_run=runner.report())
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            out['co_runner_run'] = runner.stop()
+
+    def _measurements(self, decoder, ctx, times, wall, before, after, batch=1):
         floor = decoder.floor
         mean_bytes = sum(floor.bytes_per_step(ctx + i) for i in range(len(times))) / len(times)
         m = {'mode_used': decoder.mode, 'step_ms': times, 'wall_s': wall,
@@ -229,7 +260,8 @@ class Session:
         if before is not None and before.energy_j is not None and after.energy_j is not None:
             m['energy_j'] = after.energy_j - before.energy_j
             m['energy_window_s'] = wall
-            m['joules_per_token'] = m['energy_j'] / (len(times) + self.warmup)
+            # a step of a batch of b decodes b tokens
+            m['joules_per_token'] = m['energy_j'] / ((len(times) + self.warmup) * batch)
         return m
 
     def run_profile(self, loaded, source, profile):

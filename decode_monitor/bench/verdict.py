@@ -21,6 +21,7 @@ from decode_monitor.telemetry import stats
 PASS, FAIL, USAGE = 0, 1, 2
 SHIPPED = 'shipped'
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'references')
+ATTENTION_FORMAT = 'decode_monitor.bench.attention/1'  # bench attention's files (attention.py)
 
 
 class VerdictUsageError(ValueError):
@@ -35,9 +36,26 @@ def load_results(path):
         raise VerdictUsageError(f'cannot read {path}: {exc.strerror}') from None
     except json.JSONDecodeError as exc:
         raise VerdictUsageError(f'{path}: not JSON: {exc}') from None
+    if isinstance(results, dict) and results.get('format') == ATTENTION_FORMAT:
+        raise VerdictUsageError(f'{path}: a `bench attention` file, not a bench results.json')
     if not isinstance(results, dict) or 'samples' not in results:
         raise VerdictUsageError(f'{path}: not a bench results.json (no "samples")')
     return results
+
+
+def load_run(path):
+    """A bench results.json or a `bench attention` file (its "format" tells them apart)."""
+    try:
+        return load_results(path)
+    except VerdictUsageError:
+        try:
+            with open(path, encoding='utf-8') as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get('format') == ATTENTION_FORMAT:
+            return data
+        raise
 
 
 def device_name(results):
@@ -117,6 +135,7 @@ def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=999
         reasons = [f'error in {e}' for e in errors.pop(key, [])]
         reasons += _threshold_reasons(cell, thresholds)
         row = analysis.key_dict(key)
+        row['ms_per_step'] = cell['ms_per_step'].value
         if ref_medians is not None:
             mine = cell['session_medians_ms']
             if key in ref_medians:

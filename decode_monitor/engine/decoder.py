@@ -1,5 +1,8 @@
 """The batch-1 decoder: static KV cache, prefill, one decode step, eager or CUDA-graph replay.
 
+`batch=b` (a backend with `batched = True`: hf) steps b sequences at one position at once; such a
+decoder times steps (time_steps, the bench's batch axis) and does not serve (generate).
+
 The current token and position live in device tensors, so a step (forward + sampling) can be
 captured once and replayed. The host launches step t+1 before reading token t, so detokenising
 and publishing hide behind the GPU; the only host sync per step is that token read.
@@ -38,14 +41,15 @@ def register_backend(name, factory):
     `weights=`, and should then have `floor_model()`; the others serve the weights as loaded.
     One with `tunable = True` launches kernels whose configs come from a table: it is called
     with `kernel_configs=` (a table file, 'defaults', or None to look one up) and its
-    `kernel_configs.source` names the table in use.
+    `kernel_configs.source` names the table in use. One with `batched = True` takes `batch=`
+    (b sequences a step); the others decode batch 1 only.
     """
     BACKENDS[name] = factory
 
 
 class Decoder:
     def __init__(self, loaded, mode='graph', backend='hf', max_context=2048, weights='bf16',
-                 kernel_configs=None):
+                 kernel_configs=None, batch=1):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, not {mode!r}')
         if backend not in BACKENDS:
@@ -56,6 +60,15 @@ class Decoder:
         factory = BACKENDS[backend]
         options = {'kernel_configs': kernel_configs} if getattr(factory, 'tunable', False) \
             else {}
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f'batch must be a positive integer, not {batch!r}')
+        if batch > 1:
+            if not getattr(factory, 'batched', False):
+                able = ' or '.join(n for n, f in BACKENDS.items() if getattr(f, 'batched', False))
+                raise ValueError(f'backend {backend!r} decodes batch 1 only, not batch {batch} '
+                                 f'(batched: {able or "none registered"})')
+            options['batch'] = batch
+        self.batch = batch
         if weights == 'bf16':
             self.backend = factory(loaded.model, max_context, **options)
         elif weights in getattr(factory, 'formats', ()):
@@ -69,8 +82,8 @@ class Decoder:
         if hasattr(self.backend, 'floor_model'):
             self.floor = self.backend.floor_model()  # the bytes as this backend stores them
         else:
-            self.floor = FloorModel.for_model(loaded.model)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self.floor = FloorModel.for_model(loaded.model, batch=batch)
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.sampling = SamplingState(self.device)
         self.mode_requested = mode
@@ -101,7 +114,7 @@ class Decoder:
 
     # -- the step ---------------------------------------------------------------------------
     def _step(self, greedy):
-        logits = self.backend.forward_one(self.token, self.pos)  # (1, vocab)
+        logits = self.backend.forward_one(self.token, self.pos)  # (batch, vocab)
         if greedy:
             next_token = sample_greedy(logits)
         else:
@@ -122,18 +135,20 @@ class Decoder:
             # Warm up off the capture stream, as graphs require. A step that syncs with the host
             # cannot be captured, and a capture that fails half-way leaves torch's CUDA RNG
             # believing it is still capturing: catch such steps here, before any capture.
+            # A batch above 1 only times greedy steps (generate() is batch 1): one graph.
+            kinds = (True, False) if self.batch == 1 else (True,)
             sync_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode('error')
             try:
                 with torch.cuda.stream(stream):
-                    for greedy in (True, False):
+                    for greedy in kinds:
                         for _ in range(2):
                             self._seek(0)
                             self._step(greedy)
             finally:
                 torch.cuda.set_sync_debug_mode(sync_mode)
             torch.cuda.current_stream().wait_stream(stream)
-            for greedy in (True, False):
+            for greedy in kinds:
                 self._seek(0)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -192,6 +207,9 @@ class Decoder:
         and grows by one token per step the caller received, so a cancel, an error or an
         abandoned generator leaves only what was computed.
         """
+        if self.batch != 1:
+            raise ValueError(f'generate() decodes one sequence; this decoder of batch '
+                             f'{self.batch} times steps only (time_steps)')
         n = len(prompt_ids)
         if n == 0:
             raise ValueError('the prompt is empty')

@@ -1,4 +1,8 @@
-"""The analytic memory floor: bytes a batch-1 decode step must move, over memory bandwidth."""
+"""The analytic memory floor: bytes a decode step must move, over memory bandwidth.
+
+A step of b sequences reads the weights once and the K/V of every sequence: batching shares the
+weight traffic, never the cache's.
+"""
 from dataclasses import dataclass
 import os
 import time
@@ -23,23 +27,28 @@ def weight_bytes_per_step(model):
 
 @dataclass(frozen=True)
 class FloorModel:
-    """bytes_per_step(pos) = weights + K/V of the valid prefix + the new K/V written."""
+    """bytes_per_step(pos) = weights + batch x (K/V of the valid prefix + the new K/V written).
+
+    Every sequence of a batch sits at the same position (a step at context ctx per sequence).
+    """
 
     weight_bytes: int
-    kv_bytes_per_token: int  # layers x 2 (K and V) x kv_heads x head_dim x element size
+    kv_bytes_per_token: int  # of one sequence: layers x 2 (K, V) x kv_heads x head_dim x elem
+    batch: int = 1
 
     @classmethod
-    def for_model(cls, model, kv_dtype=None):
+    def for_model(cls, model, kv_dtype=None, batch=1):
         config = model.config
         head_dim = getattr(config, 'head_dim', None) or (
             config.hidden_size // config.num_attention_heads)
         elem = torch.empty(0, dtype=kv_dtype or model.dtype).element_size()
         kv = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
-        return cls(weight_bytes_per_step(model), kv)
+        return cls(weight_bytes_per_step(model), kv, batch)
 
     def bytes_per_step(self, pos):
-        """Bytes moved by the step that writes position `pos` (attending to pos + 1 tokens)."""
-        return self.weight_bytes + self.kv_bytes_per_token * (pos + 1)
+        """Bytes moved by the step that writes position `pos` of each sequence (each attending
+        to pos + 1 tokens)."""
+        return self.weight_bytes + self.batch * self.kv_bytes_per_token * (pos + 1)
 
     def floor_ms(self, pos, bandwidth_bytes_per_s):
         return self.bytes_per_step(pos) / bandwidth_bytes_per_s * 1e3

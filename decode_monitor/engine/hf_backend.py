@@ -2,6 +2,9 @@
 
 It attends over the whole static cache (masked) and repeats K/V heads for GQA; that cost is part of
 what the study measured, so it is kept as it is here.
+
+`batch=b` holds b sequences in the cache, all at the same position: a step decodes one token of
+each (the bench's batch axis; serving stays batch 1).
 """
 import torch
 from transformers import StaticCache
@@ -9,19 +12,21 @@ from transformers import StaticCache
 
 class HFBackend:
     name = 'hf'
+    batched = True  # Decoder(batch=b) with b > 1 builds it with batch=b
 
-    def __init__(self, model, max_context):
+    def __init__(self, model, max_context, batch=1):
         if model.__dict__.get('_dense_released'):
             raise ValueError('the hf backend needs the dense weights, and this model\'s were '
                              'released after quantising (the fused backend serves it)')
         self.model = model
         self.max_context = max_context
+        self.batch = batch
         config = model.config
         head_dim = getattr(config, 'head_dim', None) or (
             config.hidden_size // config.num_attention_heads)
         self.cache = StaticCache(config=config, max_cache_len=max_context)
         # Allocate now: graph capture needs the cache tensors to exist before the first step.
-        self.cache.early_initialization(1, config.num_key_value_heads, head_dim, model.dtype,
+        self.cache.early_initialization(batch, config.num_key_value_heads, head_dim, model.dtype,
                                         model.device)
 
     def seek(self, pos):
@@ -44,8 +49,12 @@ class HFBackend:
 
     @torch.no_grad()
     def forward_one(self, token, pos):
-        """token: (1, 1), pos: (1,) device tensors -> logits (1, vocab). Graph-capturable."""
-        out = self.model(input_ids=token, position_ids=pos.view(1, 1), cache_position=pos,
+        """token: (batch, 1), pos: (1,) device tensors -> logits (batch, vocab).
+        Graph-capturable."""
+        position_ids = pos.view(1, 1)
+        if self.batch > 1:  # every sequence at the same position
+            position_ids = position_ids.expand(self.batch, 1)
+        out = self.model(input_ids=token, position_ids=position_ids, cache_position=pos,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
