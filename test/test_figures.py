@@ -73,8 +73,8 @@ def test_kernel_timeline_shows_one_layer_of_the_real_trace(quick, tmp_path):
 def test_step_time_distributions_hold_every_session(quick):
     _, run = quick
     groups = figures.distributions_data(run)
-    assert list(groups) == [('tiny', 32, 'hf', 'bf16')]
-    eager = groups[('tiny', 32, 'hf', 'bf16')]['eager']
+    assert list(groups) == [('tiny', 32, 'hf', 'bf16', 1, 'none')]  # + batch, co-runner
+    eager = groups[('tiny', 32, 'hf', 'bf16', 1, 'none')]['eager']
     samples = sorted((s for s in run['samples'] if s['status'] == 'ok'),
                      key=lambda s: s['session'])
     assert eager == [(s['session'], s['step_ms']) for s in samples]
@@ -127,7 +127,8 @@ def sample(model, ctx, mode, session, step_ms, bytes_per_step, backend='hf', wei
            jpt=None):
     return {'model': model, 'ctx': ctx, 'backend': backend, 'mode': mode, 'weights': weights,
             'session': session, 'status': 'ok', 'step_ms': list(step_ms),
-            'bytes_per_step': bytes_per_step, 'joules_per_token': jpt}
+            'bytes_per_step': bytes_per_step, 'joules_per_token': jpt,
+            'floor_ms_copy': 1.0}  # read by the report's statistics (bench figures draws all)
 
 
 def run_of(device, peak, samples, price=None, profile=()):

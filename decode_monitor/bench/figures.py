@@ -186,7 +186,7 @@ def distributions_data(run):
     """-> {(model, ctx, backend, weights): {mode: [(session, step_ms)]}} of one run."""
     out = defaultdict(lambda: defaultdict(list))
     for key, samples in sorted(_cell_samples(run).items(),
-                               key=lambda kv: analysis.sort_key(kv[0][:5])):
+                               key=lambda kv: analysis.sort_key(kv[0])):
         model, ctx, backend, mode, weights = key[:5]
         group = (model, ctx, backend, weights) + tuple(key[5:])
         for s in sorted(samples, key=lambda s: s['session']):
@@ -265,7 +265,7 @@ def cost_data(runs):
                  '--price-per-gpu-hour); left out')
             continue
         for key, samples in sorted(_cell_samples(run).items(),
-                                   key=lambda kv: analysis.sort_key(kv[0][:5])):
+                                   key=lambda kv: analysis.sort_key(kv[0])):
             if samples[0].get('co_runner') not in (None, 'none'):
                 continue
             ms = statistics.fmean(analysis.session_median(s) for s in samples)

@@ -113,7 +113,7 @@ def timeline_data(runs):
     rows = []
     for run in runs:
         entries = sorted((p for p in run.get('profile') or () if p.get('status') == 'ok'),
-                         key=lambda p: analysis.sort_key(analysis.cell_key(p)[:5]))
+                         key=lambda p: analysis.sort_key(analysis.cell_key(p)))
         for entry in entries:
             words = ' '.join(map(str, analysis.cell_key(entry)))
             if not entry.get('trace') or not entry.get('layers'):
