@@ -1,4 +1,4 @@
-"""`ask` and `watch` as users run them, with no node to talk to: they say so and exit 1."""
+"""`ask` and `watch` as users run them, with no node to talk to: exit codes and what they say."""
 import os
 import signal
 import subprocess
