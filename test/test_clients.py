@@ -1,5 +1,6 @@
-"""`ask` and `watch` as users run them, with no node to talk to: they say so and exit 1."""
+"""`ask` and `watch` as users run them, with no node to talk to: exit codes and what they say."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,3 +28,35 @@ def test_ask_refuses_bad_arguments_with_usage():
     run = subprocess.run([os.path.join(BIN, 'ask'), 'x', '--max-new-tokens', 'many'],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and 'invalid int value' in run.stderr
+
+
+ASK = ['ask', 'hello', '--namespace', '/nobody', '--connect-timeout', '120']
+WATCH = ['watch', '--topic', '/nobody/diag']
+
+
+@pytest.mark.parametrize('command, topic, sig, code', [
+    (ASK, '/nobody/request', signal.SIGINT, 130),
+    (WATCH, '/nobody/diag', signal.SIGINT, 0),
+    (WATCH, '/nobody/diag', signal.SIGTERM, 0),
+], ids=['ask-SIGINT', 'watch-SIGINT', 'watch-SIGTERM'])
+def test_a_signal_while_waiting_exits_with_the_documented_code(command, topic, sig, code):
+    """Ctrl-C while waiting: `ask` exits 130 (the shell's code for SIGINT); `watch`, a viewer,
+    exits 0 on SIGINT and SIGTERM. Either way without a traceback."""
+    import rclpy
+    from decode_monitor.node.ask import wait_for
+    proc = subprocess.Popen([os.path.join(BIN, command[0]), *command[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rclpy.init()
+    try:
+        probe = rclpy.create_node('probe')
+        # signalled once it is waiting: its request publisher or diagnostics subscription is up
+        assert wait_for(probe, lambda: probe.count_publishers(topic)
+                        + probe.count_subscribers(topic) > 0, 60), 'it never started'
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == code, err
+        assert 'Traceback' not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rclpy.try_shutdown()

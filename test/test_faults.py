@@ -26,12 +26,18 @@ class OutOfMemoryOnce(HFBackend):
 
 def test_out_of_memory_in_a_step_is_an_error_then_the_next_request_is_served(tiny):
     register_backend('hf-oom-once', OutOfMemoryOnce)
-    responses = []
+    responses, streamed = [], {}
+
+    def on_stream(request_id, index, text):
+        streamed[request_id] = streamed.get(request_id, '') + text
     service = DecodeService(lambda: Decoder(tiny, mode='eager', backend='hf-oom-once',
                                             max_context=128),
-                            lambda *a: None, lambda body: responses.append(json.loads(body)))
+                            on_stream, lambda body: responses.append(json.loads(body)))
     service.start()
-    service.submit(json.dumps({'id': 'first', 'prompt': 'x', 'max_new_tokens': 8}))
+    # the stop string '>!' holds back each step's last '>' (the tiny preset's tokens read
+    # `<id>`): the failed request's held-back tail must be streamed too
+    service.submit(json.dumps({'id': 'first', 'prompt': 'x', 'max_new_tokens': 8,
+                               'stop': ['>!']}))
     service.submit(json.dumps({'id': 'second', 'prompt': 'y', 'max_new_tokens': 8}))
     deadline = time.monotonic() + 60
     while len(responses) < 2 and time.monotonic() < deadline:
@@ -42,6 +48,8 @@ def test_out_of_memory_in_a_step_is_an_error_then_the_next_request_is_served(tin
     # prefill's token and two steps' made it out before the third step failed
     assert 'OutOfMemoryError' in first['error'] and first['tokens'] == 3
     assert second['id'] == 'second' and second['status'] == 'done' and second['tokens'] == 8
+    assert first['text'].endswith('>') and streamed['first'] == first['text']
+    assert streamed['second'] == second['text']
     assert service.snapshot()['counters'].errors == 1
 
 

@@ -129,6 +129,9 @@ def test_diagnostics_are_stamped_once_a_period_and_carry_numbers(graph):
         assert float(decode[key]) > 0, key
     assert decode['mode'] == 'eager' and decode['graph fallbacks'] == '0'
     assert graph.values('gpu')['temperature (C)'] == 'unavailable'
+    # started without mirror_diagnostics: the node's own topic only, never the global one
+    assert graph.count_publishers(f'{NS}/diagnostics') == 1
+    assert graph.count_publishers('/diagnostics') == 0
 
 
 def test_plain_requests_get_ids_no_client_uses(graph):
@@ -158,6 +161,10 @@ def test_ask_and_watch_against_the_node(graph):
     stop = full.strip().split()[len(full.split()) // 2]  # greedy: the same text again
     cut = ask('--stop', stop)
     assert cut == full[:full.index(stop)], (full, stop, cut)
+    refused = subprocess.run([os.path.join(bin_dir, 'ask'), 'Hi.', '--max-new-tokens', '49'],
+                             capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 1, refused.stderr  # an error response: exit 1, saying why
+    assert 'error: ' in refused.stderr and 'between 1 and 48' in refused.stderr
     watch = subprocess.run([os.path.join(bin_dir, 'watch'), '--once', '--timeout', '10'],
                            capture_output=True, text=True, timeout=60)
     assert watch.returncode == 0, watch.stderr

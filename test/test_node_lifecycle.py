@@ -1,6 +1,7 @@
 """The node as a managed node: lifecycle services, runtime parameters, its name in diagnostics.
 
-One node process, started with autostart false and renamed `left_decoder`, driven through
+One node process, started with autostart false, renamed `left_decoder` and mirroring its
+diagnostics to the global /diagnostics, driven through
 the standard ~/change_state and ~/set_parameters services as a lifecycle manager and
 `ros2 param set` would.
 """
@@ -10,6 +11,7 @@ import signal
 import pytest
 
 rclpy = pytest.importorskip('rclpy')
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
@@ -26,7 +28,7 @@ NS, NAME = '/lifecycle', 'left_decoder'
 @pytest.fixture(scope='module')
 def managed():
     node = start_node(NS, 'autostart:=false', 'max_context:=256', 'max_new_tokens_cap:=100',
-                      'default_max_new_tokens:=8', name=NAME)
+                      'default_max_new_tokens:=8', 'mirror_diagnostics:=true', name=NAME)
     rclpy.init()
     client = Client(NS)
     client.get_state = client.create_client(GetState, f'{NS}/{NAME}/get_state')
@@ -120,6 +122,21 @@ def test_status_names_follow_the_node_name_and_a_cpu_run_is_ok(managed):
     values = {kv.key: kv.value for kv in decode.values}
     assert values['mode requested'] == 'auto' and values['mode'] == 'eager'
     assert values['graph fallbacks'] == '0'
+
+
+def test_mirror_diagnostics_publishes_the_same_arrays_on_the_global_topic(managed):
+    """mirror_diagnostics: each array also goes to /diagnostics, where diagnostic_aggregator
+    listens, named after the node as on its own topic."""
+    c = managed
+    mirrored = []
+    c.create_subscription(DiagnosticArray, '/diagnostics', mirrored.append, 10)
+    assert wait_for(c, lambda: mirrored, 10), 'nothing on /diagnostics'
+    assert [s.name for s in mirrored[-1].status] == [
+        f'{NAME}: decode', f'{NAME}: gpu', f'{NAME}: requests']
+    stamp = mirrored[-1].header.stamp  # the array on the node's own topic, published as well
+    assert wait_for(c, lambda: any(a.header.stamp == stamp for a in c.arrays), 5)
+    assert c.count_publishers('/diagnostics') == 1
+    assert c.count_publishers(f'{NS}/diagnostics') == 1
 
 
 def test_thresholds_and_limits_change_at_runtime_and_are_checked(managed):

@@ -93,6 +93,25 @@ def test_queue_full_duplicate_and_cancel_while_queued(tiny):
     h.service.stop()
 
 
+def test_held_back_text_is_streamed_before_the_response(tiny):
+    """Text that could begin a stop string is held back until the request ends; that tail is
+    still streamed, and before the response, so a client that stops at the response (`ask`)
+    has all of it. The tiny preset's tokens read `<id>`: with the stop string '>!' every
+    step's last '>' is held back, and the end of the request flushes it."""
+    h = Harness(tiny)
+    h.cancel_on_chunk = 'cancelled'
+    for request_id, tokens in (('done', 6), ('cancelled', 200)):
+        h.service.submit(json.dumps({'id': request_id, 'prompt': 'x', 'stop': ['>!'],
+                                     'max_new_tokens': tokens}))
+    by_id = h.wait(2)
+    assert by_id['done']['status'] == 'done' and by_id['done']['finish_reason'] == 'length'
+    assert by_id['cancelled']['status'] == 'cancelled' and by_id['cancelled']['tokens'] < 200
+    for body in by_id.values():
+        assert body['text'].endswith('>')  # the tail was held back to the end...
+        assert body['streamed before'] == body['text']  # ...and streamed before the answer
+    h.service.stop()
+
+
 def test_cancel_mid_stream_keeps_the_partial_text(tiny):
     h = Harness(tiny)
     h.cancel_on_chunk = 'long'

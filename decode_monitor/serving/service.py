@@ -347,12 +347,11 @@ class DecodeService:
                 if should_stop():
                     break
         except Exception as exc:  # CUDA OOM and friends: answer, then serve the next request
+            self._flush(request.id, tokens, stream)
             self._finish(job, 'error', text=stream.text, tokens=tokens,
                          error=f'decoding failed: {type(exc).__name__}: {exc}')
             return
-        tail = stream.flush()
-        if tail:
-            self._publish_stream(request.id, tokens, tail)
+        self._flush(request.id, tokens, stream)
         cached = decoder.last_cached_tokens if ttft_ms is not None else 0
         with self._lock:
             if ttft_ms is not None:
@@ -396,6 +395,13 @@ class DecodeService:
 
     def _publish_response(self, body):
         self._call(self._publish_response_cb, body)
+
+    def _flush(self, request_id, index, stream):
+        """Stream what the text stream held back (a possible stop string's start, an incomplete
+        UTF-8 sequence): before the response, so the stream adds up to the response's text."""
+        tail = stream.flush()
+        if tail:
+            self._publish_stream(request_id, index, tail)
 
     def _publish_stream(self, request_id, index, text):
         self._call(self._publish_stream_cb, request_id, index, text)
