@@ -28,15 +28,17 @@ Activations produced inside the launch are read with `.cg` (L2, not the SM's L1,
 coherent across SMs): h is read by q/k/v, written by o_proj and read again by gate/up in one
 launch. bf16 (dense) weights only.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from decode_monitor.engine.fused.attention import _LOG2E, _attend_block, default_splits
+from decode_monitor.engine.fused.attention import _LOG2E, _attend_block
 
 # Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
 TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, ATT_DONE = 0, 1, 2, 3, 4, 8
-SPIN_LIMIT = 1 << 24  # polls of a counter (each an L2 round trip) before the wait gives up
+SPIN_LIMIT = 1 << 20  # polls of a counter (each an L2 round trip, ~1 us) before a wait gives up
 
 
 @triton.jit
@@ -45,9 +47,9 @@ def _wait(C, need, ERR, LIMIT: tl.constexpr):
     n = 0
     while (tl.load(C, volatile=True) < need) & (n < LIMIT):
         n += 1
-    if tl.load(C, volatile=True) < need:
+    # the acquire; its result is used, or the compiler drops an atomic add of 0
+    if tl.atomic_add(C, 0, sem='acquire') < need:
         tl.atomic_xchg(ERR, 1)  # gave up: the host reads the flag after the step
-    tl.atomic_add(C, 0, sem='acquire')
     tl.debug_barrier()  # every thread's loads after the acquire
 
 
@@ -55,6 +57,27 @@ def _wait(C, need, ERR, LIMIT: tl.constexpr):
 def _done(C):
     tl.debug_barrier()  # every thread's stores are issued before one thread releases them
     tl.atomic_add(C, 1, sem='release')
+
+
+@triton.jit
+def _l2_prefetch(ptrs):
+    """Ask L2 for the 128-byte lines at ptrs; nothing comes back to registers."""
+    tl.inline_asm_elementwise('prefetch.global.L2 [$1]; mov.u32 $0, 0;', '=r,l', [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(W, blk, C, need, N: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
+                   BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    """While this task's inputs are not ready, bring the first LINES 128-byte lines of each of
+    its weight rows (and of rows + N, PAIR) into L2: the weights never depend on the wait, so
+    HBM keeps streaming through a dependency stall. bf16 rows: 64 weights a line."""
+    if tl.load(C, volatile=True) < need:
+        rows = tl.minimum(blk * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+        cols = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
+        _l2_prefetch(W + rows[:, None] * K + cols[None, :])
+        if PAIR:
+            _l2_prefetch(W + (rows + N)[:, None] * K + cols[None, :])
 
 
 @triton.jit
@@ -213,7 +236,7 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
                  G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                  WHILE_LOOP: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                  BN_GU: tl.constexpr, BN_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPIN: tl.constexpr):
+                 PREFETCH: tl.constexpr, SPIN: tl.constexpr):
     """One decoder layer; any grid. CNT: this layer's counters, zeroed before the launch."""
     G: tl.constexpr = Q_HEADS // KV_HEADS
     D: tl.constexpr = 2 * HALF
@@ -249,16 +272,24 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
             _merge_task(qh, PART_O, PART_M, PART_L, ATT, N_SPLITS, S_P2, S_BLOCK, G, G_P2, D)
             _done(CNT + 2)
         elif t < E_O:
+            if PREFETCH > 0:
+                _prefetch_rows(WO, t - E_MERGE, CNT + 2, Q_HEADS, HIDDEN, Q_HEADS * D, False,
+                               BN_O, PREFETCH)
             _wait(CNT + 2, Q_HEADS, ERR, SPIN)
             _gemv_task(t - E_MERGE, WO, ATT, LN2, H, H, HIDDEN, Q_HEADS * D, eps,
                        False, False, True, BN_O, BLOCK_K)
             _done(CNT + 3)
         elif t < E_GU:
+            if PREFETCH > 0:
+                _prefetch_rows(WGU, t - E_O, CNT + 3, N_O, INTER, HIDDEN, True, BN_GU, PREFETCH)
             _wait(CNT + 3, N_O, ERR, SPIN)
             _gemv_task(t - E_O, WGU, H, LN2, H, ACT, INTER, HIDDEN, eps,
                        True, True, False, BN_GU, BLOCK_K)
             _done(CNT + 4)
         else:
+            if PREFETCH > 0:
+                _prefetch_rows(WD, t - E_GU, CNT + 4, N_GU, HIDDEN, INTER, False, BN_D,
+                               PREFETCH)
             _wait(CNT + 4, N_GU, ERR, SPIN)
             _gemv_task(t - E_GU, WD, ACT, LN2, H, H, HIDDEN, INTER, eps,
                        False, False, True, BN_D, BLOCK_K)
@@ -266,19 +297,19 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
 
 
 # -- launch ---------------------------------------------------------------------------------------
-class PersistentConfig(tuple):
-    """(block_n, block_k, num_warps, num_stages, programs_per_sm): programs_per_sm None runs as
-    many as fit (`resident_programs`), a number at most that many."""
-    __slots__ = ()
-
-    def __new__(cls, block_n=4, block_k=512, num_warps=4, num_stages=1, programs_per_sm=None):
-        return super().__new__(cls, (block_n, block_k, num_warps, num_stages, programs_per_sm))
-
-    block_n = property(lambda self: self[0])
-    block_k = property(lambda self: self[1])
-    num_warps = property(lambda self: self[2])
-    num_stages = property(lambda self: self[3])
-    programs_per_sm = property(lambda self: self[4])
+class PersistentConfig(NamedTuple):
+    """programs_per_sm None runs as many as fit (`resident_programs`), a number at most that
+    many; prefetch: 128-byte lines of each weight row that a waiting task asks L2 for (a power
+    of two; 0: none); maxnreg caps registers a thread (ptxas spills the rest), since the
+    attention task alone would take ~160 at 4 warps and the kernel's count is that of its
+    largest task."""
+    block_n: int = 4
+    block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 1
+    programs_per_sm: Optional[int] = None
+    prefetch: int = 0
+    maxnreg: Optional[int] = None
 
 
 INTERPRETER = PersistentConfig(64, 256, 4, 1, 2)  # the interpreter runs programs one by one
@@ -327,7 +358,10 @@ class PersistentLayers:
             WHILE_LOOP=self.on_cpu, BN_QKV=self.config.block_n, BN_O=self.config.block_n,
             BN_GU=self.config.block_n, BN_D=self.config.block_n,
             BLOCK_K=min(self.config.block_k, triton.next_power_of_2(self.hidden)),
+            PREFETCH=0 if self.on_cpu else self.config.prefetch,  # inline PTX: GPU only
             SPIN=SPIN_LIMIT, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        if self.config.maxnreg and not self.on_cpu:
+            self.constants['maxnreg'] = self.config.maxnreg
         self.scale_log2 = b.scale * _LOG2E
         self.tasks = self._tasks(b)
         self.per_sm = None
