@@ -38,7 +38,7 @@ from decode_monitor.engine.fused.attention import _LOG2E, _attend_block
 
 # Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
 TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, ATT_DONE = 0, 1, 2, 3, 4, 8
-SPIN_LIMIT = 1 << 20  # polls of a counter (each an L2 round trip, ~1 us) before a wait gives up
+SPIN_LIMIT = 1 << 20  # polls of a counter (an L2 round trip each) before a wait gives up
 
 
 @triton.jit
