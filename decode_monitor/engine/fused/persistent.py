@@ -310,9 +310,11 @@ class PersistentConfig(NamedTuple):
     programs_per_sm: Optional[int] = None
     prefetch: int = 0
     maxnreg: Optional[int] = None
+    spin: int = SPIN_LIMIT  # polls before a wait gives up
 
 
-INTERPRETER = PersistentConfig(64, 256, 4, 1, 2)  # the interpreter runs programs one by one
+# The interpreter runs programs one by one, in ticket order: every wait is met at its first poll.
+INTERPRETER = PersistentConfig(64, 256, 4, 1, 2, spin=64)
 
 
 def resident_programs(compiled, device):
@@ -359,7 +361,8 @@ class PersistentLayers:
             BN_GU=self.config.block_n, BN_D=self.config.block_n,
             BLOCK_K=min(self.config.block_k, triton.next_power_of_2(self.hidden)),
             PREFETCH=0 if self.on_cpu else self.config.prefetch,  # inline PTX: GPU only
-            SPIN=SPIN_LIMIT, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+            SPIN=self.config.spin, num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages)
         if self.config.maxnreg and not self.on_cpu:
             self.constants['maxnreg'] = self.config.maxnreg
         self.scale_log2 = b.scale * _LOG2E
