@@ -24,6 +24,7 @@ from decode_monitor.engine.fused.persistent_model import PersistentBackend  # no
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 
 VARIANTS = {  # name -> PersistentConfig
+    'k512-nopdl': PersistentConfig(pdl=False),
     'k512': PersistentConfig(),
     'k256-r128': PersistentConfig(block_k=256, maxnreg=128),
     'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
@@ -71,6 +72,7 @@ def main():
     p.add_argument('--model', default='qwen2.5-7b')
     p.add_argument('--ctx', type=int, default=2048)
     p.add_argument('--variants', nargs='+', default=list(VARIANTS))
+    p.add_argument('--no-tuned', action='store_true', help='skip fused with its tuned table')
     p.add_argument('--out', default='.')
     args = p.parse_args()
     torch.manual_seed(0)
@@ -86,9 +88,15 @@ def main():
     step_bytes = reference.floor_model().bytes_per_step(args.ctx - 1)
     rows = {'model': args.model, 'ctx': args.ctx, 'gpu': torch.cuda.get_device_name(),
             'step_bytes': step_bytes, 'build_s': round(time.time() - t0, 1), 'cells': []}
+    props = torch.cuda.get_device_properties(0)
+    rows['props'] = {k: getattr(props, k, None) for k in (
+        'multi_processor_count', 'regs_per_multiprocessor', 'max_threads_per_multi_processor',
+        'shared_memory_per_multiprocessor', 'L2_cache_size')}
+    print(rows['props'])
     print(f'built in {rows["build_s"]} s; bytes a step {step_bytes / 1e9:.3f} GB', flush=True)
-    backends = {'fused-tuned': lambda: FusedBackend(model, args.ctx),
-                'fused-defaults': lambda: reference}
+    backends = {'fused-defaults': lambda: reference}
+    if not args.no_tuned:
+        backends['fused-tuned'] = lambda: FusedBackend(model, args.ctx)
     for name in args.variants:
         backends[name] = lambda cfg=VARIANTS[name]: PersistentBackend(model, args.ctx,
                                                                       persistent_config=cfg)

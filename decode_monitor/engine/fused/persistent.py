@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.attention import _LOG2E, _attend_block
 
 # Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
@@ -67,17 +68,23 @@ def _l2_prefetch(ptrs):
 
 
 @triton.jit
+def _prefetch_lines(W, rows, K: tl.constexpr, LINES: tl.constexpr):
+    """The first LINES 128-byte lines (64 bf16 weights each) of each of rows, into L2."""
+    cols = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
+    _l2_prefetch(W + rows.to(tl.int64)[:, None] * K + cols[None, :])
+
+
+@triton.jit
 def _prefetch_rows(W, blk, C, need, N: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
                    BLOCK_N: tl.constexpr, LINES: tl.constexpr):
-    """While this task's inputs are not ready, bring the first LINES 128-byte lines of each of
-    its weight rows (and of rows + N, PAIR) into L2: the weights never depend on the wait, so
-    HBM keeps streaming through a dependency stall. bf16 rows: 64 weights a line."""
+    """While this task's inputs are not ready (C below need), bring the start of its weight
+    rows (and of rows + N, PAIR) into L2: the weights never depend on the wait, so HBM keeps
+    streaming through a dependency stall."""
     if tl.load(C, volatile=True) < need:
-        rows = tl.minimum(blk * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
-        cols = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
-        _l2_prefetch(W + rows[:, None] * K + cols[None, :])
+        rows = tl.minimum(blk * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+        _prefetch_lines(W, rows, K, LINES)
         if PAIR:
-            _l2_prefetch(W + (rows + N)[:, None] * K + cols[None, :])
+            _prefetch_lines(W, rows + N, K, LINES)
 
 
 @triton.jit
@@ -236,7 +243,7 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
                  G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
                  WHILE_LOOP: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                  BN_GU: tl.constexpr, BN_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, SPIN: tl.constexpr):
+                 PREFETCH: tl.constexpr, SPIN: tl.constexpr, PDL: tl.constexpr):
     """One decoder layer; any grid. CNT: this layer's counters, zeroed before the launch."""
     G: tl.constexpr = Q_HEADS // KV_HEADS
     D: tl.constexpr = 2 * HALF
@@ -253,7 +260,19 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
     E_O: tl.constexpr = E_MERGE + N_O
     E_GU: tl.constexpr = E_O + N_GU
     TOTAL: tl.constexpr = E_GU + N_D
+    # PDL: the next layer's programs may become resident as ours exit; ours took their first
+    # ticket (this layer's counters were zeroed before the step's first layer) and wait for the
+    # last layer to complete before touching h, prefetching their q/k/v rows meanwhile.
+    pdl.allow_next_kernel(PDL)
     t = tl.atomic_add(CNT + 0, 1, sem='relaxed')
+    if PDL:
+        if PREFETCH > 0:
+            if t < E_QKV:
+                p = tl.minimum(t * BN_QKV + tl.arange(0, BN_QKV), N_PAIRS - 1)
+                rows = (p // HALF) * D + p % HALF
+                _prefetch_lines(WQKV, rows, HIDDEN, PREFETCH)
+                _prefetch_lines(WQKV, rows + HALF, HIDDEN, PREFETCH)
+        pdl.wait_for_previous_kernel(PDL)
     while t < TOTAL:
         if t < E_QKV:
             _qkv_task(t, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps, cache_head_stride,
@@ -311,6 +330,7 @@ class PersistentConfig(NamedTuple):
     prefetch: int = 0
     maxnreg: Optional[int] = None
     spin: int = SPIN_LIMIT  # polls before a wait gives up
+    pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
 
 
 # The interpreter runs programs one by one, in ticket order: every wait is met at its first poll.
@@ -327,8 +347,9 @@ def resident_programs(compiled, device):
     regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256
     by_regs = getattr(props, 'regs_per_multiprocessor', 65536) // (regs_per_warp * warps)
     by_threads = props.max_threads_per_multi_processor // (32 * warps)
-    shared = compiled.metadata.shared
-    by_shared = props.shared_memory_per_multiprocessor // (shared + 1024) if shared else 32
+    shared = compiled.metadata.shared  # 1 KB a program is reserved by the driver
+    smem = getattr(props, 'shared_memory_per_multiprocessor', 48 << 10)
+    by_shared = smem // (shared + 1024) if shared else 32
     return min(by_regs, by_threads, by_shared, 32)
 
 
@@ -363,6 +384,7 @@ class PersistentLayers:
             PREFETCH=0 if self.on_cpu else self.config.prefetch,  # inline PTX: GPU only
             SPIN=self.config.spin, num_warps=self.config.num_warps,
             num_stages=self.config.num_stages)
+        self.constants.update(pdl.launch_args(device) if self.config.pdl else {'PDL': False})
         if self.config.maxnreg and not self.on_cpu:
             self.constants['maxnreg'] = self.config.maxnreg
         self.scale_log2 = b.scale * _LOG2E

@@ -62,8 +62,10 @@ class PersistentBackend(FusedBackend):
         kernel = self.layers_kernel
         if not self.use_triton or kernel is None:
             return super().forward_one(token, pos)
+        # every layer's ticket and done-counts zeroed first: with PDL a layer's programs take
+        # their first ticket before waiting for the kernel before them (persistent.py)
+        kernel.cnt.zero_()
         torch.index_select(self.embed, 0, token.view(1), out=self.h)
-        kernel.cnt.zero_()  # every layer's ticket and done-counts, in one memset
         for i in range(len(self.layers)):
             kernel(i, pos)
         self._gemv.gemv(self.lm_head, self.h.view(-1), self.logits[0], norm_weight=self.norm,
