@@ -24,13 +24,13 @@ from decode_monitor.engine.fused.persistent_model import PersistentBackend  # no
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 
 VARIANTS = {  # name -> PersistentConfig
-    'k512-nopdl': PersistentConfig(pdl=False),
-    'k512': PersistentConfig(),
     'k256-r128': PersistentConfig(block_k=256, maxnreg=128),
-    'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
-    'k512-r128': PersistentConfig(maxnreg=128),
+    'k256-r128-nopdl': PersistentConfig(block_k=256, maxnreg=128, pdl=False),
+    'k256-r128-t32': PersistentConfig(block_k=256, maxnreg=128, block_t=32),
     'k256-r128-pf64': PersistentConfig(block_k=256, maxnreg=128, prefetch=64),
     'n8-k256-r128': PersistentConfig(block_n=8, block_k=256, maxnreg=128),
+    'k512': PersistentConfig(),
+    'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
 }
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
-from decode_monitor.engine.fused.attention import _LOG2E, _attend_block
+from decode_monitor.engine.fused.attention import _LOG2E, DecodeAttention, _attend_block
 
 # Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
 TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, ATT_DONE = 0, 1, 2, 3, 4, 8
@@ -331,6 +331,8 @@ class PersistentConfig(NamedTuple):
     maxnreg: Optional[int] = None
     spin: int = SPIN_LIMIT  # polls before a wait gives up
     pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
+    block_t: int = 64  # attention: positions a step of a split's loop
+    n_splits: Optional[int] = None  # attention: splits of the prefix a KV head (None: default)
 
 
 # The interpreter runs programs one by one, in ticket order: every wait is met at its first poll.
@@ -368,8 +370,11 @@ class PersistentLayers:
         self.layers = len(b.layers)
         self.cnt = torch.zeros(self.layers, self.COUNTERS, dtype=torch.int32, device=device)
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
-        att = b.attention  # the fused backend's split-K attention: its config and scratch
-        self.att = att
+        # Attention's partials: the backend's explicit attention config, else this config's
+        # (a table's, tuned for the separate kernels, may want more registers than the rest)
+        self.att = att = DecodeAttention(
+            b.q_heads, b.kv_heads, b.head_dim, b.max_context, device, scale=b.scale,
+            config=b._attention_config or (self.config.block_t, self.config.n_splits, 4, 1))
         self.hidden = b.embed.shape[1]
         self.inter = b.layers[0].wd.shape[1]
         self.block_t = att.block_t
