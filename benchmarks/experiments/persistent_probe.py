@@ -31,6 +31,17 @@ VARIANTS = {  # name -> PersistentConfig
     'n8-k256-r128': PersistentConfig(block_n=8, block_k=256, maxnreg=128),
     'k512': PersistentConfig(),
     'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
+    # round 2: more bytes in flight a program (rows, pipelined stages through shared memory)
+    'n8-k256-r128-s2': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=2),
+    'n8-k256-r128-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=3),
+    'n16-k128-r128': PersistentConfig(block_n=16, block_k=128, maxnreg=128),
+    'n16-k128-r128-s3': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=3),
+    'n16-k256-r128-s2': PersistentConfig(block_n=16, block_k=256, maxnreg=128, num_stages=2),
+    'n16-k128-r128-s4': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=4),
+    'n32-k128-r168-s3': PersistentConfig(block_n=32, block_k=128, maxnreg=168, num_stages=3),
+    'n8-k256-r168-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=168, num_stages=3),
+    'n16-k128-r128-s3-pf32': PersistentConfig(block_n=16, block_k=128, maxnreg=128,
+                                              num_stages=3, prefetch=32),
 }
 
 

@@ -322,13 +322,13 @@ class PersistentConfig(NamedTuple):
     of two; 0: none); maxnreg caps registers a thread (ptxas spills the rest), since the
     attention task alone would take ~160 at 4 warps and the kernel's count is that of its
     largest task."""
-    block_n: int = 4
-    block_k: int = 512
+    block_n: int = 8
+    block_k: int = 256
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 2
     programs_per_sm: Optional[int] = None
     prefetch: int = 0
-    maxnreg: Optional[int] = None
+    maxnreg: Optional[int] = 128
     spin: int = SPIN_LIMIT  # polls before a wait gives up
     pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
     block_t: int = 64  # attention: positions a step of a split's loop
