@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from decode_monitor.engine.decoder import BACKENDS, Decoder  # noqa: E402
 from decode_monitor.engine.factory import DecoderSettings, build_decoder  # noqa: E402
 from decode_monitor.engine.fused import PersistentBackend  # noqa: E402
-from decode_monitor.engine.fused.persistent import INTERPRETER, _wait  # noqa: E402
+from decode_monitor.engine.fused.persistent import _wait  # noqa: E402
+from decode_monitor.engine.fused.persistent_launch import INTERPRETER  # noqa: E402
 from decode_monitor.engine.hf_backend import HFBackend  # noqa: E402
 from decode_monitor.engine.sampling import SamplingParams  # noqa: E402
 

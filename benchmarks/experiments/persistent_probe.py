@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from decode_monitor.engine.fused.model import FusedBackend  # noqa: E402
-from decode_monitor.engine.fused.persistent import PersistentConfig  # noqa: E402
+from decode_monitor.engine.fused.persistent_launch import PersistentConfig  # noqa: E402
 from decode_monitor.engine.fused.persistent_model import PersistentBackend  # noqa: E402
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 

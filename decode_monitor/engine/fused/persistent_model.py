@@ -2,8 +2,11 @@
 
 The weights, the torch path (CPU, prefill), the embedding row, the final norm and lm_head are
 the fused backend's; on the Triton path each layer's q/k/v, attention, o_proj, gate/up and down
-run as the tasks of one persistent launch (persistent.py), so a step is about 30 launches
-instead of about 170. bf16 weights only so far.
+run as the tasks of one persistent launch (persistent.py, persistent_launch.py), so a step is
+about 30 launches instead of about 170. bf16 weights only so far. On the CPU (no CUDA) it decodes
+on the torch path, which computes the same stages in the same order with torch ops; the tests
+also run the kernel itself under Triton's interpreter, whose programs run one after another and
+take the tickets in order, so every wait there is met at its first poll.
 
 Where the persistent kernel cannot run (it does not compile for this GPU, or no program of it
 fits on an SM) the backend serves the fused step instead, says so in a WARN, and counts it in
@@ -38,7 +41,7 @@ class PersistentBackend(FusedBackend):
 
     def _init_triton(self):
         super()._init_triton()
-        from decode_monitor.engine.fused.persistent import PersistentLayers
+        from decode_monitor.engine.fused.persistent_launch import PersistentLayers
         try:
             kernel = PersistentLayers(self, self._persistent_config)
         except Exception as exc:  # noqa: BLE001  any compile or launch-resource failure
