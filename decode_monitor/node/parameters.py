@@ -53,7 +53,7 @@ PARAMETERS = {
     'dtype': ('auto', 'auto (bfloat16 on CUDA, float32 on CPU), ' + ', '.join(DTYPES), {}),
     'mode': ('auto', 'auto (graph on CUDA, eager on a CPU), graph (one CUDA graph per step; '
              'falls back to eager with a WARN when it cannot be captured) or eager', {}),
-    'backend': ('auto', 'auto, hf (transformers forward) or fused', {}),
+    'backend': ('auto', 'auto, hf (transformers forward), fused or persistent (bf16)', {}),
     'weights': ('bf16', 'bf16 (as loaded), int8 or int4: weight-only quantisation at load '
                 'time, fused backend only', {}),
     'max_context': (2048, 'static KV cache length in tokens (prompt + new tokens)',
@@ -139,7 +139,7 @@ def validate(values):
                                  f'{", ".join(allowed)}')
     choice('mode', ('auto',) + MODES)
     choice('dtype', ('auto',) + tuple(DTYPES))
-    choice('backend', ('auto', 'hf', 'fused'))
+    choice('backend', ('auto', 'hf', 'fused', 'persistent'))
     choice('weights', ('bf16', 'int8', 'int4'))
     if values['weights'] != 'bf16' and values['backend'] == 'hf':
         raise ParameterError(f'parameter weights={values["weights"]!r} needs backend fused '

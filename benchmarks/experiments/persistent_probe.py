@@ -1,0 +1,166 @@
+"""Backend `persistent` against `fused` on one model: correctness, repeatability, graphed time.
+
+Builds a preset (random weights of the real shapes) on the GPU, fills the K/V cache with random
+values up to ctx - 1, and for `fused` (its tuned table and the defaults) and each persistent
+config variant: the logits of one step at position ctx - 1 against the fused step with the
+default configs (the same tiles and attention: the relative error should be ~0; fused itself
+is checked against fp32 in the GPU tests); q, att, act and the logits poisoned with NaN first;
+20 graph replays bit for bit; the wait-timeout flag; then the median of graph replays.
+
+    python benchmarks/experiments/persistent_probe.py --model qwen2.5-7b --ctx 2048 --out DIR
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
+from decode_monitor.engine.fused.model import FusedBackend  # noqa: E402
+from decode_monitor.engine.fused.persistent_launch import PersistentConfig  # noqa: E402
+from decode_monitor.engine.fused.persistent_model import PersistentBackend  # noqa: E402
+from decode_monitor.engine.presets import build_preset  # noqa: E402
+
+VARIANTS = {  # name -> PersistentConfig
+    'k256-r128': PersistentConfig(block_k=256, maxnreg=128),
+    'k256-r128-nopdl': PersistentConfig(block_k=256, maxnreg=128, pdl=False),
+    'k256-r128-t32': PersistentConfig(block_k=256, maxnreg=128, block_t=32),
+    'k256-r128-pf64': PersistentConfig(block_k=256, maxnreg=128, prefetch=64),
+    'n8-k256-r128': PersistentConfig(block_n=8, block_k=256, maxnreg=128),
+    'k512': PersistentConfig(),
+    'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
+    # round 2: more bytes in flight a program (rows, pipelined stages through shared memory)
+    'n8-k256-r128-s2': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=2),
+    'n8-k256-r128-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=3),
+    'n16-k128-r128': PersistentConfig(block_n=16, block_k=128, maxnreg=128),
+    'n16-k128-r128-s3': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=3),
+    'n16-k256-r128-s2': PersistentConfig(block_n=16, block_k=256, maxnreg=128, num_stages=2),
+    'n16-k128-r128-s4': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=4),
+    'n32-k128-r168-s3': PersistentConfig(block_n=32, block_k=128, maxnreg=168, num_stages=3),
+    'n8-k256-r168-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=168, num_stages=3),
+    'n16-k128-r128-s3-pf32': PersistentConfig(block_n=16, block_k=128, maxnreg=128,
+                                              num_stages=3, prefetch=32),
+}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def graph_of(backend, token, pos):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            backend.forward_one(token, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward_one(token, pos)
+    return graph, out
+
+
+def time_graph(graph, replays=100, rounds=5):
+    """Median ms of one replay over `rounds` timed batches of `replays`."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(10):
+        graph.replay()
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[len(times) // 2], times
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--model', default='qwen2.5-7b')
+    p.add_argument('--ctx', type=int, default=2048)
+    p.add_argument('--variants', nargs='+', default=list(VARIANTS))
+    p.add_argument('--no-tuned', action='store_true', help='skip fused with its tuned table')
+    p.add_argument('--out', default='.')
+    args = p.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    model = build_preset(args.model, device='cuda')
+    token = torch.tensor([[1234]], device='cuda')
+    pos = torch.tensor([args.ctx - 1], device='cuda')
+    reference = FusedBackend(model, args.ctx, kernel_configs='defaults')
+    reference.randomize_cache()
+    k_cache, v_cache = reference.k_cache, reference.v_cache
+    ref_logits = reference.forward_one(token, pos).clone()
+    torch.cuda.synchronize()
+    step_bytes = reference.floor_model().bytes_per_step(args.ctx - 1)
+    rows = {'model': args.model, 'ctx': args.ctx, 'gpu': torch.cuda.get_device_name(),
+            'step_bytes': step_bytes, 'build_s': round(time.time() - t0, 1), 'cells': []}
+    props = torch.cuda.get_device_properties(0)
+    rows['props'] = {k: getattr(props, k, None) for k in (
+        'multi_processor_count', 'regs_per_multiprocessor', 'max_threads_per_multi_processor',
+        'shared_memory_per_multiprocessor', 'L2_cache_size')}
+    print(rows['props'])
+    print(f'built in {rows["build_s"]} s; bytes a step {step_bytes / 1e9:.3f} GB', flush=True)
+    backends = {'fused-defaults': lambda: reference}
+    if not args.no_tuned:
+        backends['fused-tuned'] = lambda: FusedBackend(model, args.ctx)
+    for name in args.variants:
+        backends[name] = lambda cfg=VARIANTS[name]: PersistentBackend(model, args.ctx,
+                                                                      persistent_config=cfg)
+    for name, make in backends.items():
+        t1 = time.time()
+        cell = {'backend': name}
+        try:
+            b = make()
+            if b is not reference:
+                b.k_cache.copy_(k_cache)
+                b.v_cache.copy_(v_cache)
+            kernel = getattr(b, 'layers_kernel', None)
+            if kernel is not None:
+                cell.update(grid=kernel.grid[0], per_sm=kernel.per_sm, n_regs=kernel.n_regs,
+                            shared=kernel.shared, tasks_per_layer=kernel.tasks,
+                            config=list(kernel.config))
+            cell['fallbacks'] = getattr(b, 'fallbacks', 0)
+            for buf in (b.q, b.att, b.act, b.logits):  # every element must be written
+                buf.fill_(float('nan'))
+            logits = b.forward_one(token, pos).clone()
+            torch.cuda.synchronize()
+            cell['rel_vs_fused_defaults'] = rel(logits, ref_logits)
+            cell['finite'] = bool(torch.isfinite(logits).all())
+            graph, out = graph_of(b, token, pos)
+            first = None
+            same = True
+            for _ in range(20):
+                graph.replay()
+                if first is None:
+                    first = out.clone()
+                same &= bool(torch.equal(out, first))
+            cell['replays_bitwise_equal'] = same
+            cell['graph_vs_eager_bitwise'] = bool(torch.equal(first, logits))
+            cell['timeouts'] = b.timeouts() if hasattr(b, 'timeouts') else 0
+            ms, times = time_graph(graph)
+            cell.update(ms=ms, times=times, gbps=step_bytes / ms / 1e6)
+            del graph
+        except Exception as exc:  # noqa: BLE001  a probe records what broke and goes on
+            cell['error'] = f'{type(exc).__name__}: {exc}'[:2000]
+        cell['wall_s'] = round(time.time() - t1, 1)
+        rows['cells'].append(cell)
+        print(json.dumps({k: v for k, v in cell.items() if k != 'times'}), flush=True)
+        with open(os.path.join(args.out, f'persistent_probe_{args.model}.json'), 'w') as f:
+            json.dump(rows, f, indent=1)
+    print(f'\n{"backend":16} {"ms":>7} {"GB/s":>6} {"rel":>9} {"bits":>5} grid regs')
+    for c in rows['cells']:
+        if 'ms' in c:
+            print(f'{c["backend"]:16} {c["ms"]:7.3f} {c["gbps"]:6.0f} '
+                  f'{c["rel_vs_fused_defaults"]:9.2e} {str(c["replays_bitwise_equal"]):>5} '
+                  f'{c.get("grid", "")} {c.get("n_regs", "")}')
+        else:
+            print(f'{c["backend"]:16} {c.get("error", "")[:150]}')
+
+
+if __name__ == '__main__':
+    main()
