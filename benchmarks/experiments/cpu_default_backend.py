@@ -22,7 +22,6 @@ from decode_monitor.engine.decoder import Decoder
 from decode_monitor.engine.factory import DecoderSettings
 from decode_monitor.engine.sampling import SamplingParams
 from decode_monitor.engine.sources import load_model
-import decode_monitor.engine.fused  # noqa: F401  (the fused backend)
 
 PROMPT = 'Write a short story about a robot that learns to paint.'
 

@@ -138,11 +138,7 @@ def _model(key, value):
 
 
 def registered_backends():
-    """Backends the engine knows, including `fused` when that package is present."""
-    try:
-        import decode_monitor.engine.fused  # noqa: F401  registers itself
-    except ImportError:
-        pass
+    """Backends the engine knows (engine/decoder.py's table)."""
     from decode_monitor.engine.decoder import BACKENDS
     return tuple(sorted(BACKENDS))
 

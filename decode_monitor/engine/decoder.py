@@ -14,11 +14,13 @@ import time
 import torch
 
 from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.fused.model import FusedBackend
+from decode_monitor.engine.fused.persistent_model import PersistentBackend
 from decode_monitor.engine.hf_backend import HFBackend
 from decode_monitor.engine.sampling import SamplingParams, SamplingState
 from decode_monitor.engine.sampling import sample_greedy, sample_stochastic
 
-BACKENDS = {'hf': HFBackend}
+BACKENDS = {'hf': HFBackend, 'fused': FusedBackend, 'persistent': PersistentBackend}
 MODES = ('eager', 'graph')
 
 
@@ -35,7 +37,8 @@ class Step:
 
 
 def register_backend(name, factory):
-    """Make `factory(model, max_context)` selectable as `backend=name`.
+    """Make `factory(model, max_context)` selectable as `backend=name` (tests and experiments
+    add backends this way; the product's are named in BACKENDS above).
 
     A factory whose `formats` lists weight formats besides 'bf16' is also called with
     `weights=`, and should then have `floor_model()`; the others serve the weights as loaded.

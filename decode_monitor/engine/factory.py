@@ -10,11 +10,6 @@ from decode_monitor.engine.sources import load_model
 log = logging.getLogger(__name__)
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
-try:  # importing the fused backend registers it; it is optional while it is being built
-    import decode_monitor.engine.fused  # noqa: F401
-except ImportError:
-    pass
-
 
 @dataclass(frozen=True)
 class DecoderSettings:
@@ -49,13 +44,11 @@ class DecoderSettings:
         return self.mode
 
     def resolved_backend(self, device):
-        """auto: fused wherever it is installed (on a CPU its torch path decodes SmolLM2 faster
-        than transformers' generate(): benchmarks/experiments/cpu_default_backend.py), else hf.
-        A model fused cannot serve falls back to hf at build time (build_decoder)."""
+        """auto: fused (on a CPU its torch path decodes SmolLM2 faster than transformers'
+        generate(): benchmarks/experiments/cpu_default_backend.py); a model fused cannot serve
+        falls back to hf at build time (build_decoder)."""
         if self.backend == 'auto':
-            if self.weights != 'bf16':  # only fused serves quantised weights, on any device
-                return 'fused'
-            return 'fused' if 'fused' in BACKENDS else 'hf'
+            return 'fused'  # also the only backend that serves quantised weights
         return self.backend
 
 
