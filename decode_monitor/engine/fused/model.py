@@ -296,6 +296,18 @@ class FusedBackend:
         self.v_cache.normal_()
 
     @torch.no_grad()
+    def save_prefix(self, n):
+        """A copy of the K/V at positions 0..n-1 (load_prefix puts it back)."""
+        return self.k_cache[:, :, :n].clone(), self.v_cache[:, :, :n].clone()
+
+    @torch.no_grad()
+    def load_prefix(self, saved):
+        keys, values = saved
+        n = keys.shape[2]
+        self.k_cache[:, :, :n].copy_(keys)
+        self.v_cache[:, :, :n].copy_(values)
+
+    @torch.no_grad()
     def prefill(self, ids, start_pos=0):
         """ids (1, T) written at positions start_pos.. -> logits (1, vocab) fp32 of the last."""
         return self._torch_forward(ids, start_pos)
