@@ -133,3 +133,42 @@ def test_a_prefix_too_long_to_pin_is_refused(tiny):
     with pytest.raises(ContextOverflow, match='pinned prefix of 40 tokens'):
         decoder.pin(list(range(1, 41)))
     assert decoder.pinned_ids == [] and decoder.cached_ids == []
+
+
+def test_the_service_pins_its_system_prompt_and_keeps_it_through_a_timeout(smollm2):
+    import json
+    from decode_monitor.serving.prompt import standing_prefix
+    from test_service import Harness
+    pinned = len(standing_prefix(smollm2.tokenizer, SYSTEM))
+    h = Harness(smollm2, system_prompt=SYSTEM)  # the real SmolLM2 in place of tiny
+
+    def ask(request_id, **body):
+        h.service.submit(json.dumps({'id': request_id, **body}))
+        return h.wait(len(h.responses) + 1, timeout=120)[request_id]
+    question = 'What can you carry?'
+    first = ask('a', prompt=question, max_new_tokens=6)
+    assert first['status'] == 'done' and first['cached_prompt_tokens'] == pinned
+    ids = chat(smollm2, question)
+    assert first['prompt_tokens'] == len(ids)
+    assert first['text'] == smollm2.tokenizer.decode(reference(smollm2, ids, 6))
+    h.service.request_timeout_s = 1.0  # ends the next request mid-decode
+    timed_out = ask('t', prompt='Tell me a long story about a lighthouse.', max_new_tokens=180)
+    assert timed_out['status'] == 'error' and 'timed out' in timed_out['error']
+    assert 0 < timed_out['tokens'] < 180
+    h.service.request_timeout_s = 0.0
+    raw = ask('r', prompt='Once upon a time ' * 12, chat=False, max_new_tokens=2)
+    assert raw['cached_prompt_tokens'] == 0  # its K/V went where the prefix's was
+    again = ask('b', prompt=question, max_new_tokens=6)
+    assert again['text'] == first['text'] and again['cached_prompt_tokens'] == pinned
+    assert h.service.snapshot()['prompt_cache_hit_rate'] > 0.3
+    h.service.stop()
+
+
+def test_a_system_prompt_needs_a_chat_template(tiny):
+    from test_service import Harness
+    h = Harness(tiny, system_prompt='Be brief.')
+    h.service.submit('hello')
+    assert h.wait(1)  # answered, with the reason
+    snapshot = h.service.snapshot()
+    assert snapshot['state'] == 'failed' and 'chat template' in snapshot['load_error']
+    h.service.stop()
