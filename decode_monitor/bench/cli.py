@@ -52,6 +52,9 @@ def _run_parser():
     p.add_argument('--kernel-configs', metavar='FILE|defaults',
                    help="fused kernels' config table (default: the one `bench tune` wrote for "
                    'this GPU, else the shipped one, else the defaults)')
+    p.add_argument('--prompt-tokens', nargs='+', type=int, metavar='P',
+                   help='also time the first token after prompts of these lengths, fresh and '
+                   'with P tokens cached + 64 new (bench/ttft.py)')
     p.add_argument('--profile', action='store_true',
                    help='profile a few steps per mode (first session) for the step anatomy')
     p.add_argument('-o', '--output', default=DEFAULT_OUTPUT, help='output directory')
@@ -122,7 +125,8 @@ def cmd_run(argv):
         backends=args.backends, weights=args.weights, sessions=args.sessions, steps=args.steps,
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
-        reference=args.reference, kernel_configs=args.kernel_configs)
+        reference=args.reference, kernel_configs=args.kernel_configs,
+        prompt_tokens=args.prompt_tokens)
     from decode_monitor.bench import run
     reference = None
     if grid.verdict.reference:  # refused now, not after the sessions

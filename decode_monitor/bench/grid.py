@@ -61,6 +61,7 @@ class Grid:
     resamples: int = 9999
     verdict: Verdict = field(default_factory=Verdict)
     kernel_configs: str = None  # fused kernels' table: a file, 'defaults', None (look it up)
+    prompt_tokens: tuple = ()  # time to first token at these prompt lengths (bench/ttft.py)
     source: str = None  # the file it came from
 
     def cells(self):
@@ -239,7 +240,16 @@ def _build(raw, source, base_dir):
         resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
         verdict=_verdict(get('verdict'), base_dir),
         kernel_configs=_kernel_configs(get('kernel_configs'), base_dir),
+        prompt_tokens=_prompt_tokens(get('prompt_tokens')),
         source=source)
+
+
+def _prompt_tokens(value):
+    """() when absent or empty (no TTFT cells), else distinct positive lengths."""
+    if value is None or value == [] or value == ():
+        return ()
+    values = _nonempty_list('prompt_tokens', value)
+    return tuple(_pos_int(f'prompt_tokens[{i}]', p) for i, p in enumerate(values))
 
 
 def _kernel_configs(value, base_dir):
@@ -321,7 +331,7 @@ def load(name_or_path):
 # CLI flag -> grid key; values are validated exactly like the file's.
 OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'sessions', 'steps', 'warmup',
              'device', 'dtype', 'order', 'seed', 'memory_limit_gb', 'peak_bandwidth_gbs',
-             'kernel_configs')
+             'kernel_configs', 'prompt_tokens')
 
 
 def with_overrides(grid, **values):

@@ -5,7 +5,7 @@ import math
 import os
 import statistics
 
-from decode_monitor.bench import analysis, quantised
+from decode_monitor.bench import analysis, quantised, ttft
 from decode_monitor.bench.profile import CLASS_LABELS, CLASSES
 from decode_monitor.telemetry import stats
 
@@ -255,6 +255,7 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
                   'column uses the measured copy bandwidth and % of floor is not given.', '']
     parts.append(results_table(cells, speedups, confidence) if cells else 'No cell was measured.')
     parts += quantised.markdown_section(quantised_rows, confidence)
+    parts += ttft.markdown_section(results.get('ttft', []))
     skipped = analysis.skipped_cells(results)
     if skipped:
         parts += ['', '## Skipped cells', '',

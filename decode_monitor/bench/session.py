@@ -153,6 +153,11 @@ class Session:
             emit('sample', **self.run_cell(loaded, source, ctx, backend, mode, weights),
                  load_s=load_s)
             _free_cuda_memory()
+        if self.spec.get('prompt_tokens'):
+            from decode_monitor.bench import ttft
+            for row in ttft.run(self, loaded, source, cells):
+                emit('ttft', **row)
+            _free_cuda_memory()
         profile = self.spec.get('profile')
         if profile:
             self.run_profile(loaded, source, profile)
