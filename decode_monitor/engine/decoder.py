@@ -17,6 +17,10 @@ from decode_monitor.engine.sampling import sample_greedy, sample_stochastic
 
 BACKENDS = {'hf': HFBackend}
 MODES = ('eager', 'graph')
+# Prompt lengths prefilled once when a decoder is built on a GPU (and one after a cached prefix):
+# CUDA loads a kernel at its first launch and cuBLAS picks GEMM kernels by M, so without this the
+# first request pays for loading the kernels its length selects.
+WARM_PREFILL = (1, 16, 128, 1024)
 
 
 def _shared(a, b):
@@ -101,8 +105,19 @@ class Decoder:
         self.last_cached_tokens = 0  # how many prompt tokens the last generate() reused
         self.pinned_ids = []  # the pinned prefix (pin()); its K/V is kept in self._pinned_kv
         self._pinned_kv = None
+        self.prefill_fallback_reason = None  # why short prefills are not captured (graph mode)
         if mode == 'graph':
             self._capture_graphs()
+        if self.mode == 'graph' and hasattr(self.backend, 'capture_prefill'):
+            try:
+                self.backend.capture_prefill()
+            except Exception as exc:  # the prefill then runs eagerly, as it did before
+                torch.cuda.synchronize()
+                first_line = (str(exc).strip().splitlines() or [''])[0]
+                self.prefill_fallback_reason = (
+                    f'prefill capture failed: {type(exc).__name__}: {first_line}')
+        if self._cuda:
+            self._warm_prefill()
 
     @property
     def kernel_configs_source(self):
@@ -160,6 +175,16 @@ class Decoder:
             self._fall_back(f'graph capture failed: {type(exc).__name__}: {first_line}')
         finally:
             self._seek(saved_pos)
+
+    def _warm_prefill(self):
+        with torch.no_grad():
+            for n in WARM_PREFILL:
+                if 2 * n < self.max_context:
+                    ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
+                    self.backend.prefill(ids, 0)
+                    self.backend.prefill(ids, n)  # new tokens after a cached prefix
+        torch.cuda.synchronize(self.device)
+        self._seek(0)
 
     def _seek(self, pos):
         self.cached_ids = []  # steps outside generate() write K/V nobody asked for
