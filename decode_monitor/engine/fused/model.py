@@ -19,9 +19,9 @@ the model's dense copies, for a decoder that owns its model.
 The input embedding stays dense: a step reads one row of it.
 """
 import torch
-import torch.nn.functional as F
 
 from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.fused.prefill import torch_forward
 from decode_monitor.engine.fused.quant import (
     FORMATS, QuantWeight, dense, quantize, weight_nbytes)
 
@@ -158,6 +158,7 @@ class FusedBackend:
             self._dense_layers = [layer.dense() for layer in self.layers]
             self._dense_head = dense(self.lm_head, self.dtype)
         self._unpack_buffer = None  # the Triton path's prefill: see _dense_matrix
+        self._prefill_ops = None  # the Triton path's prefill kernels, set in _init_triton
         self.prefill_graphs = None  # captured short prefills (capture_prefill)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
@@ -227,6 +228,8 @@ class FusedBackend:
     def _init_triton(self):
         from decode_monitor.engine.fused import gemv  # imports Triton
         self._gemv = gemv
+        from decode_monitor.engine.fused import prefill_ops
+        self._prefill_ops = prefill_ops if prefill_ops.usable(self.head_dim) else None
         self.set_kernel_configs(self.kernel_configs)
         hidden = self.embed.shape[1]
         inter = self.layers[0].wd.shape[1]
@@ -357,63 +360,6 @@ class FusedBackend:
                   config=cfg['lm_head'])
         return self.logits
 
-    # -- torch path -------------------------------------------------------------------------
+    # -- torch path (prefill.py) ------------------------------------------------------------
     def _torch_forward(self, ids, start, last_only=True, last=None, keys=None):
-        """The prefill (and the CPU's step) in torch ops. `start` is a position, or a device
-        tensor holding one (a captured prefill: prefill_graphs.py), with `keys` the keys to
-        attend (masked by position). A device index `last` picks the token whose logits come
-        back: tokens padded after it only write K/V that nothing reads before it is rewritten."""
-        n = ids.shape[1]
-        fresh = not isinstance(start, torch.Tensor) and start == 0
-        if isinstance(start, torch.Tensor):
-            positions, end = start + torch.arange(n, device=self.device), keys
-        else:
-            end = start + n
-            if end > self.max_context:
-                raise ValueError(f'positions up to {end - 1} exceed max_context '
-                                 f'{self.max_context}')
-            positions = torch.arange(start, end, device=self.device)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D / 2)
-        # From position 0 the keys are the queries: SDPA's own causal mask (which admits a
-        # flash kernel, GQA included); after a cached prefix, the mask of what each query sees.
-        mask = None if fresh else (
-            positions[:, None] >= torch.arange(end, device=self.device)[None, :])  # (T, end)
-        qd, kd = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        w = self._dense_matrix  # dense as stored, dequantised into one reused buffer otherwise
-        h = F.embedding(ids[0], self.embed)  # (T, H)
-        for i, layer in enumerate(self._dense_layers if self._keep_dense else self.layers):
-            qkv = F.linear(rms_norm(h, layer.ln1, self.eps), w(layer.wqkv), layer.bqkv)
-            q, k, v = qkv.split([qd, kd, kd], dim=-1)
-            q = apply_rope(q.view(n, self.q_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
-            self.k_cache[i].index_copy_(1, positions, k.transpose(0, 1))
-            self.v_cache[i].index_copy_(1, positions, v.view(n, self.kv_heads, -1).transpose(0, 1))
-            att = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], self.k_cache[i, None, :, :end],
-                self.v_cache[i, None, :, :end], attn_mask=mask, is_causal=mask is None,
-                scale=self.scale, enable_gqa=True)  # (1, Hq, T, D)
-            h = h + F.linear(att[0].transpose(0, 1).reshape(n, qd), w(layer.wo))
-            gate, up = F.linear(rms_norm(h, layer.ln2, self.eps), w(layer.wgu)).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w(layer.wd))
-        if last_only:
-            h = h[-1:] if last is None else h.index_select(0, last)
-        if last_only and self.use_triton and isinstance(self.lm_head, QuantWeight):
-            self.h.copy_(h)  # the decode step's head kernel reads the codes directly
-            self._gemv.gemv(self.lm_head, self.h.view(-1), self.logits[0],
-                            norm_weight=self.norm, eps=self.eps, kind='head',
-                            config=self.launch_configs['lm_head'])
-            return self.logits
-        head = self._dense_head if self._keep_dense else dense(self.lm_head, self.dtype)
-        return F.linear(rms_norm(h, self.norm, self.eps), head).float()
-
-    def _dense_matrix(self, weight):
-        """A layer matrix for the torch path's GEMMs: itself when dense; else dequantised
-        into the one buffer every quantised matrix shares (unpack.py), valid until the next."""
-        if not isinstance(weight, QuantWeight):
-            return weight
-        if self._unpack_buffer is None:
-            from decode_monitor.engine.fused import unpack
-            self._unpack_buffer = unpack.buffer_for(
-                [getattr(self.layers[0], name) for name in MATRICES], self.dtype, self.device)
-        from decode_monitor.engine.fused.unpack import dense_into
-        return dense_into(weight, self._unpack_buffer)
+        return torch_forward(self, ids, start, last_only, last, keys)

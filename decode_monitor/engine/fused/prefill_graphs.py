@@ -5,9 +5,9 @@ layer from Python: the host, not the GPU, sets its pace. So prompts up to the la
 padded to a bucket length and run as one captured graph:
 - fresh prompts (from position 0): FRESH buckets, SDPA's causal mask (the padding comes after
   every real token, so no real token sees it);
-- new tokens after a cached prefix: AFTER_PREFIX buckets, the start a device tensor, keys over
-  the whole cache masked by position (a cost growing with max_context, small for these few
-  queries).
+- new tokens after a cached prefix: AFTER_PREFIX buckets, the start a device tensor, the keys
+  a multiple of KEYS_STEP (or the whole cache) masked by position: attention's cost follows
+  the prompt, not max_context (one graph per pair of buckets).
 Padded tokens write K/V past the prompt, at positions no query reads before a later step writes
 them again; the logits are the last real token's (a device index). Longer prompts, and a bucket
 that would run past max_context, take the eager path.
@@ -16,32 +16,34 @@ import torch
 
 FRESH = (16, 32, 64, 128, 256, 512)
 AFTER_PREFIX = (16, 32, 64, 128)
+KEYS_STEP = 1024
 
 
 class PrefillGraphs:
     def __init__(self, backend):
         self.backend = backend
         self.max_context = backend.max_context
-        self.graphs = {}  # (after_prefix, bucket) -> (graph, ids, start, last, logits)
+        self.keys = [k for k in range(KEYS_STEP, self.max_context, KEYS_STEP)] + [
+            self.max_context]
+        self.graphs = {}  # (bucket, keys or None) -> (graph, ids, start, last, logits)
         self._pool = None
 
     def capture(self):
         """Capture every bucket that fits (largest first, one memory pool)."""
-        cases = [(False, t) for t in FRESH if t <= self.max_context] + [
-            (True, t) for t in AFTER_PREFIX if t < self.max_context]
-        for after_prefix, bucket in sorted(cases, key=lambda c: -c[1]):
-            self.graphs[(after_prefix, bucket)] = self._capture(after_prefix, bucket)
+        cases = [(t, None) for t in FRESH if t <= self.max_context] + [
+            (t, k) for t in AFTER_PREFIX for k in self.keys if t < k]
+        for bucket, keys in sorted(cases, key=lambda c: (-(c[1] or 0), -c[0])):
+            self.graphs[(bucket, keys)] = self._capture(bucket, keys)
 
-    def _capture(self, after_prefix, bucket):
+    def _capture(self, bucket, keys):
         device = self.backend.device
         ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
         start = torch.zeros(1, dtype=torch.long, device=device)
         last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
 
         def body():
-            if after_prefix:
-                return self.backend._torch_forward(ids, start, last=last,
-                                                   keys=self.max_context)
+            if keys:
+                return self.backend._torch_forward(ids, start, last=last, keys=keys)
             return self.backend._torch_forward(ids, 0, last=last)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -58,12 +60,14 @@ class PrefillGraphs:
         """Logits of the last of ids (1, n) written at start_pos.., or None when no captured
         bucket serves this prefill."""
         n = ids.shape[1]
-        after_prefix = start_pos > 0
-        buckets = AFTER_PREFIX if after_prefix else FRESH
-        bucket = next((t for t in buckets if t >= n and (after_prefix, t) in self.graphs), None)
+        keys = None
+        if start_pos > 0:
+            keys = next((k for k in self.keys if k >= start_pos + n), None)
+        buckets = AFTER_PREFIX if start_pos > 0 else FRESH
+        bucket = next((t for t in buckets if t >= n and (t, keys) in self.graphs), None)
         if bucket is None or start_pos + bucket > self.max_context:
             return None
-        graph, static_ids, start, last, logits = self.graphs[(after_prefix, bucket)]
+        graph, static_ids, start, last, logits = self.graphs[(bucket, keys)]
         static_ids[:, :n].copy_(ids)
         static_ids[:, n:].zero_()
         start.fill_(start_pos)
