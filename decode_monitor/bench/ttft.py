@@ -121,6 +121,7 @@ def run(session, loaded, source, cells):
             decoder = Decoder(loaded, mode=mode, backend=backend, max_context=max_context,
                               weights=weights, kernel_configs=session.spec.get('kernel_configs'))
             base['mode_used'] = decoder.mode
+            base['prefill_fallback_reason'] = decoder.prefill_fallback_reason
             for p in lengths:
                 ids = prompts[p]
                 for start, new in ((0, p), (p, NEW_AFTER_PREFIX)):

@@ -163,8 +163,9 @@ class LlmDecoderNode(LifecycleNode):
             kernel_configs=decoder.kernel_configs_source,
             fallback_reason=decoder.fallback_reason, peak_bandwidth=peak, peak_source=source,
             measured_bandwidth=measured)
-        if decoder.fallback_reason:
-            self.get_logger().warning(decoder.fallback_reason)
+        for reason in (decoder.fallback_reason, decoder.prefill_fallback_reason):
+            if reason:
+                self.get_logger().warning(reason)
         weights = f'{dtype} weights as loaded' if decoder.weights == 'bf16' else (
             f'{decoder.weights} weights')
         self.get_logger().info(
