@@ -8,7 +8,8 @@ bash scripts/setup.sh jazzy
 # Test traffic stays on this machine.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
 ROS_TESTS=(test/test_node_e2e.py test/test_node_shutdown.py test/test_node_lifecycle.py
-           test/test_parameters.py test/test_diagnostics_msg.py test/test_clients.py)
+           test/test_parameters.py test/test_diagnostics_msg.py test/test_clients.py
+           test/test_node_prompt_cache.py)
 .venv/bin/python -m pytest -q test "$@"
 [ $# -gt 0 ] && exit 0  # a selection runs on Kilted only
 echo "--- the ROS tests again, on ROS 2 Jazzy (rclpy $(.venv-jazzy/bin/python -c \

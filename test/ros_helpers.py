@@ -13,10 +13,12 @@ from decode_monitor.node.ask import AskClient, wait_for
 EXECUTABLE = os.path.join(os.path.dirname(sys.executable), 'llm_decoder')
 
 
-def start_node(namespace, *params, name=None):
-    """The node's console script in its own process, in `namespace`."""
+def start_node(namespace, *params, name=None, params_file=None):
+    """The node's console script in its own process, in `namespace`; `params_file` for values
+    the command line cannot carry (long text)."""
     remaps = ['-r', f'__ns:={namespace}'] + (['-r', f'__node:={name}'] if name else [])
     args = [a for p in params for a in ('-p', p)]
+    args += ['--params-file', params_file] if params_file else []
     return subprocess.Popen([EXECUTABLE, '--ros-args', *remaps, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -315,3 +315,26 @@ def test_built_decoder_serves_the_codes_without_the_dense_weights(fmt):
     assert rel(dense_logits, logits) > 1e-3  # the codes' model is not the dense one
     assert [step.token for step in built.generate(prompt[0].tolist(), max_new_tokens=8)] \
         == expected
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('k, group', [(1280, 128), (192, 64), (96, 32)])
+def test_the_prefill_unpack_kernel_is_dequantize(fmt, k, group):
+    """unpack.dense_into (the prefill's dequantisation, Triton) against QuantWeight.dequantize:
+    every lane of int4, group sizes 32-128, a K that is not a multiple of the kernel's block,
+    a buffer longer than the matrix."""
+    from decode_monitor.engine.fused.unpack import BLOCK, buffer_for, dense_into
+    w = quantize(randn(6, k, seed=k).to(torch.bfloat16), fmt, group)
+    assert k % BLOCK or k < BLOCK
+    buffer = buffer_for([w, quantize(randn(7, k, seed=1).to(torch.bfloat16), fmt, group)],
+                        torch.bfloat16, DEV)
+    buffer.fill_(7.0)
+    out = dense_into(w, buffer)
+    assert out.shape == (6, k) and out.data_ptr() == buffer.data_ptr()
+    # the same float32 value, rounded once to bf16 (the interpreter truncates: one ulp)
+    torch.testing.assert_close(out, w.dequantize(torch.bfloat16), rtol=2 ** -7, atol=0)
+    assert (buffer[6 * k:] == 7.0).all()  # nothing written past the matrix
+    exact = dense_into(w, torch.empty(6 * k, device=DEV))  # float32: no rounding at all
+    torch.testing.assert_close(exact, w.dequantize(torch.float32), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match='too small'):
+        dense_into(w, buffer[:10])

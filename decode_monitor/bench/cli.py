@@ -66,6 +66,9 @@ def _run_parser():
                    'this GPU, else the shipped one, else the defaults)')
     p.add_argument('--price-per-gpu-hour', type=float, metavar='PRICE',
                    help='what a GPU-hour costs (any currency): cost per million tokens')
+    p.add_argument('--prompt-tokens', nargs='+', type=int, metavar='P',
+                   help='also time the first token after prompts of these lengths, fresh and '
+                   'with P tokens cached + 64 new (bench/ttft.py)')
     p.add_argument('--profile', action='store_true',
                    help='profile a few steps per mode (first session) for the step anatomy '
                    'and a Chrome trace per profiled cell')
@@ -158,7 +161,8 @@ def cmd_run(argv):
         warmup=args.warmup, device=args.device, dtype=args.dtype, order=args.order, seed=args.seed,
         memory_limit_gb=args.memory_limit_gb, peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         reference=args.reference, kernel_configs=args.kernel_configs,
-        price_per_gpu_hour=args.price_per_gpu_hour)
+        price_per_gpu_hour=args.price_per_gpu_hour,
+        prompt_tokens=args.prompt_tokens)
     from decode_monitor.bench import run
     reference = None
     if grid.verdict.reference:  # refused now, not after the sessions

@@ -71,6 +71,7 @@ class Grid:
     verdict: Verdict = field(default_factory=Verdict)
     kernel_configs: str = None  # fused kernels' table: a file, 'defaults', None (look it up)
     price_per_gpu_hour: float = None  # what a GPU-hour costs (any currency): the cost figure
+    prompt_tokens: tuple = ()  # time to first token at these prompt lengths (bench/ttft.py)
     source: str = None  # the file it came from
 
     def cells(self):
@@ -252,7 +253,16 @@ def _build(raw, source, base_dir):
         kernel_configs=_kernel_configs(get('kernel_configs'), base_dir),
         price_per_gpu_hour=_number('price_per_gpu_hour', get('price_per_gpu_hour'),
                                    allow_none=True, exclusive=True),
+        prompt_tokens=_prompt_tokens(get('prompt_tokens')),
         source=source)
+
+
+def _prompt_tokens(value):
+    """() when absent or empty (no TTFT cells), else distinct positive lengths."""
+    if value is None or value == [] or value == ():
+        return ()
+    values = _nonempty_list('prompt_tokens', value)
+    return tuple(_pos_int(f'prompt_tokens[{i}]', p) for i, p in enumerate(values))
 
 
 def _kernel_configs(value, base_dir):
@@ -365,7 +375,8 @@ def load(name_or_path):
 # CLI flag -> grid key; values are validated exactly like the file's.
 OVERRIDES = ('models', 'contexts', 'modes', 'backends', 'weights', 'batches', 'co_runners',
              'sessions', 'steps', 'warmup', 'device', 'dtype', 'order', 'seed',
-             'memory_limit_gb', 'peak_bandwidth_gbs', 'kernel_configs', 'price_per_gpu_hour')
+             'memory_limit_gb', 'peak_bandwidth_gbs', 'kernel_configs', 'price_per_gpu_hour',
+             'prompt_tokens')
 
 
 def with_overrides(grid, **values):

@@ -5,7 +5,7 @@ import math
 import os
 import statistics
 
-from decode_monitor.bench import analysis, quantised
+from decode_monitor.bench import analysis, quantised, ttft
 from decode_monitor.bench.profile import CLASS_LABELS, CLASSES
 from decode_monitor.telemetry import stats
 
@@ -288,6 +288,7 @@ def markdown(results, cells, speedups, verdict=None, plots=(), confidence=0.95,
     parts.append(results_table(cells, speedups, confidence) if cells else 'No cell was measured.')
     parts += quantised.markdown_section(quantised_rows, confidence)
     parts += co_runner_section(slowdowns, confidence)
+    parts += ttft.markdown_section(results.get('ttft', []))
     skipped = analysis.skipped_cells(results)
     if skipped:
         axes, names, align = _key_head(skipped)

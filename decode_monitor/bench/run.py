@@ -140,7 +140,7 @@ def session_spec(grid, device, runnable, index, profile=False, trace_dir=None):
     spec = {'session': index, 'device': device, 'dtype': grid.dtype, 'steps': grid.steps,
             'warmup': grid.warmup, 'order': grid.order, 'seed': grid.seed,
             'peak_bandwidth': grid.peak_bandwidth_gbs * 1e9 if grid.peak_bandwidth_gbs else None,
-            'kernel_configs': grid.kernel_configs,
+            'kernel_configs': grid.kernel_configs, 'prompt_tokens': list(grid.prompt_tokens),
             'models': [{'source': m, 'cells': [list(c) for c in cells]}
                        for m, cells in runnable.items()]}
     if profile:
@@ -245,6 +245,8 @@ def _run_sessions(grid, device, runnable, results, profile, bar, log, checkpoint
                 results['sessions'].append(event)
             elif kind == 'profile':
                 results['profile'].append(event)
+            elif kind == 'ttft':
+                results.setdefault('ttft', []).append(event)
             elif kind == 'fatal':
                 log.write(f"session {index} failed: {event['reason']}\n"
                           f"{event.get('traceback', '')}\n")

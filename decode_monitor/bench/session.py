@@ -160,6 +160,11 @@ class Session:
         for cell in cells:
             emit('sample', **self.run_cell(loaded, source, *cell), load_s=load_s)
             _free_cuda_memory()
+        if self.spec.get('prompt_tokens'):
+            from decode_monitor.bench import ttft
+            for row in ttft.run(self, loaded, source, cells):
+                emit('ttft', **row)
+            _free_cuda_memory()
         profile = self.spec.get('profile')
         if profile:
             self.run_profile(loaded, source, profile)

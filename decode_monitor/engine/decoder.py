@@ -22,6 +22,20 @@ from decode_monitor.engine.sampling import sample_greedy, sample_stochastic
 
 BACKENDS = {'hf': HFBackend, 'fused': FusedBackend, 'persistent': PersistentBackend}
 MODES = ('eager', 'graph')
+# Prompt lengths prefilled once when a decoder is built on a GPU (and one after a cached prefix):
+# CUDA loads a kernel at its first launch and cuBLAS picks GEMM kernels by M, so without this the
+# first request pays for loading the kernels its length selects.
+WARM_PREFILL = (1, 16, 128, 1024)
+
+
+def _shared(a, b):
+    """The length of the common prefix of two token lists."""
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same
 
 
 class ContextOverflow(ValueError):
@@ -105,8 +119,21 @@ class Decoder:
         # starts with them prefills only from the first token that differs.
         self.cached_ids = []
         self.last_cached_tokens = 0  # how many prompt tokens the last generate() reused
+        self.pinned_ids = []  # the pinned prefix (pin()); its K/V is kept in self._pinned_kv
+        self._pinned_kv = None
+        self.prefill_fallback_reason = None  # why short prefills are not captured (graph mode)
         if mode == 'graph':
             self._capture_graphs()
+        if self.mode == 'graph' and hasattr(self.backend, 'capture_prefill'):
+            try:
+                self.backend.capture_prefill()
+            except Exception as exc:  # the prefill then runs eagerly, as it did before
+                torch.cuda.synchronize()
+                first_line = (str(exc).strip().splitlines() or [''])[0]
+                self.prefill_fallback_reason = (
+                    f'prefill capture failed: {type(exc).__name__}: {first_line}')
+        if self._cuda:
+            self._warm_prefill()
 
     @property
     def kernel_configs_source(self):
@@ -167,20 +194,63 @@ class Decoder:
         finally:
             self._seek(saved_pos)
 
+    def _warm_prefill(self):
+        with torch.no_grad():
+            for n in WARM_PREFILL:
+                if 2 * n < self.max_context:
+                    ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
+                    self.backend.prefill(ids, 0)
+                    self.backend.prefill(ids, n)  # new tokens after a cached prefix
+        torch.cuda.synchronize(self.device)
+        self._seek(0)
+
     def _seek(self, pos):
         self.cached_ids = []  # steps outside generate() write K/V nobody asked for
-        self.pos.fill_(pos)
+        self.pos.fill_(pos)  # (a pinned prefix's K/V is kept aside, for the next prompt)
         self.backend.seek(pos)
 
     def _reusable(self, prompt_ids):
         """Prompt tokens whose K/V the cache already holds; the last one is always run again
-        (its logits give the first new token)."""
-        same = 0
-        for cached, wanted in zip(self.cached_ids, prompt_ids):
-            if cached != wanted:
-                break
-            same += 1
+        (its logits give the first new token). A prompt that starts with the pinned prefix
+        gets the prefix's K/V put back first when a request without it overwrote them."""
+        same = _shared(self.cached_ids, prompt_ids)
+        pinned = len(self.pinned_ids)
+        if pinned > same and _shared(self.pinned_ids, prompt_ids) == pinned:
+            self.cached_ids = []  # what follows the prefix is about to be overwritten
+            self.backend.load_prefix(self._pinned_kv)
+            self.cached_ids, same = list(self.pinned_ids), pinned
         return min(same, len(prompt_ids) - 1)
+
+    def pin(self, prefix_ids):
+        """Prefill `prefix_ids` now and keep their K/V for every later prompt that starts with
+        them (a robot's standing instructions): never evicted.
+
+        Positions are absolute (RoPE, and the static cache indexes K/V by position), so a
+        prompt that does not start with the prefix must write its own K/V at positions 0..,
+        over the prefix's: it cannot be placed after it. The pinned K/V is therefore copied
+        aside once (len(prefix) x kv_bytes_per_token of memory: 46 MB for 1000 tokens of
+        SmolLM2 in float32, 57 MB for qwen2.5-7b in bf16) and copied back, one device
+        copy, by the next prompt that starts with it: far cheaper than prefilling it again,
+        and exact.
+        """
+        prefix_ids = list(prefix_ids)
+        if not prefix_ids:
+            self.pinned_ids, self._pinned_kv = [], None
+            return
+        if len(prefix_ids) >= self.max_context:
+            raise ContextOverflow(f'pinned prefix of {len(prefix_ids)} tokens does not fit in '
+                                  f'max_context {self.max_context} (with room for a reply)')
+        self.cached_ids, self.pinned_ids, self._pinned_kv = [], [], None
+        with torch.no_grad():
+            ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
+            self.backend.prefill(ids, 0)
+            self._pinned_kv = self.backend.save_prefix(len(prefix_ids))
+        self.pinned_ids, self.cached_ids = prefix_ids, list(prefix_ids)
+
+    def clear_prompt_cache(self):
+        """Forget the cached sequence: the next prompt prefills from its start (or from the
+        pinned prefix's end, which is kept)."""
+        self.cached_ids = []
 
     def _fall_back(self, reason):
         self.mode = 'eager'
@@ -204,11 +274,11 @@ class Decoder:
                  stop_token_ids=(), should_stop=None):
         """Yield a Step per generated token, until max_new_tokens, a stop id or should_stop().
 
-        The prompt's longest prefix shared with the cached sequence is not prefilled again
-        (`last_cached_tokens`). The cached sequence only ever names K/V that were completely
-        written: it is emptied before the prefill, set to the prompt once the prefill returned,
-        and grows by one token per step the caller received, so a cancel, an error or an
-        abandoned generator leaves only what was computed.
+        The prompt's longest prefix shared with the cached sequence, or with the pinned prefix
+        (pin()), is not prefilled again (`last_cached_tokens`). The cached sequence only ever
+        names K/V that were completely written: it is emptied before the prefill, set to the
+        prompt once the prefill returned, and grows by one token per step the caller received,
+        so a cancel, an error or an abandoned generator leaves only what was computed.
         """
         if self.batch != 1:
             raise ValueError(f'generate() decodes one sequence; this decoder of batch '

@@ -39,6 +39,19 @@ class HFBackend:
             layer.cumulative_length.fill_(pos)
 
     @torch.no_grad()
+    def save_prefix(self, n):
+        """A copy of the K/V at positions 0..n-1 (load_prefix puts it back)."""
+        return [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
+                for layer in self.cache.layers]
+
+    @torch.no_grad()
+    def load_prefix(self, saved):
+        for layer, (keys, values) in zip(self.cache.layers, saved):
+            n = keys.shape[2]
+            layer.keys[:, :, :n].copy_(keys)
+            layer.values[:, :, :n].copy_(values)
+
+    @torch.no_grad()
     def prefill(self, ids, start_pos=0):
         """ids: (1, T) prompt tokens written at positions start_pos.. -> logits (1, vocab)."""
         self.seek(start_pos)

@@ -66,7 +66,7 @@ class LlmDecoderNode(LifecycleNode):
             self._load_decoder, self._publish_stream, self._publish_response,
             on_step=self._publish_latency, limits=c.limits, queue_size=c.queue_size,
             request_timeout_s=c.request_timeout_s, window=c.window_steps,
-            log_error=self.get_logger().error)
+            log_error=self.get_logger().error, system_prompt=c.system_prompt)
         self._io = ReentrantCallbackGroup()  # never blocked by a lifecycle transition
         self.create_subscription(String, 'request', lambda m: self.service.submit(m.data),
                                  reliable, callback_group=self._io)
@@ -163,8 +163,9 @@ class LlmDecoderNode(LifecycleNode):
             kernel_configs=decoder.kernel_configs_source,
             fallback_reason=decoder.fallback_reason, peak_bandwidth=peak, peak_source=source,
             measured_bandwidth=measured)
-        if decoder.fallback_reason:
-            self.get_logger().warning(decoder.fallback_reason)
+        for reason in (decoder.fallback_reason, decoder.prefill_fallback_reason):
+            if reason:
+                self.get_logger().warning(reason)
         weights = f'{dtype} weights as loaded' if decoder.weights == 'bf16' else (
             f'{decoder.weights} weights')
         self.get_logger().info(

@@ -35,6 +35,7 @@ class NodeConfig:
     window_steps: int
     gpu_index: int
     autostart: bool
+    system_prompt: str = ''
 
 
 def _int(low, high):
@@ -79,6 +80,9 @@ PARAMETERS = {
     'kernel_configs': ('', 'fused kernels\' launch table: empty for the one tuned for this GPU '
                        '(bench tune\'s cache, else the shipped one, else defaults), '
                        '"defaults", or a table file', {}),
+    'system_prompt': ('', 'standing instructions: the system message of every chat request '
+                      'without its own; prefilled once at start-up and kept in the KV cache '
+                      '(empty: none)', {}),
     'autostart': (True, 'configure and activate at start-up (false: wait for a lifecycle '
                   'manager)', {}),
 }
@@ -173,7 +177,8 @@ def validate(values):
         diagnostics_period=values['diagnostics_period'],
         bandwidth_override_gbps=values['bandwidth_override_gbps'],
         mirror_diagnostics=values['mirror_diagnostics'], window_steps=values['window_steps'],
-        gpu_index=values['gpu_index'], autostart=values['autostart'])
+        gpu_index=values['gpu_index'], autostart=values['autostart'],
+        system_prompt=values['system_prompt'])
 
 
 def _typed(name, value, default):

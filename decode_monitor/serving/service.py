@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from decode_monitor.engine.sampling import SamplingParams
-from decode_monitor.serving.prompt import encode_prompt
+from decode_monitor.serving.prompt import encode_prompt, standing_prefix
 from decode_monitor.serving.protocol import (
     Limits, parse_request, RequestError, RequestIds, response)
 from decode_monitor.serving.text import TextStream
@@ -52,7 +52,7 @@ class _Job:
 class DecodeService:
     def __init__(self, load_decoder, publish_stream, publish_response, on_step=None,
                  limits=Limits(), queue_size=16, request_timeout_s=0.0, window=512,
-                 log_error=None):
+                 log_error=None, system_prompt=''):
         self._load_decoder = load_decoder
         self._publish_stream_cb = publish_stream
         self._publish_response_cb = publish_response
@@ -61,6 +61,7 @@ class DecodeService:
         self.limits = limits
         self.queue_size = queue_size
         self.request_timeout_s = request_timeout_s
+        self.system_prompt = system_prompt  # opens chats; pinned in the KV cache at load
         self.window = StepWindow(window)
         self.counters = Counters()
         self.state = UNCONFIGURED
@@ -274,6 +275,8 @@ class DecodeService:
             self.state, self.load_error = LOADING, None
         try:
             decoder = self._load_decoder()
+            if self.system_prompt:
+                decoder.pin(standing_prefix(decoder.loaded.tokenizer, self.system_prompt))
             with self._lock:
                 self.decoder = decoder
                 self.state = READY if self._hold else INACTIVE
@@ -305,7 +308,7 @@ class DecodeService:
         decoder = self.decoder
         tokenizer = decoder.loaded.tokenizer
         try:
-            prompt_ids = encode_prompt(tokenizer, request)
+            prompt_ids = encode_prompt(tokenizer, request, self.system_prompt)
         except Exception as exc:
             self._finish(job, 'error', error=f'cannot tokenise the prompt: {exc}')
             return

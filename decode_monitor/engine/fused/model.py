@@ -19,9 +19,9 @@ the model's dense copies, for a decoder that owns its model.
 The input embedding stays dense: a step reads one row of it.
 """
 import torch
-import torch.nn.functional as F
 
 from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.fused.prefill import torch_forward
 from decode_monitor.engine.fused.quant import (
     FORMATS, QuantWeight, dense, quantize, weight_nbytes)
 
@@ -157,6 +157,9 @@ class FusedBackend:
         if self._keep_dense:
             self._dense_layers = [layer.dense() for layer in self.layers]
             self._dense_head = dense(self.lm_head, self.dtype)
+        self._unpack_buffer = None  # the Triton path's prefill: see _dense_matrix
+        self._prefill_ops = None  # the Triton path's prefill kernels, set in _init_triton
+        self.prefill_graphs = None  # captured short prefills (capture_prefill)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -225,6 +228,8 @@ class FusedBackend:
     def _init_triton(self):
         from decode_monitor.engine.fused import gemv  # imports Triton
         self._gemv = gemv
+        from decode_monitor.engine.fused import prefill_ops
+        self._prefill_ops = prefill_ops if prefill_ops.usable(self.head_dim) else None
         self.set_kernel_configs(self.kernel_configs)
         hidden = self.embed.shape[1]
         inter = self.layers[0].wd.shape[1]
@@ -296,9 +301,35 @@ class FusedBackend:
         self.v_cache.normal_()
 
     @torch.no_grad()
+    def save_prefix(self, n):
+        """A copy of the K/V at positions 0..n-1 (load_prefix puts it back)."""
+        return self.k_cache[:, :, :n].clone(), self.v_cache[:, :, :n].clone()
+
+    @torch.no_grad()
+    def load_prefix(self, saved):
+        keys, values = saved
+        n = keys.shape[2]
+        self.k_cache[:, :, :n].copy_(keys)
+        self.v_cache[:, :, :n].copy_(values)
+
+    @torch.no_grad()
     def prefill(self, ids, start_pos=0):
-        """ids (1, T) written at positions start_pos.. -> logits (1, vocab) fp32 of the last."""
+        """ids (1, T) written at positions start_pos.. -> logits (1, vocab) fp32 of the last
+        (from a captured graph when one serves this length: a static buffer)."""
+        if self.prefill_graphs is not None:
+            logits = self.prefill_graphs(ids, start_pos)
+            if logits is not None:
+                return logits
         return self._torch_forward(ids, start_pos)
+
+    @torch.no_grad()
+    def capture_prefill(self):
+        """Capture the short prefills as CUDA graphs (prefill_graphs.py)."""
+        from decode_monitor.engine.fused.prefill_graphs import PrefillGraphs
+        self.prefill_graphs = None
+        graphs = PrefillGraphs(self)
+        graphs.capture()
+        self.prefill_graphs = graphs
 
     @torch.no_grad()
     def logits_at_every_position(self, ids):
@@ -329,33 +360,6 @@ class FusedBackend:
                   config=cfg['lm_head'])
         return self.logits
 
-    # -- torch path -------------------------------------------------------------------------
-    def _torch_forward(self, ids, start, last_only=True):
-        n = ids.shape[1]
-        end = start + n
-        if end > self.max_context:
-            raise ValueError(f'positions up to {end - 1} exceed max_context {self.max_context}')
-        positions = torch.arange(start, end, device=self.device)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D / 2)
-        mask = positions[:, None] >= torch.arange(end, device=self.device)[None, :]  # (T, end)
-        qd, kd = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        h = F.embedding(ids[0], self.embed)  # (T, H)
-        for i, layer in enumerate(self._dense_layers if self._keep_dense else self.layers):
-            if self.weights != 'bf16' and not self._keep_dense:
-                layer = layer.dense()
-            qkv = F.linear(rms_norm(h, layer.ln1, self.eps), layer.wqkv, layer.bqkv)
-            q, k, v = qkv.split([qd, kd, kd], dim=-1)
-            q = apply_rope(q.view(n, self.q_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
-            self.k_cache[i, :, start:end] = k.transpose(0, 1)
-            self.v_cache[i, :, start:end] = v.view(n, self.kv_heads, -1).transpose(0, 1)
-            att = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], self.k_cache[i, None, :, :end],
-                self.v_cache[i, None, :, :end], attn_mask=mask, scale=self.scale,
-                enable_gqa=True)  # (1, Hq, T, D)
-            h = h + F.linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
-            gate, up = F.linear(rms_norm(h, layer.ln2, self.eps), layer.wgu).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.wd)
-        head = self._dense_head if self._keep_dense else dense(self.lm_head, self.dtype)
-        h = h[-1:] if last_only else h
-        return F.linear(rms_norm(h, self.norm, self.eps), head).float()
+    # -- torch path (prefill.py) ------------------------------------------------------------
+    def _torch_forward(self, ids, start, last_only=True, last=None, keys=None):
+        return torch_forward(self, ids, start, last_only, last, keys)

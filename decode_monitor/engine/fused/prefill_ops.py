@@ -1,0 +1,85 @@
+"""The prefill's element-wise work as one Triton pass each (the Triton path's prefill).
+
+Between its GEMMs a prefill normalises, rotates and gates activations of T x hidden (or T x
+intermediate) values. In torch ops each of those is several passes through memory with float32
+temporaries (an RMSNorm: upcast, square, mean, scale, downcast, weight: about ten times the
+bytes of its input); at a few thousand tokens they cost a fifth of the prefill. Here each is
+one read and one write, with the same arithmetic as model.py's torch functions: statistics and
+rotations in float32, rounded to the model's dtype where those round.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm(X, W, OUT, H: tl.constexpr, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < H
+    x = tl.load(X + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    y = (x * rstd).to(OUT.dtype.element_ty).to(tl.float32)  # rounded, then the weight
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(OUT + row * H + cols, (w * y).to(OUT.dtype.element_ty), mask=inside)
+
+
+def rms_norm(x, weight, eps):
+    """model.rms_norm of a contiguous (T, H) tensor."""
+    out = x.new_empty(x.shape)
+    h = x.shape[-1]
+    _rms_norm[(x.shape[0],)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h),
+                             num_warps=8 if h >= 2048 else 4)
+    return out
+
+
+@triton.jit
+def _rope(X, COS, SIN, OUT, stride_t, HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
+          HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, HEADS_P2)[:, None]
+    offs = tl.arange(0, HALF)[None, :]
+    inside = heads < HEADS
+    src = X + t * stride_t + heads * (2 * HALF) + offs
+    x1 = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
+    c = tl.load(COS + t * HALF + offs)
+    s = tl.load(SIN + t * HALF + offs)
+    dst = OUT + t * (HEADS * 2 * HALF) + heads * (2 * HALF) + offs
+    tl.store(dst, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=inside)
+    tl.store(dst + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=inside)
+
+
+def apply_rope(x, cos, sin, heads):
+    """model.apply_rope of x (T, heads x D) (rows may be strided: a slice of q/k/v), cos and
+    sin (T, D / 2) float32 -> (T, heads, D) contiguous."""
+    t = x.shape[0]
+    half = cos.shape[1]
+    out = x.new_empty((t, heads, 2 * half))
+    _rope[(t,)](x, cos, sin, out, x.stride(0), heads, triton.next_power_of_2(heads), half)
+    return out
+
+
+@triton.jit
+def _silu_mul(GU, OUT, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < INTER
+    gate = tl.load(GU + row * 2 * INTER + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * 2 * INTER + INTER + cols, mask=inside, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * INTER + cols, (silu * up).to(OUT.dtype.element_ty), mask=inside)
+
+
+def silu_mul(gate_up):
+    """F.silu(gate) * up of a contiguous (T, 2I) [gate | up] tensor -> (T, I)."""
+    t, two_i = gate_up.shape
+    i = two_i // 2
+    out = gate_up.new_empty((t, i))
+    _silu_mul[(t, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024)
+    return out
+
+
+def usable(head_dim):
+    """The RoPE kernel needs a power-of-two half head."""
+    half = head_dim // 2
+    return half & (half - 1) == 0
