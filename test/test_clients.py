@@ -60,3 +60,31 @@ def test_a_signal_while_waiting_exits_with_the_documented_code(command, topic, s
         if proc.poll() is None:
             proc.kill()
         rclpy.try_shutdown()
+
+
+def test_ask_prints_what_a_response_holds_beyond_a_late_stream():
+    """The response overtook its last chunk: ask prints the rest once, late chunks are not
+    printed again (message objects, no ROS graph)."""
+    import json
+
+    import rclpy
+    from std_msgs.msg import String
+
+    from decode_monitor.node.ask import AskClient
+    shown = []
+    rclpy.init()
+    try:
+        client = AskClient(on_text=lambda _, text: shown.append(text))
+
+        def deliver(callback, body):
+            callback(String(data=json.dumps(body)))
+        deliver(client._on_stream, {'id': 'a', 'text': 'Hello'})
+        deliver(client._on_response, {'id': 'a', 'status': 'done', 'text': 'Hello, robot.'})
+        assert client.unseen_text('a') == ', robot.'
+        deliver(client._on_stream, {'id': 'a', 'text': ', robot.'})  # the late chunk
+        assert shown == ['Hello'] and client.unseen_text('a') == ', robot.'
+        deliver(client._on_response, {'id': 'b', 'status': 'error', 'text': '', 'error': 'x'})
+        assert client.unseen_text('b') == ''
+        client.destroy_node()
+    finally:
+        rclpy.shutdown()

@@ -14,7 +14,12 @@ from decode_monitor.node.runtime import ros_session
 
 
 class AskClient(Node):
-    """Publishes requests and collects the stream and the terminal response for each id."""
+    """Publishes requests and collects the stream and the terminal response for each id.
+
+    Stream and response travel on two topics, so a response may arrive before the last chunks
+    of its stream: `unseen_text` is what the response holds beyond what was streamed, printed
+    once the response is in instead of waiting for chunks that may never be read.
+    """
 
     def __init__(self, namespace='/decode', on_text=None):
         super().__init__('ask', namespace=namespace)
@@ -22,6 +27,7 @@ class AskClient(Node):
         self._request_pub = self.create_publisher(String, 'request', qos)
         self._on_text = on_text
         self.responses = {}
+        self.streamed = {}  # id -> the text streamed so far
         self.create_subscription(String, 'stream', self._on_stream, qos)
         self.create_subscription(String, 'response', self._on_response, qos)
 
@@ -38,12 +44,21 @@ class AskClient(Node):
 
     def _on_stream(self, msg):
         chunk = json.loads(msg.data)
+        if chunk['id'] in self.responses:
+            return  # its response is in: unseen_text already gave this text
+        self.streamed[chunk['id']] = self.streamed.get(chunk['id'], '') + chunk['text']
         if self._on_text is not None:
             self._on_text(chunk['id'], chunk['text'])
 
     def _on_response(self, msg):
         body = json.loads(msg.data)
         self.responses[body['id']] = body
+
+    def unseen_text(self, request_id):
+        """The answer's text after what its stream delivered ('' when nothing is missing)."""
+        streamed = self.streamed.get(request_id, '')
+        text = self.responses[request_id].get('text') or ''
+        return text[len(streamed):] if text.startswith(streamed) else ''
 
 
 def wait_for(node, condition, timeout_s):
@@ -96,7 +111,7 @@ def main(args=None):
                 print('\nno response in time', file=sys.stderr)
                 return 1
             body = client.responses[request_id]
-            print()
+            print(client.unseen_text(request_id))
             if body['status'] != 'done':
                 print(f'{body["status"]}: {body["error"]}', file=sys.stderr)
                 return 1
