@@ -162,6 +162,14 @@ def test_verdict_errors_fail_skips_do_not():
     assert not empty['passed'] and 'no cell was measured' in empty['reasons']
 
 
+def test_a_session_that_crashed_after_its_cells_fails_the_run():
+    res = results(study_like(ctxs=(2048,)), [SKIP])
+    assert verdict.evaluate(res, thresholds(), resamples=500)['passed']
+    res['fatal'] = [{'session': 0, 'reason': 'ValueError: boom'}]  # as run.py records it
+    out = verdict.evaluate(res, thresholds(), resamples=500)
+    assert not out['passed'] and 'session 0 failed: ValueError: boom' in out['reasons']
+
+
 def test_verdict_against_reference():
     ref = results(study_like(eager_ms=20.0))
     slower = results(study_like(eager_ms=23.0))  # 15 % slower everywhere

@@ -103,7 +103,7 @@ def run(session, loaded, source, cells):
     a fresh prompt of P tokens and P cached + NEW_AFTER_PREFIX new."""
     from decode_monitor.engine.decoder import Decoder
     lengths = sorted(session.spec['prompt_tokens'])
-    combos = sorted({tuple(c[1:]) for c in cells})
+    combos = sorted({tuple(c[1:4]) for c in cells})  # (backend, mode, weights): batch 1, alone
     bandwidth = session.peak_bandwidth or session.copy_bandwidth
     device_name = (session.torch.cuda.get_device_name() if session.device == 'cuda' else None)
     flop_rate = peak_flops(session.device, device_name, session.spec['dtype'])

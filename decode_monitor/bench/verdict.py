@@ -159,6 +159,8 @@ def evaluate(results, thresholds, reference=None, confidence=0.95, resamples=999
     run_reasons = []
     if results.get('interrupted'):
         run_reasons.append('the run was interrupted')
+    for fatal in results.get('fatal') or []:  # a session that crashed after its cells' samples
+        run_reasons.append(f"session {fatal.get('session')} failed: {fatal.get('reason')}")
     if not cells:
         run_reasons.append('no cell was measured')
     failed = [r for r in rows if not r['passed']]
