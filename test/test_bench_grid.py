@@ -131,9 +131,21 @@ def test_overrides_replace_and_validate():
 
 
 # -- weights ------------------------------------------------------------------------------------
-def test_weight_formats_are_the_engines():
+def test_weight_formats_and_modes_are_the_engines():
+    from decode_monitor.engine.decoder import MODES
     from decode_monitor.engine.fused.quant import FORMATS
-    assert G.WEIGHTS == FORMATS
+    assert G.WEIGHTS == FORMATS and G.MODES == MODES
+
+
+def test_backends_serving_a_format_or_a_batch_are_what_their_classes_say():
+    assert {'fused', 'hf', 'persistent'} <= set(G.registered_backends())
+    assert G.registered_backends(serving='bf16') == G.registered_backends()
+    for fmt in ('int8', 'int4'):
+        assert 'fused' in G.registered_backends(serving=fmt)
+        assert not {'hf', 'persistent'} & set(G.registered_backends(serving=fmt))
+    assert 'hf' in G.registered_backends(batched=True)
+    assert not {'fused', 'persistent'} & set(G.registered_backends(batched=True))
+    assert G.pairs_with('fused', 'int8') and not G.pairs_with('persistent', 'int8')
 
 
 def test_quantised_weights_without_fused_name_the_key_and_the_backends(tmp_path):
