@@ -5,11 +5,11 @@ results (they have "samples") and `bench attention` files (their "format" says s
 takes the kind it draws from and returns [] when they hold nothing for it, saying why (as
 figures.skip does).
 
-- graph speedup against context and batch (the study's Fig. 5): eager / graph, paired by session,
+- graph speedup against context and batch: eager / graph, paired by session,
   one line per batch size against context and one per context against batch size;
 - step time per co-runner: a cell's mean step time alone and beside each co-runner, its
   slowdown over alone written on the bar;
-- attention time per layer by implementation against context (the study's Fig. 7).
+- attention time per layer by implementation against context.
 
 Several runs (several GPUs) share a figure; their series are named by device.
 """
@@ -70,7 +70,7 @@ def _save(fig, out_dir, name):
     return path
 
 
-# -- Fig. 5: graph speedup against context and batch -------------------------------------------
+# -- graph speedup against context and batch ------------------------------------------------------
 def graph_speedup_vs_batch(runs, out_dir):
     """Two panels per model: speedup vs context (a line per batch), vs batch (a line per ctx)."""
     rows = []  # (device, speedup row)
@@ -172,7 +172,7 @@ def step_time_per_co_runner(runs, out_dir):
     return [_save(fig, out_dir, CO_RUNNER)]
 
 
-# -- Fig. 7: attention time per layer by implementation -----------------------------------------
+# -- attention time per layer by implementation ---------------------------------------------------
 def attention_per_layer(runs, out_dir):
     """A panel per `bench attention` file: µs per layer vs context, a line per implementation;
     the implementations that could not run are named under the panel."""
