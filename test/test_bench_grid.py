@@ -15,7 +15,7 @@ def _write(tmp_path, data, name='grid.yaml'):
     return str(path)
 
 
-def test_study_grid_is_the_papers():
+def test_study_grid_holds_three_models_four_contexts_eager_and_graph():
     g = G.load('study')
     assert g.models == ('qwen2.5-7b', 'llama-3-8b', 'mistral-7b')
     assert g.contexts == (2048, 4096, 8192, 16384)
