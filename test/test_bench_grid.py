@@ -177,9 +177,10 @@ def test_weights_override():
         G.with_overrides(g, backends=['fused'], weights=['bf16', 'int2'])
 
 
-def test_weights_flag_on_the_command_line(capsys):
+def test_weights_flag_on_the_command_line(capsys, tmp_path):
     from decode_monitor.bench.cli import main
-    assert main(['--grid', 'quick', '--weights', 'int8']) == 2
+    out = ['-o', str(tmp_path)]  # should a refusal regress, the run lands here, not in the cwd
+    assert main(['--grid', 'quick', '--weights', 'int8', *out]) == 2
     assert 'weights[0]: int8 needs backend fused' in capsys.readouterr().err
-    assert main(['--grid', 'quick', '--weights', 'int3']) == 2  # argparse: not a choice
+    assert main(['--grid', 'quick', '--weights', 'int3', *out]) == 2  # argparse: not a choice
     assert "invalid choice: 'int3'" in capsys.readouterr().err
