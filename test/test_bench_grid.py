@@ -15,7 +15,7 @@ def _write(tmp_path, data, name='grid.yaml'):
     return str(path)
 
 
-def test_study_grid_is_the_papers():
+def test_study_grid_holds_three_models_four_contexts_eager_and_graph():
     g = G.load('study')
     assert g.models == ('qwen2.5-7b', 'llama-3-8b', 'mistral-7b')
     assert g.contexts == (2048, 4096, 8192, 16384)
@@ -131,9 +131,21 @@ def test_overrides_replace_and_validate():
 
 
 # -- weights ------------------------------------------------------------------------------------
-def test_weight_formats_are_the_engines():
+def test_weight_formats_and_modes_are_the_engines():
+    from decode_monitor.engine.decoder import MODES
     from decode_monitor.engine.fused.quant import FORMATS
-    assert G.WEIGHTS == FORMATS
+    assert G.WEIGHTS == FORMATS and G.MODES == MODES
+
+
+def test_backends_serving_a_format_or_a_batch_are_what_their_classes_say():
+    assert {'fused', 'hf', 'persistent'} <= set(G.registered_backends())
+    assert G.registered_backends(serving='bf16') == G.registered_backends()
+    for fmt in ('int8', 'int4'):
+        assert 'fused' in G.registered_backends(serving=fmt)
+        assert not {'hf', 'persistent'} & set(G.registered_backends(serving=fmt))
+    assert 'hf' in G.registered_backends(batched=True)
+    assert not {'fused', 'persistent'} & set(G.registered_backends(batched=True))
+    assert G.pairs_with('fused', 'int8') and not G.pairs_with('persistent', 'int8')
 
 
 def test_quantised_weights_without_fused_name_the_key_and_the_backends(tmp_path):
@@ -165,9 +177,10 @@ def test_weights_override():
         G.with_overrides(g, backends=['fused'], weights=['bf16', 'int2'])
 
 
-def test_weights_flag_on_the_command_line(capsys):
+def test_weights_flag_on_the_command_line(capsys, tmp_path):
     from decode_monitor.bench.cli import main
-    assert main(['--grid', 'quick', '--weights', 'int8']) == 2
+    out = ['-o', str(tmp_path)]  # should a refusal regress, the run lands here, not in the cwd
+    assert main(['--grid', 'quick', '--weights', 'int8', *out]) == 2
     assert 'weights[0]: int8 needs backend fused' in capsys.readouterr().err
-    assert main(['--grid', 'quick', '--weights', 'int3']) == 2  # argparse: not a choice
+    assert main(['--grid', 'quick', '--weights', 'int3', *out]) == 2  # argparse: not a choice
     assert "invalid choice: 'int3'" in capsys.readouterr().err

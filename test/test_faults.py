@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from decode_monitor.engine.decoder import Decoder, register_backend
+from decode_monitor.engine.decoder import BACKENDS, Decoder
 from decode_monitor.engine.hf_backend import HFBackend
 from decode_monitor.serving.service import DecodeService
 
@@ -24,8 +24,8 @@ class OutOfMemoryOnce(HFBackend):
         return super().forward_one(token, pos)
 
 
-def test_out_of_memory_in_a_step_is_an_error_then_the_next_request_is_served(tiny):
-    register_backend('hf-oom-once', OutOfMemoryOnce)
+def test_out_of_memory_in_a_step_is_an_error_then_the_next_request_is_served(tiny, monkeypatch):
+    monkeypatch.setitem(BACKENDS, 'hf-oom-once', OutOfMemoryOnce)  # for this test only
     responses, streamed = [], {}
 
     def on_stream(request_id, index, text):

@@ -192,6 +192,16 @@ def test_the_ladder_pools_runs_of_one_device_and_leaves_out_runs_without_a_peak(
     assert 'no NVML peak bandwidth (cpu: x)' in caplog.text
 
 
+def test_the_axes_figures_say_why_they_draw_nothing(caplog, tmp_path):
+    from decode_monitor.bench import figures_axes
+    eager_only = run_of('GPU A', 2e12, [sample('m', 2048, 'eager', 0, [1.0], 1e9)])
+    with caplog.at_level(logging.INFO, logger=figures.log.name):
+        assert figures.draw([eager_only], str(tmp_path), figures_axes.FIGURES_AXES) == []
+    assert 'graph speedup vs batch: no run has eager and graph cells' in caplog.text
+    assert 'step time per co-runner: no run has a measured cell beside a co-runner' in caplog.text
+    assert 'attention per layer: no `bench attention` file with a measured row' in caplog.text
+
+
 def test_cost_per_million_tokens_and_joules_per_token():
     # 4 ms per step -> 250 tokens/s -> 900000 tokens per hour; at 3.6 per hour: 4 per Mtok.
     run = run_of('GPU A', 2e12, [sample('m', 2048, 'graph', s, [4.0, 4.0], 1e9, jpt=j)

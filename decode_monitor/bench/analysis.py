@@ -7,10 +7,11 @@ co_runner 'none'.
 from collections import defaultdict
 import statistics
 
+from decode_monitor.bench.grid import WEIGHTS
 from decode_monitor.telemetry import stats
 
 MODE_ORDER = {'eager': 0, 'graph': 1}
-WEIGHTS_ORDER = {'bf16': 0, 'int8': 1, 'int4': 2}  # most bytes first
+WEIGHTS_ORDER = {w: i for i, w in enumerate(WEIGHTS)}  # most bytes first
 KEY_FIELDS = ('model', 'ctx', 'backend', 'mode', 'weights', 'batch', 'co_runner')
 # The axes beyond the first five: a report shows their columns only when a run varies them.
 AXES = ('batch', 'co_runner')

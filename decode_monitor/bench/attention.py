@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 
+from decode_monitor.bench.grid import DEVICES, DTYPES
 from decode_monitor.bench.verdict import ATTENTION_FORMAT as FORMAT
 SDPA = {'sdpa-math': 'MATH', 'sdpa-efficient': 'EFFICIENT_ATTENTION',
         'sdpa-flash': 'FLASH_ATTENTION', 'sdpa-cudnn': 'CUDNN_ATTENTION'}
@@ -253,9 +254,8 @@ def _parser():
                    help='preset, checkpoint directory or .gguf file: its attention shape')
     p.add_argument('--contexts', nargs='+', type=int, default=list(DEFAULT_CONTEXTS),
                    metavar='CTX')
-    p.add_argument('--dtype', default='auto', choices=('auto', 'bfloat16', 'float16',
-                                                       'float32'))
-    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    p.add_argument('--dtype', default='auto', choices=DTYPES)
+    p.add_argument('--device', default='auto', choices=DEVICES)
     p.add_argument('--iters', type=int, default=50, help='timed passes over the layers')
     p.add_argument('--impls', nargs='+', choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     p.add_argument('-o', '--output', default='attention.json', help='JSON file to write')

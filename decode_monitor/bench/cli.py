@@ -3,7 +3,7 @@
     bench [run] [--grid study|quick|FILE] [overrides...] [--profile] [--reference R.json]
     bench compare A.json B.json
     bench report results.json [--grid FILE] [--reference R.json] [-o DIR]
-    bench figures RESULTS.json... [-o DIR] [--price-per-gpu-hour PRICE]
+    bench figures RESULTS.json|ATTENTION.json... [-o DIR] [--price-per-gpu-hour PRICE]
     bench tune MODEL... [--weights bf16 int8 int4] [--budget-s S] [-o FILE]
     bench quality [--model M] [--backends B..] [--weights W..] [--tokens N] [-o FILE]
     bench attention [--model M] [--contexts CTX..] [--iters N] [-o FILE.json]
@@ -33,8 +33,9 @@ def _run_parser():
         'backends, weight formats, batch sizes and co-runners in fresh processes; write '
         'results.json, results.csv, '
         'report.md, plots and a pass/fail verdict. Subcommands: compare A.json B.json; '
-        'report results.json; figures RESULTS.json...; quality (agreement with '
-        'transformers); attention (time per layer by attention implementation).')
+        'report results.json; figures RESULTS.json...; tune (the fused kernels\' configs); '
+        'quality (agreement with transformers); attention (time per layer by attention '
+        'implementation).')
     p.add_argument('--grid', default='study',
                    help="grid YAML file, or 'study' (the default grid) or 'quick'")
     p.add_argument('--models', nargs='+', help='preset names or checkpoint directories')
@@ -102,8 +103,11 @@ def _figures_parser():
         prog='bench figures', description="The study's figures from one or more results.json "
         '(one per GPU): the ladder (fraction of the memory floor against peak bandwidth), a '
         "decoder layer's kernels on a time axis (runs with --profile), step-time distributions "
-        'per fresh session, cost per million tokens (with a price per GPU-hour).')
-    p.add_argument('results', nargs='+', help='results.json of bench runs')
+        'per fresh session, cost per million tokens (with a price per GPU-hour), graph speedup '
+        'against context and batch, step time per co-runner; with `bench attention` files, '
+        'attention time per layer by implementation.')
+    p.add_argument('results', nargs='+',
+                   help='results.json of bench runs, or JSON files of bench attention')
     p.add_argument('-o', '--output', default='bench-figures', help='output directory')
     p.add_argument('--price-per-gpu-hour', type=float, metavar='PRICE',
                    help="what a GPU-hour costs (any currency), for every run (default: each "

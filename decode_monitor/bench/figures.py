@@ -16,6 +16,7 @@ what a figure shows can be checked against the results it came from.
   `bench figures --price-per-gpu-hour`) over each cell's tokens per hour, beside J/token where
   the run read the NVML energy counter. No price is built in.
 - a decoder block's kernels on a time axis: in figures_trace.
+- the batch and co-runner axes and `bench attention` files: in figures_axes (draw adds them).
 """
 from collections import defaultdict
 import logging

@@ -2,13 +2,14 @@
 
 Each is `fn(runs, out_dir) -> [written paths]`: runs are loaded files (verdict.load_run): bench
 results (they have "samples") and `bench attention` files (their "format" says so); a figure
-takes the kind it draws from and returns [] when they hold nothing for it.
+takes the kind it draws from and returns [] when they hold nothing for it, saying why (as
+figures.skip does).
 
-- graph speedup against context and batch (the study's Fig. 5): eager / graph, paired by session,
+- graph speedup against context and batch: eager / graph, paired by session,
   one line per batch size against context and one per context against batch size;
 - step time per co-runner: a cell's mean step time alone and beside each co-runner, its
   slowdown over alone written on the bar;
-- attention time per layer by implementation against context (the study's Fig. 7).
+- attention time per layer by implementation against context.
 
 Several runs (several GPUs) share a figure; their series are named by device.
 """
@@ -20,6 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from decode_monitor.bench import analysis  # noqa: E402
+from decode_monitor.bench.figures import skip  # noqa: E402
 from decode_monitor.bench.verdict import ATTENTION_FORMAT  # noqa: E402
 
 SPEEDUP_BATCH = 'graph_speedup_vs_batch.png'
@@ -68,7 +70,7 @@ def _save(fig, out_dir, name):
     return path
 
 
-# -- Fig. 5: graph speedup against context and batch -------------------------------------------
+# -- graph speedup against context and batch ------------------------------------------------------
 def graph_speedup_vs_batch(runs, out_dir):
     """Two panels per model: speedup vs context (a line per batch), vs batch (a line per ctx)."""
     rows = []  # (device, speedup row)
@@ -77,6 +79,8 @@ def graph_speedup_vs_batch(runs, out_dir):
             if s['co_runner'] == 'none':
                 rows.append((_device(run), s))
     if not rows:
+        skip('graph speedup vs batch', 'no run has eager and graph cells of one model, context '
+             'and batch, alone on the device')
         return []
     devices = sorted({d for d, _ in rows})
     models = sorted({s['model'] for _, s in rows})
@@ -129,6 +133,7 @@ def step_time_per_co_runner(runs, out_dir):
             slow[(device, analysis.cell_key(r))] = r['slowdown']
     groups = {k: v for k, v in groups.items() if any(r != 'none' for r in v)}
     if not groups:
+        skip('step time per co-runner', 'no run has a measured cell beside a co-runner')
         return []
     devices = sorted({d for d, _ in groups})
     runners = sorted({r for v in groups.values() for r in v}, key=_co_runner_order)
@@ -167,12 +172,13 @@ def step_time_per_co_runner(runs, out_dir):
     return [_save(fig, out_dir, CO_RUNNER)]
 
 
-# -- Fig. 7: attention time per layer by implementation -----------------------------------------
+# -- attention time per layer by implementation ---------------------------------------------------
 def attention_per_layer(runs, out_dir):
     """A panel per `bench attention` file: µs per layer vs context, a line per implementation;
     the implementations that could not run are named under the panel."""
     runs = [r for r in attention_runs(runs) if any(x['status'] == 'ok' for x in r['rows'])]
     if not runs:
+        skip('attention per layer', 'no `bench attention` file with a measured row')
         return []
     fig, axes = plt.subplots(1, len(runs), figsize=(6.0 * len(runs), 4.6), squeeze=False)
     for ax, run in zip(axes[0], runs):

@@ -13,14 +13,12 @@ NAMED_GRIDS = {'study': 'bench.yaml', 'quick': 'bench_quick.yaml'}
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')  # auto: bfloat16 on a GPU, float32 on a CPU
 DEVICES = ('auto', 'cuda', 'cpu')
 ORDERS = ('random', 'alternate')
+# The engine's modes and weight formats (engine.decoder.MODES, engine.fused.quant.FORMATS),
+# repeated so that `bench --help` does not import torch; test_bench_grid checks they agree.
+# bf16 = unquantised (the model's dtype). Which backends serve a format or a batch: their classes
+# say (registered_backends).
 MODES = ('eager', 'graph')
-# Weight formats: the engine's (decode_monitor.engine.fused.quant.FORMATS), repeated here so that
-# reading a grid or `bench --help` does not import torch. bf16 = unquantised (the model's dtype).
 WEIGHTS = ('bf16', 'int8', 'int4')
-# Backends that can serve quantised weights (the Decoder refuses the others).
-QUANTISED_BACKENDS = ('fused',)
-# Backends that decode more than one sequence a step (HFBackend.batched; the others are batch-1).
-BATCHED_BACKENDS = ('hf',)
 BATCHES = (1, 2, 4, 8, 16)  # the study's batch sizes (any positive integer is accepted)
 # Co-runners: none, the built-in loops, or (any other value) a command line.
 CO_RUNNERS = ('none',) + BUILTIN
@@ -28,7 +26,7 @@ CO_RUNNERS = ('none',) + BUILTIN
 
 def pairs_with(backend, weights):
     """Whether a cell of this backend can run these weights: bf16 runs on every backend."""
-    return weights == 'bf16' or backend in QUANTISED_BACKENDS
+    return backend in registered_backends(serving=weights)
 
 
 class GridError(ValueError):
@@ -138,10 +136,14 @@ def _model(key, value):
                     "'smollm2', a checkpoint directory nor a .gguf file")
 
 
-def registered_backends():
-    """Backends the engine knows (engine/decoder.py's table)."""
+def registered_backends(serving=None, batched=False):
+    """Backends the engine knows (engine/decoder.py's table), as their classes describe them:
+    `serving` a weight format, only those that serve it (all serve bf16, the others what their
+    `formats` list); `batched`, only those that decode more than one sequence a step."""
     from decode_monitor.engine.decoder import BACKENDS
-    return tuple(sorted(BACKENDS))
+    return tuple(name for name, factory in sorted(BACKENDS.items())
+                 if serving in (None, 'bf16') or serving in getattr(factory, 'formats', ())
+                 if not batched or getattr(factory, 'batched', False))
 
 
 def _verdict(raw, base_dir):
@@ -284,25 +286,25 @@ def _kernel_configs(value, base_dir):
 def _weights(raw, backends):
     weights = _nonempty_list('weights', raw)
     weights = tuple(_choice(f'weights[{i}]', w, WEIGHTS) for i, w in enumerate(weights))
-    if not any(b in QUANTISED_BACKENDS for b in backends):
-        for i, w in enumerate(weights):
-            if w != 'bf16':
-                # Without a backend that serves it the format would silently have no cells.
-                raise GridError(f'weights[{i}]: {w} needs backend '
-                                f'{" or ".join(QUANTISED_BACKENDS)} in backends, which lists '
-                                f'only {", ".join(backends)}')
+    for i, w in enumerate(weights):
+        able = registered_backends(serving=w)
+        if not any(b in able for b in backends):
+            # Without a backend that serves it the format would silently have no cells.
+            raise GridError(f'weights[{i}]: {w} needs backend {" or ".join(able)} in '
+                            f'backends, which lists only {", ".join(backends)}')
     return weights
 
 
 def _batches(raw, backends):
     batches = _nonempty_list('batches', raw)
     batches = tuple(_pos_int(f'batches[{i}]', b) for i, b in enumerate(batches))
-    single = [b for b in backends if b not in BATCHED_BACKENDS]
+    able = registered_backends(batched=True)
+    single = [b for b in backends if b not in able]
     for i, b in enumerate(batches):
         if b > 1 and single:
             # A batch-1 backend cannot run it; leaving its cells out would hide that silently.
             raise GridError(f'batches[{i}]: batch {b} needs a batched backend '
-                            f'({", ".join(BATCHED_BACKENDS)}); {", ".join(single)} '
+                            f'({", ".join(able)}); {", ".join(single)} '
                             f'{"decodes" if len(single) == 1 else "decode"} batch 1 only '
                             '(time it in a grid of its own with batches [1])')
     return batches

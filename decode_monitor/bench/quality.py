@@ -29,12 +29,11 @@ PROMPTS = (
     'List five safety rules for working next to an industrial robot arm.',
 )
 FORMAT = 'decode_monitor.bench.quality/1'
-DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
 REFERENCE = 'transformers'  # the row of transformers in the model's dtype (float32 reference)
 
 
 def parser():
-    from decode_monitor.bench.grid import WEIGHTS
+    from decode_monitor.bench.grid import DEVICES, DTYPES, WEIGHTS
     p = argparse.ArgumentParser(
         prog='bench quality', description='Greedy agreement, KL and logit error of each backend '
         'and weight format against transformers, on one model, teacher-forced on '
@@ -44,7 +43,7 @@ def parser():
     p.add_argument('--backends', nargs='+', default=['fused'], help='backends to score')
     p.add_argument('--weights', nargs='+', default=list(WEIGHTS), choices=WEIGHTS,
                    help='weight formats (bf16: unquantised, the model dtype; int8/int4: fused)')
-    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    p.add_argument('--device', default='auto', choices=DEVICES)
     p.add_argument('--dtype', default='auto', choices=DTYPES,
                    help='model dtype (auto: bfloat16 on a GPU, float32 on a CPU)')
     p.add_argument('--reference-dtype', default='same', choices=('same', 'float32'),

@@ -10,10 +10,10 @@ from collections import defaultdict
 import statistics
 
 from decode_monitor.bench import analysis
-from decode_monitor.bench.grid import QUANTISED_BACKENDS
+from decode_monitor.bench.grid import WEIGHTS
 from decode_monitor.telemetry import stats
 
-QUANTISED = ('int8', 'int4')
+QUANTISED = tuple(w for w in WEIGHTS if w != 'bf16')
 TITLE = 'Quantised weights: realised speedup vs byte ratio'
 
 
@@ -26,8 +26,6 @@ def speedups(results, confidence=0.95, resamples=9999):
     """
     by_session = defaultdict(lambda: defaultdict(dict))  # cell without weights -> session -> w
     for s in analysis.ok_samples(results):
-        if s['backend'] not in QUANTISED_BACKENDS:
-            continue
         key = analysis.cell_key(s)
         by_session[key[:4] + key[5:]][s['session']][analysis.weights_of(s)] = s
     rows = []

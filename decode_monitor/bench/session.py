@@ -90,9 +90,7 @@ def _free_cuda_memory():
 class Session:
     def __init__(self, spec):
         import torch
-        from decode_monitor.bench.grid import registered_backends
         from decode_monitor.telemetry.gpu import GpuTelemetry
-        registered_backends()  # registers optional backends (fused) in this process too
         self.spec = spec
         self.torch = torch
         self.index = spec['session']

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+from decode_monitor.bench.grid import WEIGHTS
 from decode_monitor.bench.tune_candidates import CANDIDATES
 from decode_monitor.bench.tune_check import agrees, kernel_output
 
@@ -164,8 +165,8 @@ def _parser():
         'write them as a kernel-config table, used from then on by the decoder on this GPU.')
     p.add_argument('models', nargs='+', metavar='MODEL',
                    help='preset names, checkpoint directories or .gguf files')
-    p.add_argument('--weights', nargs='+', default=['bf16', 'int8', 'int4'],
-                   choices=['bf16', 'int8', 'int4'], help='weight formats to tune')
+    p.add_argument('--weights', nargs='+', default=list(WEIGHTS), choices=WEIGHTS,
+                   help='weight formats to tune')
     p.add_argument('--context', type=int, default=2048,
                    help='KV context the step attends over (the attention layout is tuned '
                    'for it)')

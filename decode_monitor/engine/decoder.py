@@ -51,7 +51,7 @@ class Step:
 
 
 def register_backend(name, factory):
-    """Make `factory(model, max_context)` selectable as `backend=name` (tests and experiments
+    """Make `factory(model, max_context)` selectable as `backend=name` (experiments
     add backends this way; the product's are named in BACKENDS above).
 
     A factory whose `formats` lists weight formats besides 'bf16' is also called with

@@ -12,8 +12,9 @@ from rcl_interfaces.msg import (
     FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult)
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
-from decode_monitor.engine.decoder import MODES
+from decode_monitor.engine.decoder import BACKENDS, MODES
 from decode_monitor.engine.factory import DecoderSettings, DTYPES
+from decode_monitor.engine.fused.quant import FORMATS
 from decode_monitor.serving.protocol import Limits
 from decode_monitor.telemetry.health import Thresholds
 
@@ -143,11 +144,14 @@ def validate(values):
                                  f'{", ".join(allowed)}')
     choice('mode', ('auto',) + MODES)
     choice('dtype', ('auto',) + tuple(DTYPES))
-    choice('backend', ('auto', 'hf', 'fused', 'persistent'))
-    choice('weights', ('bf16', 'int8', 'int4'))
-    if values['weights'] != 'bf16' and values['backend'] == 'hf':
-        raise ParameterError(f'parameter weights={values["weights"]!r} needs backend fused '
-                             '(or auto); hf serves the weights as loaded')
+    choice('backend', ('auto',) + tuple(BACKENDS))
+    choice('weights', FORMATS)
+    backend, weights = values['backend'], values['weights']
+    if weights != 'bf16' and backend != 'auto' and \
+            weights not in getattr(BACKENDS[backend], 'formats', ()):
+        able = ' or '.join(n for n, f in BACKENDS.items() if weights in getattr(f, 'formats', ()))
+        raise ParameterError(f'parameter weights={weights!r} needs backend {able} (or auto); '
+                             f'{backend} serves the weights as loaded')
     device = values['device']
     if device not in ('auto', 'cpu', 'cuda') and not (
             device.startswith('cuda:') and device[5:].isdigit()):

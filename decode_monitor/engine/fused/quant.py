@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-FORMATS = ('bf16', 'int8', 'int4')  # bf16: not quantised (the model's own dtype)
+from decode_monitor.engine.fused.configs import FORMATS  # noqa: F401  (bf16: not quantised)
+
 GROUP_SIZES = (128, 64, 32)
 
 
