@@ -122,10 +122,13 @@ def test_bad_axes_are_named(raw, message):
     assert message in str(err.value)
 
 
-def test_axes_from_the_command_line(capsys):
+def test_axes_from_the_command_line(tmp_path, capsys):
     g = G.with_overrides(G.load('quick'), batches=[2, 8], co_runners=['copy'])
     assert (g.batches, g.co_runners) == ((2, 8), ('copy',))
-    assert main(['--grid', 'quick', '--backends', 'fused', '--batches', '1', '4']) == 2
+    out = tmp_path / 'out'  # a refusal writes nothing, even where it was told to
+    assert main(['--grid', 'quick', '--backends', 'fused', '--batches', '1', '4',
+                 '-o', str(out)]) == 2
+    assert not out.exists()
     err = capsys.readouterr().err
     assert 'command line: batches[1]: batch 4 needs a batched backend (hf); fused decodes ' \
            'batch 1 only' in err

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import os
 import statistics
 import zlib
 
@@ -270,11 +271,13 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert 'cannot read' in capsys.readouterr().err
     bad = tmp_path / 'bad.yaml'
     bad.write_text('models: [tiny]\ncontexts: [0]\n')
-    assert main(['--grid', str(bad)]) == 2
+    out = str(tmp_path / 'out')
+    assert main(['--grid', str(bad), '-o', out]) == 2
     assert 'contexts[0]' in capsys.readouterr().err
-    assert main(['--grid', 'quick', '--sessions', '0']) == 2
+    assert main(['--grid', 'quick', '--sessions', '0', '-o', out]) == 2
     assert 'sessions' in capsys.readouterr().err
-    assert main(['--grid', 'quick', '--reference', str(tmp_path / 'nope.json')]) == 2
+    assert main(['--grid', 'quick', '--reference', str(tmp_path / 'nope.json'), '-o', out]) == 2
+    assert not os.path.exists(out)
     assert main(['--no-such-flag']) == 2
 
 
