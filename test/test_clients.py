@@ -74,7 +74,7 @@ def test_ask_prints_what_a_response_holds_beyond_a_late_stream():
     shown = []
     rclpy.init()
     try:
-        client = AskClient(on_text=lambda _, text: shown.append(text))
+        client = AskClient(on_text=lambda _, text: shown.append(text), late_chunks=False)
 
         def deliver(callback, body):
             callback(String(data=json.dumps(body)))

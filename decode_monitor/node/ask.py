@@ -17,17 +17,19 @@ class AskClient(Node):
     """Publishes requests and collects the stream and the terminal response for each id.
 
     Stream and response travel on two topics, so a response may arrive before the last chunks
-    of its stream: `unseen_text` is what the response holds beyond what was streamed, printed
-    once the response is in instead of waiting for chunks that may never be read.
+    of its stream: `unseen_text` is what the response holds beyond what was streamed before it,
+    printed once the response is in instead of waiting for chunks that may never be read; with
+    `late_chunks=False` the chunks that arrive after their response are not handed to on_text.
     """
 
-    def __init__(self, namespace='/decode', on_text=None):
+    def __init__(self, namespace='/decode', on_text=None, late_chunks=True):
         super().__init__('ask', namespace=namespace)
         qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
         self._request_pub = self.create_publisher(String, 'request', qos)
         self._on_text = on_text
+        self._late_chunks = late_chunks
         self.responses = {}
-        self.streamed = {}  # id -> the text streamed so far
+        self._stream_text = {}  # id -> the text streamed so far
         self.create_subscription(String, 'stream', self._on_stream, qos)
         self.create_subscription(String, 'response', self._on_response, qos)
 
@@ -44,10 +46,10 @@ class AskClient(Node):
 
     def _on_stream(self, msg):
         chunk = json.loads(msg.data)
-        if chunk['id'] in self.responses:
-            return  # its response is in: unseen_text already gave this text
-        self.streamed[chunk['id']] = self.streamed.get(chunk['id'], '') + chunk['text']
-        if self._on_text is not None:
+        late = chunk['id'] in self.responses
+        if not late:
+            self._stream_text[chunk['id']] = self._stream_text.get(chunk['id'], '') + chunk['text']
+        if self._on_text is not None and (self._late_chunks or not late):
             self._on_text(chunk['id'], chunk['text'])
 
     def _on_response(self, msg):
@@ -56,7 +58,7 @@ class AskClient(Node):
 
     def unseen_text(self, request_id):
         """The answer's text after what its stream delivered ('' when nothing is missing)."""
-        streamed = self.streamed.get(request_id, '')
+        streamed = self._stream_text.get(request_id, '')
         text = self.responses[request_id].get('text') or ''
         return text[len(streamed):] if text.startswith(streamed) else ''
 
@@ -98,7 +100,7 @@ def main(args=None):
                     {'role': 'user', 'content': parsed.prompt}]
     try:
         with ros_session(argv):
-            client = AskClient(parsed.namespace, on_text=show)
+            client = AskClient(parsed.namespace, on_text=show, late_chunks=False)
             if not wait_for(client, client.node_ready, parsed.connect_timeout):
                 print(f'no llm_decoder node subscribes to {parsed.namespace}/request',
                       file=sys.stderr)
