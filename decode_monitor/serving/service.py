@@ -8,7 +8,8 @@ one thread. The service follows a managed node's states: `configure()` loads, `a
 serves, `deactivate()` and `shutdown()` answer every pending request with an error naming why,
 `cleanup()` frees the model. Whatever happens, each request ends in exactly one response: a
 job is answered at most once (under the lock), and a publish that fails is logged and counted,
-never allowed to kill the worker.
+never allowed to kill the worker. One request's decode, from prompt to answer, is
+`serving.request`; this module is the queue, the lifecycle and the answers.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -18,11 +19,10 @@ import time
 
 import numpy as np
 
-from decode_monitor.engine.sampling import SamplingParams
-from decode_monitor.serving.prompt import encode_prompt, standing_prefix
+from decode_monitor.serving.prompt import standing_prefix
 from decode_monitor.serving.protocol import (
     Limits, parse_request, RequestError, RequestIds, response)
-from decode_monitor.serving.text import TextStream
+from decode_monitor.serving.request import decode, Job
 from decode_monitor.telemetry.window import StepWindow
 
 UNCONFIGURED, LOADING, INACTIVE, READY, FAILED, STOPPED = (
@@ -38,15 +38,6 @@ class Counters:
     cancelled: int = 0
     errors: int = 0  # failed while decoding, or ended by deactivate / shutdown
     publish_failures: int = 0
-
-
-class _Job:
-    def __init__(self, request, received):
-        self.request = request
-        self.received = received
-        self.cancelled = False  # the client cancelled it
-        self.abort = None  # the node ends it: the error text
-        self.answered = False
 
 
 class DecodeService:
@@ -187,7 +178,7 @@ class DecodeService:
             elif len(self._queue) >= self.queue_size:
                 error = f'queue full ({self.queue_size} waiting); retry later'
             else:
-                self._queue.append(_Job(request, time.monotonic()))
+                self._queue.append(Job(request, time.monotonic()))
                 self._wake.notify_all()
                 return
         self._reject(request.id, error)
@@ -301,78 +292,18 @@ class DecodeService:
             self._command_done.set()
 
     def _serve(self, job):
-        request = job.request
         if self.state != READY:
             self._finish(job, 'error', error=f'model not loaded: {self.load_error}', tokens=0)
             return
-        decoder = self.decoder
-        tokenizer = decoder.loaded.tokenizer
-        try:
-            prompt_ids = encode_prompt(tokenizer, request, self.system_prompt)
-        except Exception as exc:
-            self._finish(job, 'error', error=f'cannot tokenise the prompt: {exc}')
-            return
-        budget = decoder.max_context - len(prompt_ids)
-        if request.max_new_tokens > budget:
-            self._finish(job, 'error', tokens=0, error=(
-                f'prompt of {len(prompt_ids)} tokens + max_new_tokens '
-                f'{request.max_new_tokens} exceeds max_context {decoder.max_context}'))
-            return
-        timeout = self.request_timeout_s
-        deadline = (job.received + timeout) if timeout else None
-        stream = TextStream(tokenizer, request.stop)
-        params = SamplingParams(request.temperature, request.top_p, request.top_k, request.seed)
-        step_ms, tokens, ttft_ms, reason = [], 0, None, 'length'
-
-        def should_stop():
-            return (job.cancelled or job.abort is not None
-                    or (deadline is not None and time.monotonic() > deadline))
-        try:
-            for step in decoder.generate(prompt_ids, params, request.max_new_tokens,
-                                         decoder.loaded.stop_token_ids, should_stop):
-                if step.index == 0:
-                    ttft_ms = (time.monotonic() - job.received) * 1e3
-                else:
-                    step_ms.append(step.step_ms)
-                    self.window.add(step.step_ms, step.pos, decoder.floor.bytes_per_step(step.pos))
-                    if self._on_step is not None:
-                        self._call(self._on_step, step.step_ms)
-                if step.token in decoder.loaded.stop_token_ids:
-                    reason = 'stop'
-                    break
-                tokens += 1
-                chunk = stream.push(step.token)
-                if chunk:
-                    self._publish_stream(request.id, step.index, chunk)
-                if stream.stopped:
-                    reason = 'stop'
-                    break
-                if should_stop():
-                    break
-        except Exception as exc:  # CUDA OOM and friends: answer, then serve the next request
-            self._flush(request.id, tokens, stream)
-            self._finish(job, 'error', text=stream.text, tokens=tokens,
-                         error=f'decoding failed: {type(exc).__name__}: {exc}')
-            return
-        self._flush(request.id, tokens, stream)
-        cached = decoder.last_cached_tokens if ttft_ms is not None else 0
-        with self._lock:
-            if ttft_ms is not None:
+        on_step = None if self._on_step is None else (lambda ms: self._call(self._on_step, ms))
+        out = decode(job, self.decoder, self.system_prompt, self.request_timeout_s, self.window,
+                     self._publish_stream, on_step)
+        if out.first_token is not None:
+            ttft_ms, prompt_tokens, cached = out.first_token
+            with self._lock:
                 self._ttft_ms.append(ttft_ms)
-                self._prompt_tokens.append((len(prompt_ids), cached))
-        extra = dict(tokens=tokens, prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached,
-                     ttft_ms=_round(ttft_ms),
-                     step_ms_p50=_round(float(np.median(step_ms))) if step_ms else None,
-                     mode=decoder.mode)
-        if job.abort is not None:
-            self._finish(job, 'error', text=stream.text, error=job.abort, **extra)
-        elif job.cancelled:
-            self._finish(job, 'cancelled', text=stream.text, error='cancelled', **extra)
-        elif deadline is not None and time.monotonic() > deadline:
-            self._finish(job, 'error', text=stream.text, **extra,
-                         error=f'timed out after {timeout} s')
-        else:
-            self._finish(job, 'done', text=stream.text, finish_reason=reason, **extra)
+                self._prompt_tokens.append((prompt_tokens, cached))
+        self._finish(job, out.status, out.text, out.error, **out.fields)
 
     # -- answers ------------------------------------------------------------------------------
     def _reject(self, request_id, error):
@@ -399,13 +330,6 @@ class DecodeService:
     def _publish_response(self, body):
         self._call(self._publish_response_cb, body)
 
-    def _flush(self, request_id, index, stream):
-        """Stream what the text stream held back (a possible stop string's start, an incomplete
-        UTF-8 sequence): before the response, so the stream adds up to the response's text."""
-        tail = stream.flush()
-        if tail:
-            self._publish_stream(request_id, index, tail)
-
     def _publish_stream(self, request_id, index, text):
         self._call(self._publish_stream_cb, request_id, index, text)
 
@@ -420,7 +344,3 @@ class DecodeService:
 
 def _percentile(values, q):
     return float(np.percentile(values, q)) if values else None
-
-
-def _round(value, digits=3):
-    return None if value is None else round(value, digits)
