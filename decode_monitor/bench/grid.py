@@ -1,15 +1,17 @@
 """The bench grid: YAML file -> validated Grid, CLI overrides on top.
 
 Every error names the key it is about ("contexts[2]: expected a positive integer, got 'x'").
+Where named grids are found and how a file is read is `grid_files`; the generic checkers of one
+value are `grid_values`; this module is the grid's schema: its keys, defaults and cells.
 """
 from dataclasses import asdict, dataclass, field, fields, replace
 import os
 
-import yaml
-
 from decode_monitor.bench.corunner import BUILTIN
+from decode_monitor.bench.grid_files import locate, read_mapping
+from decode_monitor.bench.grid_values import (
+    choice, fail, GridError, nonempty_list, number, pos_int)
 
-NAMED_GRIDS = {'study': 'bench.yaml', 'quick': 'bench_quick.yaml'}
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')  # auto: bfloat16 on a GPU, float32 on a CPU
 DEVICES = ('auto', 'cuda', 'cpu')
 ORDERS = ('random', 'alternate')
@@ -27,10 +29,6 @@ CO_RUNNERS = ('none',) + BUILTIN
 def pairs_with(backend, weights):
     """Whether a cell of this backend can run these weights: bf16 runs on every backend."""
     return backend in registered_backends(serving=weights)
-
-
-class GridError(ValueError):
-    """A grid file or override is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -87,47 +85,10 @@ class Grid:
         return asdict(self)
 
 
-# -- value checkers: each returns the clean value or raises GridError naming the key -----------
-def _fail(key, expected, value):
-    raise GridError(f'{key}: expected {expected}, got {value!r}')
-
-
-def _pos_int(key, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, 'a positive integer' if minimum == 1 else f'an integer >= {minimum}', value)
-    return value
-
-
-def _number(key, value, minimum=0.0, allow_none=False, exclusive=False):
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < minimum or (exclusive and value == minimum):
-        what = f'a number {">" if exclusive else ">="} {minimum}'
-        _fail(key, what + (' or null' if allow_none else ''), value)
-    return float(value)
-
-
-def _choice(key, value, choices):
-    if value not in choices:
-        _fail(key, 'one of ' + ', '.join(choices), value)
-    return value
-
-
-def _nonempty_list(key, value):
-    if isinstance(value, (str, int)):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        _fail(key, 'a non-empty list', value)
-    if len(set(map(str, value))) != len(value):
-        _fail(key, 'a list without duplicates', value)
-    return list(value)
-
-
 def _model(key, value):
     from decode_monitor.engine.presets import PRESETS
     if not isinstance(value, str) or not value:
-        _fail(key, 'a preset name or a checkpoint directory', value)
+        fail(key, 'a preset name or a checkpoint directory', value)
     if value in PRESETS or value in ('smollm2', 'default'):
         return value
     if os.path.isdir(value) or (os.path.isfile(value) and value.endswith('.gguf')):
@@ -150,7 +111,7 @@ def _verdict(raw, base_dir):
     if raw is None:
         return Verdict()
     if not isinstance(raw, dict):
-        _fail('verdict', 'a mapping', raw)
+        fail('verdict', 'a mapping', raw)
     known = {f.name for f in fields(Verdict)}
     for key in raw:
         if key not in known:
@@ -159,29 +120,29 @@ def _verdict(raw, base_dir):
     if isinstance(mins, (int, float)) and not isinstance(mins, bool):
         mins = {mode: mins for mode in MODES}
     if not isinstance(mins, dict):
-        _fail('verdict.min_floor_fraction', 'a number or a mapping mode -> number', mins)
+        fail('verdict.min_floor_fraction', 'a number or a mapping mode -> number', mins)
     clean = {}
     for mode, value in mins.items():
-        _choice('verdict.min_floor_fraction', mode, MODES)
-        clean[mode] = _number(f'verdict.min_floor_fraction.{mode}', value)
+        choice('verdict.min_floor_fraction', mode, MODES)
+        clean[mode] = number(f'verdict.min_floor_fraction.{mode}', value)
         if clean[mode] > 1.0:
-            _fail(f'verdict.min_floor_fraction.{mode}', 'a fraction <= 1', value)
+            fail(f'verdict.min_floor_fraction.{mode}', 'a fraction <= 1', value)
     allow = raw.get('allow_throttling', False)
     if not isinstance(allow, bool):
-        _fail('verdict.allow_throttling', 'true or false', allow)
+        fail('verdict.allow_throttling', 'true or false', allow)
     reference = raw.get('reference')
     if reference is not None:
         if not isinstance(reference, str):
-            _fail('verdict.reference', "a path to a results.json, 'shipped' or null", reference)
+            fail('verdict.reference', "a path to a results.json, 'shipped' or null", reference)
         if reference != 'shipped':  # the profile shipped for this GPU model (bench.verdict)
             reference = resolve_path(reference, base_dir)
     return Verdict(
         min_floor_fraction=clean,
-        max_step_ms=_number('verdict.max_step_ms', raw.get('max_step_ms'), allow_none=True,
-                            exclusive=True),
+        max_step_ms=number('verdict.max_step_ms', raw.get('max_step_ms'), allow_none=True,
+                           exclusive=True),
         allow_throttling=allow, reference=reference,
-        reference_tolerance=_number('verdict.reference_tolerance',
-                                    raw.get('reference_tolerance', 0.10)))
+        reference_tolerance=number('verdict.reference_tolerance',
+                                   raw.get('reference_tolerance', 0.10)))
 
 
 def resolve_path(path, base_dir):
@@ -212,49 +173,49 @@ def from_mapping(raw, source='<grid>', base_dir=None):
 def _build(raw, source, base_dir):
     defaults = Grid(models=(), contexts=())
     get = raw.get
-    models = _nonempty_list('models', raw['models'])
+    models = nonempty_list('models', raw['models'])
     models = tuple(_model(f'models[{i}]', m) for i, m in enumerate(models))
-    contexts = _nonempty_list('contexts', raw['contexts'])
-    contexts = tuple(_pos_int(f'contexts[{i}]', c) for i, c in enumerate(contexts))
-    modes = _nonempty_list('modes', get('modes', list(MODES)))
-    modes = tuple(_choice(f'modes[{i}]', m, MODES) for i, m in enumerate(modes))
+    contexts = nonempty_list('contexts', raw['contexts'])
+    contexts = tuple(pos_int(f'contexts[{i}]', c) for i, c in enumerate(contexts))
+    modes = nonempty_list('modes', get('modes', list(MODES)))
+    modes = tuple(choice(f'modes[{i}]', m, MODES) for i, m in enumerate(modes))
     known_backends = registered_backends()
-    backends = _nonempty_list('backends', get('backends', ['hf']))
-    backends = tuple(_choice(f'backends[{i}]', b, known_backends)
+    backends = nonempty_list('backends', get('backends', ['hf']))
+    backends = tuple(choice(f'backends[{i}]', b, known_backends)
                      for i, b in enumerate(backends))
     weights = _weights(get('weights', ['bf16']), backends)
     batches = _batches(get('batches', [1]), backends)
     co_runners = _co_runners(get('co_runners', ['none']))
     profile_context = get('profile_context')
     if profile_context is not None:
-        _pos_int('profile_context', profile_context)
+        pos_int('profile_context', profile_context)
     return Grid(
         models=models, contexts=contexts, modes=modes, backends=backends, weights=weights,
         batches=batches, co_runners=co_runners,
-        dtype=_choice('dtype', get('dtype', defaults.dtype), DTYPES),
-        device=_choice('device', get('device', defaults.device), DEVICES),
-        sessions=_pos_int('sessions', get('sessions', defaults.sessions)),
-        steps=_pos_int('steps', get('steps', defaults.steps)),
-        warmup=_pos_int('warmup', get('warmup', defaults.warmup), minimum=0),
-        order=_choice('order', get('order', defaults.order), ORDERS),
-        seed=_pos_int('seed', get('seed', defaults.seed), minimum=0),
-        memory_margin_gb=_number('memory_margin_gb',
-                                 get('memory_margin_gb', defaults.memory_margin_gb)),
-        memory_limit_gb=_number('memory_limit_gb', get('memory_limit_gb'), allow_none=True,
-                                exclusive=True),
-        peak_bandwidth_gbs=_number('peak_bandwidth_gbs', get('peak_bandwidth_gbs'),
-                                   allow_none=True, exclusive=True),
-        session_timeout_s=_number('session_timeout_s',
-                                  get('session_timeout_s', defaults.session_timeout_s),
-                                  exclusive=True),
-        profile_steps=_pos_int('profile_steps', get('profile_steps', defaults.profile_steps)),
+        dtype=choice('dtype', get('dtype', defaults.dtype), DTYPES),
+        device=choice('device', get('device', defaults.device), DEVICES),
+        sessions=pos_int('sessions', get('sessions', defaults.sessions)),
+        steps=pos_int('steps', get('steps', defaults.steps)),
+        warmup=pos_int('warmup', get('warmup', defaults.warmup), minimum=0),
+        order=choice('order', get('order', defaults.order), ORDERS),
+        seed=pos_int('seed', get('seed', defaults.seed), minimum=0),
+        memory_margin_gb=number('memory_margin_gb',
+                                get('memory_margin_gb', defaults.memory_margin_gb)),
+        memory_limit_gb=number('memory_limit_gb', get('memory_limit_gb'), allow_none=True,
+                               exclusive=True),
+        peak_bandwidth_gbs=number('peak_bandwidth_gbs', get('peak_bandwidth_gbs'),
+                                  allow_none=True, exclusive=True),
+        session_timeout_s=number('session_timeout_s',
+                                 get('session_timeout_s', defaults.session_timeout_s),
+                                 exclusive=True),
+        profile_steps=pos_int('profile_steps', get('profile_steps', defaults.profile_steps)),
         profile_context=profile_context,
         confidence=_confidence(get('confidence', defaults.confidence)),
-        resamples=_pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
+        resamples=pos_int('resamples', get('resamples', defaults.resamples), minimum=100),
         verdict=_verdict(get('verdict'), base_dir),
         kernel_configs=_kernel_configs(get('kernel_configs'), base_dir),
-        price_per_gpu_hour=_number('price_per_gpu_hour', get('price_per_gpu_hour'),
-                                   allow_none=True, exclusive=True),
+        price_per_gpu_hour=number('price_per_gpu_hour', get('price_per_gpu_hour'),
+                                  allow_none=True, exclusive=True),
         prompt_tokens=_prompt_tokens(get('prompt_tokens')),
         source=source)
 
@@ -263,8 +224,8 @@ def _prompt_tokens(value):
     """() when absent or empty (no TTFT cells), else distinct positive lengths."""
     if value is None or value == [] or value == ():
         return ()
-    values = _nonempty_list('prompt_tokens', value)
-    return tuple(_pos_int(f'prompt_tokens[{i}]', p) for i, p in enumerate(values))
+    values = nonempty_list('prompt_tokens', value)
+    return tuple(pos_int(f'prompt_tokens[{i}]', p) for i, p in enumerate(values))
 
 
 def _kernel_configs(value, base_dir):
@@ -272,7 +233,7 @@ def _kernel_configs(value, base_dir):
     if value in (None, 'defaults'):
         return value
     if not isinstance(value, str):
-        _fail('kernel_configs', "a table file, 'defaults' or null", value)
+        fail('kernel_configs', "a table file, 'defaults' or null", value)
     if base_dir and not os.path.isabs(value) and os.path.exists(os.path.join(base_dir, value)):
         value = os.path.join(base_dir, value)
     from decode_monitor.engine.fused.tables import TableError, load
@@ -284,8 +245,8 @@ def _kernel_configs(value, base_dir):
 
 
 def _weights(raw, backends):
-    weights = _nonempty_list('weights', raw)
-    weights = tuple(_choice(f'weights[{i}]', w, WEIGHTS) for i, w in enumerate(weights))
+    weights = nonempty_list('weights', raw)
+    weights = tuple(choice(f'weights[{i}]', w, WEIGHTS) for i, w in enumerate(weights))
     for i, w in enumerate(weights):
         able = registered_backends(serving=w)
         if not any(b in able for b in backends):
@@ -296,8 +257,8 @@ def _weights(raw, backends):
 
 
 def _batches(raw, backends):
-    batches = _nonempty_list('batches', raw)
-    batches = tuple(_pos_int(f'batches[{i}]', b) for i, b in enumerate(batches))
+    batches = nonempty_list('batches', raw)
+    batches = tuple(pos_int(f'batches[{i}]', b) for i, b in enumerate(batches))
     able = registered_backends(batched=True)
     single = [b for b in backends if b not in able]
     for i, b in enumerate(batches):
@@ -313,65 +274,32 @@ def _batches(raw, backends):
 def _co_runners(raw):
     """none, a built-in co-runner, or a command line (split as a shell would, run without one)."""
     import shlex
-    runners = _nonempty_list('co_runners', raw)
+    runners = nonempty_list('co_runners', raw)
     for i, r in enumerate(runners):
         if not isinstance(r, str) or not r.strip():
-            _fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
+            fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
         if r not in CO_RUNNERS:
             try:
                 words = shlex.split(r)
             except ValueError as exc:
                 raise GridError(f'co_runners[{i}]: {r!r} is not a command line: {exc}') from None
             if not words:
-                _fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
+                fail(f'co_runners[{i}]', f'{", ".join(CO_RUNNERS)} or a command line', r)
     return tuple(runners)
 
 
 def _confidence(value):
-    value = _number('confidence', value, exclusive=True)
+    value = number('confidence', value, exclusive=True)
     if value >= 1.0:
-        _fail('confidence', 'a number in (0, 1)', value)
+        fail('confidence', 'a number in (0, 1)', value)
     return value
 
 
-def default_config_dirs():
-    """Where named grids are looked for: the source tree, then the installed share directory."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    dirs = [os.path.normpath(os.path.join(here, '..', '..', 'config'))]
-    import sys
-    dirs.append(os.path.join(sys.prefix, 'share', 'decode_monitor', 'config'))
-    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
-        if prefix:
-            dirs.append(os.path.join(prefix, 'share', 'decode_monitor', 'config'))
-    return dirs
-
-
-def locate(name_or_path):
-    """'study' / 'quick' -> the installed YAML; anything else is a path."""
-    if name_or_path in NAMED_GRIDS:
-        filename = NAMED_GRIDS[name_or_path]
-        for directory in default_config_dirs():
-            path = os.path.join(directory, filename)
-            if os.path.isfile(path):
-                return path
-        raise GridError(f'grid {name_or_path!r}: {filename} not found in '
-                        + ', '.join(default_config_dirs()))
-    if not os.path.isfile(name_or_path):
-        raise GridError(f'grid file {name_or_path!r} does not exist '
-                        f'(named grids: {", ".join(NAMED_GRIDS)})')
-    return name_or_path
-
-
 def load(name_or_path):
+    """A named grid ('study', 'quick') or a grid file, validated into a Grid."""
     path = locate(name_or_path)
-    try:
-        with open(path, encoding='utf-8') as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise GridError(f'{path}: not valid YAML: {exc}') from None
-    if raw is None:
-        raise GridError(f'{path}: the file is empty')
-    return from_mapping(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    return from_mapping(read_mapping(path), source=path,
+                        base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 # CLI flag -> grid key; values are validated exactly like the file's.
