@@ -168,6 +168,37 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
 
 
 @triton.jit
+def _qkv_rope_store(a, b, ss, p, p_mask, j, rows_a, rows_b, B, COS, SIN, POS, Q, KC, VC, eps,
+                    q_pairs, k_pairs, cache_head_stride, K: tl.constexpr, HALF: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """The end of a block of qkv row pairs (a, b: the halves' dot products, ss: the sum of x²):
+    RMSNorm's scale, the bias, RoPE on q and k, q to Q, k and v to the cache at pos.
+    Shared with the persistent kernel's qkv task (inlined: the same operations in each)."""
+    rstd = tl.rsqrt(ss / K + eps)
+    a = a * rstd
+    b = b * rstd
+    if HAS_BIAS:
+        a += tl.load(B + rows_a).to(tl.float32)
+        b += tl.load(B + rows_b).to(tl.float32)
+    pos = tl.load(POS)
+    c = tl.load(COS + pos * HALF + j)
+    s = tl.load(SIN + pos * HALF + j)
+    is_q = p < q_pairs
+    is_k = (p >= q_pairs) & (p < q_pairs + k_pairs)
+    is_v = p >= q_pairs + k_pairs
+    ra = tl.where(is_v, a, a * c - b * s)
+    rb = tl.where(is_v, b, b * c + a * s)
+    tl.store(Q + rows_a, ra.to(Q.dtype.element_ty), mask=p_mask & is_q)
+    tl.store(Q + rows_b, rb.to(Q.dtype.element_ty), mask=p_mask & is_q)
+    kv_pair = tl.where(is_k, p - q_pairs, p - q_pairs - k_pairs)  # pair index within K or V
+    slot = (kv_pair // HALF) * cache_head_stride + pos * (2 * HALF) + kv_pair % HALF
+    tl.store(KC + slot, ra.to(KC.dtype.element_ty), mask=p_mask & is_k)
+    tl.store(KC + slot + HALF, rb.to(KC.dtype.element_ty), mask=p_mask & is_k)
+    tl.store(VC + slot, ra.to(VC.dtype.element_ty), mask=p_mask & is_v)
+    tl.store(VC + slot + HALF, rb.to(VC.dtype.element_ty), mask=p_mask & is_v)
+
+
+@triton.jit
 def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
                     K: tl.constexpr, stride_w, stride_s, eps, n_pairs, q_pairs, k_pairs,
                     cache_head_stride, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -195,28 +226,8 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
         a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,
                                          2 * n_pairs, True, True, SPLIT)
         p_mask = p_mask & last
-    rstd = tl.rsqrt(ss / K + eps)
-    a = a * rstd
-    b = b * rstd
-    if HAS_BIAS:
-        a += tl.load(B + rows_a).to(tl.float32)
-        b += tl.load(B + rows_b).to(tl.float32)
-    pos = tl.load(POS)
-    c = tl.load(COS + pos * HALF + j)
-    s = tl.load(SIN + pos * HALF + j)
-    is_q = p < q_pairs
-    is_k = (p >= q_pairs) & (p < q_pairs + k_pairs)
-    is_v = p >= q_pairs + k_pairs
-    ra = tl.where(is_v, a, a * c - b * s)
-    rb = tl.where(is_v, b, b * c + a * s)
-    tl.store(Q + rows_a, ra.to(Q.dtype.element_ty), mask=p_mask & is_q)
-    tl.store(Q + rows_b, rb.to(Q.dtype.element_ty), mask=p_mask & is_q)
-    kv_pair = tl.where(is_k, p - q_pairs, p - q_pairs - k_pairs)  # pair index within K or V
-    slot = (kv_pair // HALF) * cache_head_stride + pos * (2 * HALF) + kv_pair % HALF
-    tl.store(KC + slot, ra.to(KC.dtype.element_ty), mask=p_mask & is_k)
-    tl.store(KC + slot + HALF, rb.to(KC.dtype.element_ty), mask=p_mask & is_k)
-    tl.store(VC + slot, ra.to(VC.dtype.element_ty), mask=p_mask & is_v)
-    tl.store(VC + slot + HALF, rb.to(VC.dtype.element_ty), mask=p_mask & is_v)
+    _qkv_rope_store(a, b, ss, p, p_mask, j, rows_a, rows_b, B, COS, SIN, POS, Q, KC, VC, eps,
+                    q_pairs, k_pairs, cache_head_stride, K, HALF, HAS_BIAS)
 
 
 # -- launch wrappers ------------------------------------------------------------------------------

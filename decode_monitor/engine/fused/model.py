@@ -74,21 +74,6 @@ def _still_slices_of(packed, tensors):
     return ptr == packed.data_ptr() + packed.numel() * packed.element_size()
 
 
-def rms_norm(x, weight, eps):
-    """transformers' RMSNorm: statistics in fp32, scaled by the weight in the input dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x: (T, heads, D); cos, sin: (T, D / 2) fp32, rotate-half convention."""
-    half = x.shape[-1] // 2
-    x1, x2 = x.float().split(half, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-
 MATRICES = ('wqkv', 'wo', 'wgu', 'wd')
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.attention import _attend_block
+from decode_monitor.engine.fused.gemv import _qkv_rope_store
 
 # Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
 TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, ATT_DONE = 0, 1, 2, 3, 4, 8
@@ -122,28 +123,8 @@ def _qkv_task(blk, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps, cache_head
     rows_a = (p // HALF) * (2 * HALF) + j
     rows_b = rows_a + HALF
     a, b, ss = _rows_dot(WQKV, H, LN1, rows_a, rows_b, HIDDEN, True, True, BLOCK_N, BLOCK_K)
-    rstd = tl.rsqrt(ss / HIDDEN + eps)
-    a = a * rstd
-    b = b * rstd
-    if HAS_BIAS:
-        a += tl.load(BQKV + rows_a).to(tl.float32)
-        b += tl.load(BQKV + rows_b).to(tl.float32)
-    pos = tl.load(POS)
-    c = tl.load(COS + pos * HALF + j)
-    s = tl.load(SIN + pos * HALF + j)
-    is_q = p < Q_PAIRS
-    is_k = (p >= Q_PAIRS) & (p < Q_PAIRS + K_PAIRS)
-    is_v = p >= Q_PAIRS + K_PAIRS
-    ra = tl.where(is_v, a, a * c - b * s)
-    rb = tl.where(is_v, b, b * c + a * s)
-    tl.store(Q + rows_a, ra.to(Q.dtype.element_ty), mask=p_mask & is_q)
-    tl.store(Q + rows_b, rb.to(Q.dtype.element_ty), mask=p_mask & is_q)
-    kv_pair = tl.where(is_k, p - Q_PAIRS, p - Q_PAIRS - K_PAIRS)
-    slot = (kv_pair // HALF) * cache_head_stride + pos * (2 * HALF) + kv_pair % HALF
-    tl.store(KC + slot, ra.to(KC.dtype.element_ty), mask=p_mask & is_k)
-    tl.store(KC + slot + HALF, rb.to(KC.dtype.element_ty), mask=p_mask & is_k)
-    tl.store(VC + slot, ra.to(VC.dtype.element_ty), mask=p_mask & is_v)
-    tl.store(VC + slot + HALF, rb.to(VC.dtype.element_ty), mask=p_mask & is_v)
+    _qkv_rope_store(a, b, ss, p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
+                    Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ def _rms_norm(X, W, OUT, H: tl.constexpr, eps, BLOCK: tl.constexpr):
 
 
 def rms_norm(x, weight, eps):
-    """model.rms_norm of a contiguous (T, H) tensor."""
+    """prefill.rms_norm of a contiguous (T, H) tensor."""
     out = x.new_empty(x.shape)
     h = x.shape[-1]
     _rms_norm[(x.shape[0],)](x, weight, out, h, eps, BLOCK=triton.next_power_of_2(h),
@@ -50,7 +50,7 @@ def _rope(X, COS, SIN, OUT, stride_t, HEADS: tl.constexpr, HEADS_P2: tl.constexp
 
 
 def apply_rope(x, cos, sin, heads):
-    """model.apply_rope of x (T, heads x D) (rows may be strided: a slice of q/k/v), cos and
+    """prefill.apply_rope of x (T, heads x D) (rows may be strided: a slice of q/k/v), cos and
     sin (T, D / 2) float32 -> (T, heads, D) contiguous."""
     t = x.shape[0]
     half = cos.shape[1]
