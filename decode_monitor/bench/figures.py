@@ -24,13 +24,9 @@ import os
 import re
 import statistics
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from decode_monitor.bench import analysis  # noqa: E402
-from decode_monitor.bench.verdict import load_run  # noqa: E402
+from decode_monitor.bench import analysis
+from decode_monitor.bench.drawing import plt, save
+from decode_monitor.bench.verdict import load_run
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +68,6 @@ def slug(text):
 
 def series_label(backend, mode, weights):
     return f'{backend} {mode}' + ('' if weights == 'bf16' else f' {weights}')
-
-
-def save(fig, out_dir, name):
-    os.makedirs(out_dir, exist_ok=True)
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def batch1_alone(sample):

@@ -13,16 +13,10 @@ figures.skip does).
 
 Several runs (several GPUs) share a figure; their series are named by device.
 """
-import os
-
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from decode_monitor.bench import analysis  # noqa: E402
-from decode_monitor.bench.figures import skip  # noqa: E402
-from decode_monitor.bench.verdict import ATTENTION_FORMAT  # noqa: E402
+from decode_monitor.bench import analysis
+from decode_monitor.bench.drawing import error_bars, plt, save
+from decode_monitor.bench.figures import skip
+from decode_monitor.bench.verdict import ATTENTION_FORMAT
 
 SPEEDUP_BATCH = 'graph_speedup_vs_batch.png'
 CO_RUNNER = 'step_ms_per_co_runner.png'
@@ -53,21 +47,6 @@ def _log2_axis(ax, values, label):
     ax.set_xticklabels([str(v) for v in ticks])
     ax.minorticks_off()
     ax.set_xlabel(label)
-
-
-def _errors(ests):
-    lo = [max(e.value - e.lo, 0.0) if e.has_ci else 0.0 for e in ests]
-    hi = [max(e.hi - e.value, 0.0) if e.has_ci else 0.0 for e in ests]
-    return [lo, hi]
-
-
-def _save(fig, out_dir, name):
-    os.makedirs(out_dir, exist_ok=True)
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # -- graph speedup against context and batch ------------------------------------------------------
@@ -101,7 +80,7 @@ def graph_speedup_vs_batch(runs, out_dir):
                     group = '' if (backend, weights) == ('hf', 'bf16') else \
                         f"{backend}{'' if weights == 'bf16' else ' ' + weights} "
                     ax.errorbar([s[along] for s in points], [e.value for e in ests],
-                                yerr=_errors(ests), capsize=3, marker='o',
+                                yerr=error_bars(ests), capsize=3, marker='o',
                                 label=f'{prefix}{group}{name} {value}')
             ax.axhline(1.0, color='k', linewidth=0.8)
             _log2_axis(ax, [s[along] for _, s in mine],
@@ -111,7 +90,7 @@ def graph_speedup_vs_batch(runs, out_dir):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(', '.join(devices), fontsize=10)
-    return [_save(fig, out_dir, SPEEDUP_BATCH)]
+    return [save(fig, out_dir, SPEEDUP_BATCH)]
 
 
 # -- step time per co-runner ----------------------------------------------------------------
@@ -148,7 +127,7 @@ def step_time_per_co_runner(runs, out_dir):
                 xs.append(x + (i - (len(runners) - 1) / 2) * width)
                 ests.append(cell['ms_per_step'])
                 present.append(key)
-        bars = ax.bar(xs, [e.value for e in ests], width, yerr=_errors(ests), capsize=3,
+        bars = ax.bar(xs, [e.value for e in ests], width, yerr=error_bars(ests), capsize=3,
                       label=runner)
         for bar, key in zip(bars, present):
             est = slow.get((key[0], (*key[1], runner)))
@@ -169,7 +148,7 @@ def step_time_per_co_runner(runs, out_dir):
     ax.legend(title='co-runner', fontsize=8)
     ax.set_title('Step time per co-runner (slowdown over alone on the bars)', fontsize=10)
     fig.suptitle(', '.join(devices), fontsize=10)
-    return [_save(fig, out_dir, CO_RUNNER)]
+    return [save(fig, out_dir, CO_RUNNER)]
 
 
 # -- attention time per layer by implementation ---------------------------------------------------
@@ -203,7 +182,7 @@ def attention_per_layer(runs, out_dir):
         if missing:
             ax.text(0.0, -0.22, 'unavailable here: ' + ', '.join(missing),
                     transform=ax.transAxes, fontsize=8, va='top')
-    return [_save(fig, out_dir, ATTENTION)]
+    return [save(fig, out_dir, ATTENTION)]
 
 
 FIGURES_AXES = (graph_speedup_vs_batch, step_time_per_co_runner, attention_per_layer)

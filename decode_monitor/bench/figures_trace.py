@@ -14,7 +14,8 @@ import json
 import os
 
 from decode_monitor.bench import analysis
-from decode_monitor.bench.figures import device_of, plt, save, series_label, skip
+from decode_monitor.bench.drawing import plt, save
+from decode_monitor.bench.figures import device_of, series_label, skip
 from decode_monitor.bench.profile import CLASS_LABELS, CLASSES, classify
 
 TIMELINE = 'layer_kernels.png'

@@ -1,12 +1,8 @@
 """PNG plots of a bench run (matplotlib, Agg backend: no display needed)."""
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from decode_monitor.bench.analysis import WEIGHTS_ORDER  # noqa: E402
+from decode_monitor.bench.analysis import WEIGHTS_ORDER
+from decode_monitor.bench.drawing import error_bars, plt, save
 
 STEP_MS = 'step_ms_vs_ctx.png'
 FRACTION = 'floor_fraction_vs_ctx.png'
@@ -52,12 +48,6 @@ def _label(backend, mode, batch=1, co_runner='none', weights='bf16'):
             + ('' if co_runner == 'none' else f' +{co_runner}'))
 
 
-def _errors(ests):
-    lo = [max(e.value - e.lo, 0.0) if e.has_ci else 0.0 for e in ests]
-    hi = [max(e.hi - e.value, 0.0) if e.has_ci else 0.0 for e in ests]
-    return [lo, hi]
-
-
 def _ctx_axis(ax, contexts):
     """Log-2 context axis labelled with the grid's own contexts (2048, not 2^11)."""
     ax.set_xscale('log', base=2)
@@ -73,14 +63,6 @@ def _figure(n):
     return fig, axes[0]
 
 
-def _save(fig, out_dir, name):
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return name
-
-
 def step_ms_plot(cells, out_dir, title):
     models = _models(cells)
     fig, axes = _figure(len(models))
@@ -90,7 +72,7 @@ def step_ms_plot(cells, out_dir, title):
             mode, batch, weights = key[1], key[2], key[-1]
             ctx = [p[0] for p in points]
             ests = [p[1]['ms_per_step'] for p in points]
-            ax.errorbar(ctx, [e.value for e in ests], yerr=_errors(ests), capsize=3,
+            ax.errorbar(ctx, [e.value for e in ests], yerr=error_bars(ests), capsize=3,
                         marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
                         label=_label(*key))
             if batch != 1:
@@ -113,7 +95,7 @@ def step_ms_plot(cells, out_dir, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out_dir, STEP_MS)
+    return save(fig, out_dir, STEP_MS)
 
 
 def fraction_plot(cells, out_dir, title):
@@ -126,7 +108,7 @@ def fraction_plot(cells, out_dir, title):
             key = 'floor_fraction' if basis == 'peak' else 'copy_fraction'
             ests = [p[1][key] for p in points]
             ax.errorbar([p[0] for p in points], [e.value * 100 for e in ests],
-                        yerr=[[v * 100 for v in side] for side in _errors(ests)], capsize=3,
+                        yerr=[[v * 100 for v in side] for side in error_bars(ests)], capsize=3,
                         marker=_MARKERS.get(mode, '^'), linestyle=_LINESTYLES.get(weights, '-'),
                         label=f'{_label(*series)} (vs {basis})')
         _ctx_axis(ax, [c['ctx'] for c in cells if c['model'] == model])
@@ -136,7 +118,7 @@ def fraction_plot(cells, out_dir, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out_dir, FRACTION)
+    return save(fig, out_dir, FRACTION)
 
 
 def speedup_plot(speedups, out_dir, title):
@@ -152,7 +134,7 @@ def speedup_plot(speedups, out_dir, title):
             ests = [s['speedup'] for s in rows]
             weights = key[-1]
             name = ' '.join(_label(key[0], '', *key[1:]).split())
-            ax.errorbar([s['ctx'] for s in rows], [e.value for e in ests], yerr=_errors(ests),
+            ax.errorbar([s['ctx'] for s in rows], [e.value for e in ests], yerr=error_bars(ests),
                         capsize=4, marker='o', linestyle=_LINESTYLES.get(weights, '-'),
                         label=f'{name}: eager / graph')
         ax.axhline(1.0, color='k', linewidth=0.8)
@@ -162,7 +144,7 @@ def speedup_plot(speedups, out_dir, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out_dir, SPEEDUP)
+    return save(fig, out_dir, SPEEDUP)
 
 
 def write_plots(out_dir, cells, speedups, device_name):
@@ -170,7 +152,7 @@ def write_plots(out_dir, cells, speedups, device_name):
     if not cells:
         return []
     title = device_name or ''
-    names = [step_ms_plot(cells, out_dir, title), fraction_plot(cells, out_dir, title)]
+    paths = [step_ms_plot(cells, out_dir, title), fraction_plot(cells, out_dir, title)]
     if speedups:
-        names.append(speedup_plot(speedups, out_dir, title))
-    return names
+        paths.append(speedup_plot(speedups, out_dir, title))
+    return [os.path.basename(path) for path in paths]

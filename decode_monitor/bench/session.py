@@ -25,6 +25,18 @@ def emit(event, **payload):
     sys.stdout.flush()
 
 
+def failure(exc, with_traceback=True):
+    """What a cell records of `exc`: skipped for an out-of-memory (the cell does not fit this
+    GPU), else an error; the reason is the message's first line (and the traceback's tail).
+    Called inside the `except` block (the traceback is the one being handled)."""
+    oom = type(exc).__name__ == 'OutOfMemoryError'
+    first_line = (str(exc).splitlines() or [''])[0][:300]
+    out = dict(status='skipped' if oom else 'error', reason=f'{type(exc).__name__}: {first_line}')
+    if with_traceback and not oom:
+        out['traceback'] = traceback.format_exc()[-2000:]
+    return out
+
+
 def cell_order(cells, order, seed, session):
     """Cells (ctx, backend, mode[, weights]) of one model in the order a session runs them.
 
@@ -218,11 +230,7 @@ class Session:
             else:
                 out['status'] = 'ok'
         except Exception as exc:
-            oom = type(exc).__name__ == 'OutOfMemoryError'
-            out.update(status='skipped' if oom else 'error',
-                       reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
-            if not oom:
-                out['traceback'] = traceback.format_exc()[-2000:]
+            out.update(failure(exc))
         finally:
             del decoder
         return out

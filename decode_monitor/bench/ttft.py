@@ -19,7 +19,8 @@ and the floor is the memory term alone (`floor_bound` says so): never a guessed 
 import random
 import statistics
 import time
-import traceback
+
+from decode_monitor.bench.session import failure
 
 REPEATS = 5
 NEW_AFTER_PREFIX = 64
@@ -129,12 +130,10 @@ def run(session, loaded, source, cells):
                     yield _timed(row, decoder, loaded.config, ids[:start + new], ids[:start],
                                  bandwidth, flop_rate)
         except Exception as exc:  # the decoder could not be built: every row says why
-            oom = type(exc).__name__ == 'OutOfMemoryError'
+            why = failure(exc, with_traceback=False)
             for p in lengths:
                 for start, new in ((0, p), (p, NEW_AFTER_PREFIX)):
-                    yield dict(base, prompt_tokens=start + new, cached_tokens=start,
-                               status='skipped' if oom else 'error',
-                               reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
+                    yield dict(base, prompt_tokens=start + new, cached_tokens=start, **why)
         finally:
             del decoder
 
@@ -147,11 +146,7 @@ def _timed(row, decoder, config, prompt_ids, prefix_ids, bandwidth, flop_rate):
         row['fraction_of_floor'] = row['floor_ms'] / row['ttft_ms']
         row['status'] = 'ok'
     except Exception as exc:
-        oom = type(exc).__name__ == 'OutOfMemoryError'
-        row.update(status='skipped' if oom else 'error',
-                   reason=f'{type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
-        if not oom:
-            row['traceback'] = traceback.format_exc()[-2000:]
+        row.update(failure(exc))
     return row
 
 

@@ -155,22 +155,22 @@ def ratio_ci(numerator, denominator, confidence=DEFAULT_CONFIDENCE,
 
 def format_estimate(est, digits=2, unit=''):
     """'24.51 [24.40, 24.63]' (or '24.51' without a CI)."""
-    if est is None:
-        return '—'
-    body = f'{est.value:.{digits}f}{unit}'
-    if not est.has_ci:
-        return body
-    return f'{body} [{est.lo:.{digits}f}, {est.hi:.{digits}f}]'
+    return _format(est, f'.{digits}f', unit)
 
 
 def format_percent(est, digits=1):
     """'81.8% [81.6%, 82.0%]' of a fraction (or '81.8%' without a CI)."""
+    return _format(est, f'.{digits}%')
+
+
+def _format(est, spec, unit=''):
+    """The value in `spec` (+ unit), then its CI's bounds in `spec`; '—' for no estimate."""
     if est is None:
         return '—'
-    body = f'{est.value:.{digits}%}'
+    body = f'{est.value:{spec}}{unit}'
     if not est.has_ci:
         return body
-    return f'{body} [{est.lo:.{digits}%}, {est.hi:.{digits}%}]'
+    return f'{body} [{est.lo:{spec}}, {est.hi:{spec}}]'
 
 
 def format_ratio(est, digits=3):
