@@ -139,6 +139,67 @@ def sweep(backend, top):
     return slow
 
 
+def after_prefix(decoder, vocab, cached, new, rng):
+    ids = [rng.randrange(vocab) for _ in range(cached + new)]
+    first = first_token_ms(decoder, ids, ids[:cached])
+    later = [first_token_ms(decoder, ids, ids[:cached]) for _ in range(2)]
+    print(f'  {cached} cached + {new} new: first {first:8.2f} ms, later {later[0]:8.2f} '
+          f'{later[1]:8.2f} ms', flush=True)
+    return dict(cached_tokens=cached, new_tokens=new, first_ms=round(first, 3),
+                later_ms=[round(t, 3) for t in later])
+
+
+def sdpa_probe(backend, fresh_lengths, steady_lengths):
+    """SDPA as the prefill calls it (q from (T, Hq, D), keys a slice of the cache), each
+    backend forced: first and second call at a length new to it, and the median of 5 calls
+    (ms) at the steady lengths. 'default' is SDPA's own choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    choices = {'cudnn': [SDPBackend.CUDNN_ATTENTION], 'flash': [SDPBackend.FLASH_ATTENTION],
+               'efficient': [SDPBackend.EFFICIENT_ATTENTION], 'default': None}
+    dtype, dev = backend.dtype, backend.device
+    out = {}
+    for (name, chosen), fresh in zip(choices.items(), fresh_lengths):
+        def call(t):
+            q = torch.randn(t, backend.q_heads, backend.head_dim, dtype=dtype, device=dev)
+            ctx = sdpa_kernel(chosen) if chosen else torch.no_grad()
+            with ctx:
+                return timed(lambda: F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], backend.k_cache[0, None, :, :t],
+                    backend.v_cache[0, None, :, :t], is_causal=True, scale=backend.scale,
+                    enable_gqa=True))
+        try:
+            row = {'first_ms': round(call(fresh), 3), 'second_ms': round(call(fresh), 3)}
+            for t in steady_lengths:
+                call(t)
+                times = sorted(call(t) for _ in range(5))
+                row[f'median_ms_{t}'] = round(times[2], 3)
+        except RuntimeError as exc:
+            row = {'error': str(exc).splitlines()[0][:200]}
+        out[name] = row
+        print(f'  sdpa {name:9s} at new length {fresh}: {row}', flush=True)
+    return out
+
+
+def pad_check(decoder, vocab, n, rng, count=8):
+    """Greedy tokens and first logits at n tokens with the rows padded and not."""
+    ids = [rng.randrange(vocab) for _ in range(n)]
+    got = {}
+    for pad in (True, False):
+        decoder.backend.pad_rows = pad
+        decoder.clear_prompt_cache()
+        with torch.no_grad():
+            logits = decoder.backend.prefill(torch.tensor([ids], device=decoder.device), 0).clone()
+        decoder.clear_prompt_cache()
+        got[pad] = (logits, [s.token for s in decoder.generate(ids, max_new_tokens=count)])
+    decoder.backend.pad_rows = True
+    (a, ta), (b, tb) = got[True], got[False]
+    rel = ((a - b).norm() / b.norm()).item()
+    print(f'  pad check at {n}: tokens equal {ta == tb}, first logits rel diff {rel:.2e}',
+          flush=True)
+    return dict(prompt_tokens=n, tokens_equal=ta == tb, padded_tokens=ta, unpadded_tokens=tb,
+                logits_rel_diff=rel)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='qwen2.5-7b')
@@ -153,6 +214,9 @@ def main():
     parser.add_argument('--probe-lengths', type=int, nargs=2, default=[6000, 3500],
                         help='new lengths: split into parts; profiled')
     parser.add_argument('--device', default='cuda', help='cpu: a dry run of the script')
+    parser.add_argument('--after-prefix', type=int, nargs=2, metavar=('CACHED', 'NEW'))
+    parser.add_argument('--sdpa-probe', action='store_true')
+    parser.add_argument('--pad-check', type=int, metavar='TOKENS')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -168,10 +232,12 @@ def main():
                   prefill_fallback=decoder.prefill_fallback_reason,
                   module_loading=os.environ.get('CUDA_MODULE_LOADING', '(default: lazy)'),
                   model_build_s=round(built - t0, 2), decoder_build_s=round(ready - built, 2),
+                  warm_s=getattr(decoder, 'warm_s', None),
                   device=torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu',
                   torch=torch.__version__)
     print(f'{args.backend} {args.weights} module loading {result["module_loading"]}: model '
-          f'{result["model_build_s"]} s, decoder {result["decoder_build_s"]} s', flush=True)
+          f'{result["model_build_s"]} s, decoder {result["decoder_build_s"]} s (warming '
+          f'{result["warm_s"]} s)', flush=True)
     rng = random.Random(0)
     vocab = loaded.config.vocab_size
     ids = [rng.randrange(vocab) for _ in range(128)]
@@ -185,6 +251,12 @@ def main():
     print(f'  128 tokens sampled: first/second {result["sampled_128_ms"]} ms', flush=True)
     result['lengths'] = lengths_pass(decoder, vocab, args.lengths, rng)
     result['between'] = lengths_pass(decoder, vocab, args.between, rng)
+    if args.after_prefix:
+        result['after_prefix'] = after_prefix(decoder, vocab, *args.after_prefix, rng)
+    if args.sdpa_probe:
+        result['sdpa'] = sdpa_probe(decoder.backend, [4321, 4322, 4323, 4324], [2048, 8000])
+    if args.pad_check:
+        result['pad_check'] = pad_check(decoder, vocab, args.pad_check, rng)
     if args.probe and args.backend == 'fused':
         m = args.probe_lengths[0]
         result['parts'] = dict(m=m, parts=parts(decoder.backend, m))
