@@ -323,14 +323,15 @@ class FusedBackend:
             logits = self.prefill_graphs(ids, start_pos)
             if logits is not None:
                 return logits
-        n = ids.shape[1]
-        rows = prefill_shapes.rows(n, start_pos, self.max_context) if self.pad_rows else n
-        if rows == n:
+        if not self.pad_rows:
             return self._torch_forward(ids, start_pos)
-        padded = ids.new_zeros((1, rows))  # a bounded set of shapes, warmed (prefill_shapes)
-        padded[:, :n] = ids
-        last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-        return self._torch_forward(padded, start_pos, last=last)
+        n = ids.shape[1]  # a bounded set of shapes, each warmed at start-up (prefill_shapes)
+        rows, last = prefill_shapes.rows(n, start_pos, self.max_context), None
+        if rows > n:
+            ids = torch.cat([ids, ids.new_zeros((1, rows - n))], dim=1)
+            last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
+        with prefill_shapes.attention(fresh=start_pos == 0):
+            return self._torch_forward(ids, start_pos, last=last)
 
     def warm_prefill_shapes(self):
         """Run the layer GEMMs at every row count an eager prefill pads to (prefill_shapes);
@@ -381,5 +382,4 @@ class FusedBackend:
 
     # -- torch path (prefill.py) ------------------------------------------------------------
     def _torch_forward(self, ids, start, last_only=True, last=None, keys=None):
-        with prefill_shapes.attention(self.device):
-            return torch_forward(self, ids, start, last_only, last, keys)
+        return torch_forward(self, ids, start, last_only, last, keys)

@@ -1,21 +1,27 @@
 """The eager prefill's shapes: a bounded set, each one run once at start-up.
 
-The first prefill at a prompt length the process had not run before cost tens of ms more than
-the next one (benchmarks/NOTES.md, "H200: time to first token"), in two parts:
-- attention: SDPA's preferred backend on the GPU, cuDNN's attention, builds an execution plan
-  for each new sequence length. Flash and memory-efficient attention are compiled ahead and
-  take any length at once, so the prefill ranks them first (`attention()`); cuDNN stays as the
-  fallback for inputs neither takes.
-- GEMMs: cuBLAS loads a kernel the first time it runs it, and which kernel it runs depends on
-  M, the prefill's row count. So an eager prefill pads its rows up to a multiple of a step
-  (`rows()`: 16 up to 2048 tokens, 64 beyond: at most 15 or 63 extra rows, a few % of a
-  prefill), and `warm_gemms()` runs the four layer matrices at every such M once, at start-up.
+The first eager prefill at a prompt length the process had not run before cost 30-60 ms more
+than the next one at that length, and a robot's prompts seldom repeat a length. Two causes:
+- attention: cuDNN's attention, SDPA's choice on an H200, builds an execution plan the first
+  time it sees a sequence length (about 40 ms). Flash attention is compiled ahead and takes any
+  length at once, so an eager prefill from position 0 runs without cuDNN (`attention()`). It is
+  slower once warm (twice cuDNN's time at 8000 tokens); the captured short prefills
+  (prefill_graphs.py), whose lengths are fixed, keep cuDNN. After a cached prefix (a mask by
+  position) SDPA's own choice stays: flash takes no mask.
+- GEMMs: the first time cuBLAS runs one of its kernels it costs a few ms, and which kernel it
+  runs depends on M, the prefill's row count (dozens of kernels over M = 16..2200 for one
+  matrix). So an eager prefill pads its rows up to a multiple of a step (`rows()`: 16 up to
+  2048 tokens, 64 beyond: at most 15 or 63 extra rows) and `warm_gemms()` runs the four layer
+  matrices at every such M once, at start-up.
+The caching allocator's growth and CUDA's lazy module loading were measured too: neither costs.
+Warming (this and the decoder's WARM_PREFILL prefills) takes about 0.8 s on an H200 for
+qwen2.5-7b at max_context 8256, less for a shorter cache (the GEMMs scale with M).
+
 The padding is exact: the padded tokens come after the prompt, so no real token attends to them
 (causal from position 0; masked by position after a cached prefix); they write K/V past the
 prompt, at positions that no query reads before a decode step writes them again; the logits
 are the last real token's. Rows that would run past max_context are not padded.
-
-The measured causes, and what warming costs at start-up: benchmarks/NOTES.md.
+Measurements: benchmarks/NOTES.md ("H200: time to first token").
 """
 from contextlib import nullcontext
 
@@ -27,13 +33,16 @@ from decode_monitor.engine.fused.quant import QuantWeight
 FINE_STEP, COARSE_STEP, FINE_UP_TO = 16, 64, 2048
 
 
-def attention(device):
-    """A context in which SDPA prefers kernels compiled ahead of time (CUDA only)."""
-    if device.type != 'cuda':
+def attention(fresh):
+    """The SDPA backends an eager prefill may use: from position 0 (SDPA's own causal mask),
+    those compiled ahead of time, whatever the length; after a cached prefix (a mask by
+    position, which flash attention does not take) SDPA's own choice. Only the enabled flags
+    change, and they are restored on exit: SDPA's priority order is left alone."""
+    if not fresh:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], set_priority=True)
+                        SDPBackend.MATH])
 
 
 def rows(n, start, max_context):
@@ -58,6 +67,8 @@ def warm_gemms(backend, matrices, biases):
     matrix of its shape stands in. Returns the row counts run."""
     dtype, device = backend.dtype, backend.device
     counts = gemm_rows(backend.max_context)
+    if not counts:  # a cache shorter than one step: nothing is padded
+        return counts
     shapes = [w.shape for w in matrices]
     quantised = [s for w, s in zip(matrices, shapes) if isinstance(w, QuantWeight)]
     scratch = torch.zeros(max((n * k for n, k in quantised), default=0), dtype=dtype,
