@@ -24,7 +24,8 @@ BACKENDS = {'hf': HFBackend, 'fused': FusedBackend, 'persistent': PersistentBack
 MODES = ('eager', 'graph')
 # Prompt lengths prefilled once when a decoder is built on a GPU (and one after a cached prefix):
 # CUDA loads a kernel at its first launch and cuBLAS picks GEMM kernels by M, so without this the
-# first request pays for loading the kernels its length selects.
+# first request pays for loading the kernels its length selects. A backend whose eager prefill
+# runs a bounded set of shapes warms all of them besides (warm_prefill_shapes: fused).
 WARM_PREFILL = (1, 16, 128, 1024)
 
 
@@ -122,6 +123,7 @@ class Decoder:
         self.pinned_ids = []  # the pinned prefix (pin()); its K/V is kept in self._pinned_kv
         self._pinned_kv = None
         self.prefill_fallback_reason = None  # why short prefills are not captured (graph mode)
+        self.warm_s = 0.0
         if mode == 'graph':
             self._capture_graphs()
         if self.mode == 'graph' and hasattr(self.backend, 'capture_prefill'):
@@ -195,13 +197,17 @@ class Decoder:
             self._seek(saved_pos)
 
     def _warm_prefill(self):
+        t0 = time.perf_counter()
         with torch.no_grad():
             for n in WARM_PREFILL:
                 if 2 * n < self.max_context:
                     ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
                     self.backend.prefill(ids, 0)
                     self.backend.prefill(ids, n)  # new tokens after a cached prefix
+            if hasattr(self.backend, 'warm_prefill_shapes'):
+                self.backend.warm_prefill_shapes()
         torch.cuda.synchronize(self.device)
+        self.warm_s = time.perf_counter() - t0  # start-up time spent warming
         self._seek(0)
 
     def _seek(self, pos):

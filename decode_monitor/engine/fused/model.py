@@ -21,6 +21,7 @@ The input embedding stays dense: a step reads one row of it.
 import torch
 
 from decode_monitor.engine.floor import FloorModel
+from decode_monitor.engine.fused import prefill_shapes
 from decode_monitor.engine.fused.prefill import torch_forward
 from decode_monitor.engine.fused.quant import (
     FORMATS, QuantWeight, dense, quantize, weight_nbytes)
@@ -145,6 +146,8 @@ class FusedBackend:
         self._unpack_buffer = None  # the Triton path's prefill: see _dense_matrix
         self._prefill_ops = None  # the Triton path's prefill kernels, set in _init_triton
         self.prefill_graphs = None  # captured short prefills (capture_prefill)
+        # eager prefills pad their rows to a bounded set of shapes, warmed at start-up
+        self.pad_rows = self.device.type == 'cuda'
         self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -305,7 +308,24 @@ class FusedBackend:
             logits = self.prefill_graphs(ids, start_pos)
             if logits is not None:
                 return logits
-        return self._torch_forward(ids, start_pos)
+        if not self.pad_rows:
+            return self._torch_forward(ids, start_pos)
+        n = ids.shape[1]  # a bounded set of shapes, each warmed at start-up (prefill_shapes)
+        rows, last = prefill_shapes.rows(n, start_pos, self.max_context), None
+        if rows > n:
+            ids = torch.cat([ids, ids.new_zeros((1, rows - n))], dim=1)
+            last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
+        with prefill_shapes.attention(fresh=start_pos == 0):
+            return self._torch_forward(ids, start_pos, last=last)
+
+    def warm_prefill_shapes(self):
+        """Run the layer GEMMs at every row count an eager prefill pads to (prefill_shapes);
+        the row counts run."""
+        if not self.pad_rows:
+            return []
+        layer = self.layers[0]
+        return prefill_shapes.warm_gemms(self, [getattr(layer, name) for name in MATRICES],
+                                         [layer.bqkv, None, None, None])
 
     @torch.no_grad()
     def capture_prefill(self):
