@@ -2,9 +2,10 @@
 
 Both paths of the backend share the packed (or quantised) weights and the static K/V cache.
 Here the matrices go through cuBLAS (or the CPU's GEMM); on the Triton path the element-wise
-work between them runs as one-pass kernels (prefill_ops.py) and quantised matrices are
-dequantised one at a time into a reused buffer (unpack.py); the short prefills of graph mode
-replay this function captured (prefill_graphs.py).
+work between them runs as one-pass kernels (prefill_ops.py), int4 matrices of prompts up to a
+few hundred tokens go through a GEMM that reads their codes (qgemm.py), and other quantised
+matrices are dequantised one at a time into a reused buffer (unpack.py); the short prefills of
+graph mode replay this function captured (prefill_graphs.py).
 """
 from functools import partial
 
@@ -91,10 +92,10 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
 
 
 def quant_linear(backend, x, weight, bias=None):
-    """F.linear(x, weight, bias) of a layer matrix as stored. Quantised on the Triton path: up
-    to qgemm.MAX_M tokens the GEMM reads the codes (qgemm.py), past it cuBLAS multiplies the
-    matrix dequantised into the shared buffer (where that measured faster: qgemm.py)."""
-    if isinstance(weight, QuantWeight) and backend.use_triton:
+    """F.linear(x, weight, bias) of a layer matrix as stored. int4 on the Triton path: up to
+    qgemm.MAX_M tokens the GEMM reads the codes (qgemm.py); past it, and for int8, cuBLAS
+    multiplies the matrix dequantised into the shared buffer (faster there: qgemm.py)."""
+    if isinstance(weight, QuantWeight) and weight.fmt == 'int4' and backend.use_triton:
         from decode_monitor.engine.fused import qgemm  # Triton: the GPU path only
         if x.shape[0] <= qgemm.MAX_M:
             return qgemm.qgemm(x, weight, bias)

@@ -1,27 +1,31 @@
-"""The prefill's GEMM on quantised weights: x (M, K) @ W.T (+ bias), W read as stored.
+"""The prefill's GEMM on int4 weights: x (M, K) @ W.T (+ bias), W read as stored.
 
 A prefill of M tokens multiplies every matrix by M rows. Dequantising W into a dense buffer first
-(unpack.py) writes and reads 2 bytes a weight besides the 0.5 (int4) or 1 (int8) of its codes:
-at a few hundred tokens that is most of the GEMM's traffic. Here each program loads a tile of
-codes, dequantises it in registers with `QuantWeight.dequantize`'s arithmetic (code x scale
-(+ offset) in float32, rounded once to the activations' dtype: the dense buffer's values
-exactly) and feeds it to tl.dot with a float32 accumulator; the codes are read once per block of
-tokens and nothing is written but the output.
+(unpack.py) writes and reads 2 bytes a weight besides the 0.5 of its codes: at a few hundred
+tokens that is most of the GEMM's traffic. Here each program loads a tile of codes, dequantises
+it in registers with `QuantWeight.dequantize`'s arithmetic (code x scale + offset in float32,
+rounded once to the activations' dtype: the dense buffer's values exactly) and feeds it to tl.dot
+with a float32 accumulator; the codes are read once per block of tokens and nothing is written
+but the output.
 
 The weight tile is the dot's left operand (acc is (BLOCK_N, BLOCK_M), stored transposed): on
 Hopper the left operand of the tensor-core instruction may come from registers, where the
-dequantised tile already is, and its row count is 64, so N (thousands) takes it and M (as few
-as one token) the flexible side. int4 codes are gathered in weight order from their lane (see
-quant.py: nibble i of word c of a group holds weight c + i G / 8): the G / 8 words of a group
-are contiguous, so a tile's loads stay within the bytes it needs. With SPLIT > 1 each program
-sums 1/SPLIT of K into a float32 partial and the partials are summed in a fixed order (the same
-result every run, which graph-vs-eager token equality needs): more programs for few tokens on
-a matrix of few rows.
+dequantised tile is, and its row count is 64, so N (thousands) takes it and M (as few as one
+token) the flexible side. The default layout (`lanes` 1) follows the stored one (quant.py: nibble
+i of word c of a group holds weight c + i G / 8): a program loads a group's G / 8 words once per
+row and makes one dot per lane, of the words' nibble i against x's columns i G / 8 .. + G / 8,
+so the words go from shared memory straight into the dot's register layout (`lanes` 0 gathers
+each weight's word instead: any group size; 2 reorders the lanes in registers for one dot).
+When the tiles alone would leave SMs idle (few tokens, a matrix of few rows), K is split over up
+to `split` programs; their float32 partials are summed in a fixed order (the same result every
+run, which graph-vs-eager token equality needs).
 
-`CONFIGS` picks the blocks by M; past MAX_M cuBLAS on the dequantised buffer is faster (its
-dense GEMM outruns this kernel by more than the buffer costs), so the prefill keeps that path
-there (prefill.py). The measurements behind both: benchmarks/NOTES.md.
+`CONFIGS` picks the blocks by M; past MAX_M the prefill keeps the buffer path (prefill.py):
+there cuBLAS's dense GEMM outruns this kernel by more than the buffer costs. int8 keeps the
+buffer path at every M: its byte tiles did not compile to asynchronous copies here (the kernel
+takes them, unpipelined, for tests and measurement). The measurements: benchmarks/NOTES.md.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -35,22 +39,32 @@ class QGemmConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-    split: int = 1  # programs along K, their float32 partials summed after
-    lanes: int = 0  # int4 with block_k = the group: 1, a dot per lane; 2, lanes reordered
+    split: int = 1  # at most this many programs along K (the table's: while SMs are idle)
+    lanes: int = 1  # int4 with block_k = the group: 1, a dot per lane; 2, one reordered; 0, gather
 
 
-# (largest M, config), by M; measured on the H200 over qwen2.5-7b's matrices (NOTES.md).
+# (largest M, config), by M: qwen2.5-7b's matrices on the H200 (benchmarks/NOTES.md).
 CONFIGS = (
-    (16, QGemmConfig(64, 16, 128, 4, 4, 2)),
-    (64, QGemmConfig(64, 64, 128, 4, 4)),
-    (128, QGemmConfig(128, 64, 128, 4, 4)),
-    (512, QGemmConfig(128, 128, 64, 8, 4)),
+    (16, QGemmConfig(64, 16, 128, 4, 4, 4)),
+    (32, QGemmConfig(64, 32, 128, 4, 4, 4)),
+    (64, QGemmConfig(64, 64, 128, 4, 4, 4)),
+    (128, QGemmConfig(64, 128, 128, 4, 3, 4)),
+    (512, QGemmConfig(128, 128, 128, 8, 3, 2)),
 )
 MAX_M = CONFIGS[-1][0]
+# float32 activations (tests, references): products in float32, which take more shared memory
+FLOAT32 = QGemmConfig(64, 32, 64, 4, 2)
 
 
-def config_for(m):
+def config_for(m, dtype=torch.bfloat16):
+    if dtype == torch.float32:
+        return FLOAT32
     return next((cfg for bound, cfg in CONFIGS if m <= bound), CONFIGS[-1][1])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -142,13 +156,15 @@ def _qgemm(X, Q, S, Z, B, OUT, M, N, K, K_SPLIT, stride_xm, stride_q, stride_s, 
     if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with a bound passed in
         step = 0
         while step < K_SPLIT:
-            acc = _accumulate(acc, part * K_SPLIT + step, x_rows, Q, S, Z, n64, n_in, m_in, K,
+            k0 = tl.multiple_of(part * K_SPLIT + step, BLOCK_K)  # aligned: vector loads
+            acc = _accumulate(acc, k0, x_rows, Q, S, Z, n64, n_in, m_in, K,
                               stride_q, stride_s, GROUP, INT4, F32_DOT, BLOCK_N, BLOCK_K,
                               EVEN_K, LANES)
             step += BLOCK_K
     else:
         for step in range(0, K_SPLIT, BLOCK_K):
-            acc = _accumulate(acc, part * K_SPLIT + step, x_rows, Q, S, Z, n64, n_in, m_in, K,
+            k0 = tl.multiple_of(part * K_SPLIT + step, BLOCK_K)  # aligned: vector loads
+            acc = _accumulate(acc, k0, x_rows, Q, S, Z, n64, n_in, m_in, K,
                               stride_q, stride_s, GROUP, INT4, F32_DOT, BLOCK_N, BLOCK_K,
                               EVEN_K, LANES)
     if HAS_BIAS:
@@ -160,25 +176,32 @@ def _qgemm(X, Q, S, Z, B, OUT, M, N, K, K_SPLIT, stride_xm, stride_q, stride_s, 
 def qgemm(x, w, bias=None, config=None):
     """x (M, K) @ w.dequantize(x.dtype).T (+ bias) for a QuantWeight `w` -> (M, N) in x's dtype.
 
-    x's rows may be strided (a slice), its columns must be contiguous."""
+    x's rows may be strided (a slice), its columns must be contiguous. Without `config` the
+    table's for M, its split halved while the tiles fill the SMs; a given config's split is
+    used as is (where it divides K into whole blocks)."""
     m, k = x.shape
     n, wk = w.shape
     if wk != k:
         raise ValueError(f'qgemm: x has K = {k}, the weight {wk}')
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or config_for(m)
+    cfg = config or config_for(m, x.dtype)
     int4 = w.fmt == 'int4'
     lanes = cfg.lanes if int4 and w.group // 8 >= 16 else 0  # a dot's K is 16 or more
     block_k = w.group if lanes else min(cfg.block_k, triton.next_power_of_2(k))
-    split = cfg.split if k % (cfg.split * block_k) == 0 else 1
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = cfg.split
+    if config is None and x.is_cuda:
+        while split > 1 and tiles * split // 2 >= _sm_count(x.device.index or 0):
+            split //= 2
+    while split > 1 and k % (split * block_k):
+        split //= 2
     k_split = k // split if split > 1 else triton.cdiv(k, block_k) * block_k
     q = w.q.view(torch.int32) if int4 else w.q  # int4: the group's words (quant.py)
     out = x.new_empty((m, n)) if split == 1 else torch.empty(
         (split, m, n), dtype=torch.float32, device=x.device)
     has_bias = bias is not None and split == 1
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    _qgemm[grid](
+    _qgemm[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
         x, q, w.scale, w.offset if int4 else w.scale, bias if has_bias else w.scale, out,
         m, n, k, k_split, x.stride(0), q.stride(0), w.scale.stride(0), n, m * n,
         GROUP=w.group, INT4=int4, HAS_BIAS=has_bias,
@@ -190,7 +213,7 @@ def qgemm(x, w, bias=None, config=None):
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         return out
-    total = out.sum(0)
+    total = out.sum(0)  # in a fixed order: deterministic
     if bias is not None:
         total += bias.float()
     return total.to(x.dtype)
