@@ -77,9 +77,14 @@ def test_the_prefill_reads_int4_codes_and_int8_through_the_buffer(tiny, fmt):
     """int4 on the Triton path: no dense buffer is made; logits as the torch path's (dense
     matrices kept) to rounding. int8 (and int4 past MAX_M) dequantise into the buffer."""
     model = copy.deepcopy(tiny.model).to(DEV)
-    prompt = torch.randint(0, 512, (1, 11), generator=torch.Generator().manual_seed(4)).to(DEV)
-    kernels = FusedBackend(model, 64, use_triton=True, weights=fmt)
-    reference = FusedBackend(model, 64, use_triton=False, weights=fmt)
-    got, want = kernels.prefill(prompt), reference.prefill(prompt)
-    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    ids = torch.randint(0, 512, (1, Q.MAX_M + 1), generator=torch.Generator().manual_seed(4))
+    kernels = FusedBackend(model, Q.MAX_M + 8, use_triton=True, weights=fmt)
+    reference = FusedBackend(model, Q.MAX_M + 8, use_triton=False, weights=fmt)
+
+    def same(prompt):
+        got, want = kernels.prefill(prompt.to(DEV)), reference.prefill(prompt.to(DEV))
+        return ((got - want).norm() / want.norm()).item() < 1e-4
+    assert same(ids[:, :11])
     assert (kernels._unpack_buffer is None) == (fmt == 'int4')
+    assert same(ids)  # past MAX_M tokens: the buffer path, int4 too
+    assert kernels._unpack_buffer is not None

@@ -20,10 +20,13 @@ When the tiles alone would leave SMs idle (few tokens, a matrix of few rows), K 
 to `split` programs; their float32 partials are summed in a fixed order (the same result every
 run, which graph-vs-eager token equality needs).
 
-`CONFIGS` picks the blocks by M; past MAX_M the prefill keeps the buffer path (prefill.py):
-there cuBLAS's dense GEMM outruns this kernel by more than the buffer costs. int8 keeps the
-buffer path at every M: its byte tiles did not compile to asynchronous copies here (the kernel
-takes them, unpipelined, for tests and measurement). The measurements: benchmarks/NOTES.md.
+`CONFIGS` picks the blocks by M. Past MAX_M (128) the prefill keeps the buffer path
+(prefill.py): measured on the H200, this kernel's time grows with M much faster than cuBLAS's
+(each K step waits on its eight small dots in turn: a latency-bound loop, not a bandwidth- or
+tensor-bound one), so from a few hundred tokens the dense GEMM outruns it by more than the
+buffer costs. int8 keeps the buffer path at every M: its byte tiles do not compile to
+asynchronous copies in this Triton, so the kernel loads them unpipelined (for tests and
+measurement). The measurements: benchmarks/NOTES.md.
 """
 import functools
 from typing import NamedTuple
@@ -43,13 +46,13 @@ class QGemmConfig(NamedTuple):
     lanes: int = 1  # int4 with block_k = the group: 1, a dot per lane; 2, one reordered; 0, gather
 
 
-# (largest M, config), by M: qwen2.5-7b's matrices on the H200 (benchmarks/NOTES.md).
+# (largest M, config), by M: the configs the H200's time-to-first-token record ran with (the
+# per-matrix sweep beside it finds a little more at 16-128 tokens: benchmarks/NOTES.md).
 CONFIGS = (
     (16, QGemmConfig(64, 16, 128, 4, 4, 4)),
     (32, QGemmConfig(64, 32, 128, 4, 4, 4)),
     (64, QGemmConfig(64, 64, 128, 4, 4, 4)),
     (128, QGemmConfig(64, 128, 128, 4, 3, 4)),
-    (512, QGemmConfig(128, 128, 128, 8, 3, 2)),
 )
 MAX_M = CONFIGS[-1][0]
 # float32 activations (tests, references): products in float32, which take more shared memory
@@ -210,7 +213,7 @@ def qgemm(x, w, bias=None, config=None):
         F32_DOT=x.dtype == torch.float32 or x.device.type == 'cpu',
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, LANES=lanes, WHILE_LOOP=x.device.type == 'cpu',
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages if int4 else 1)  # int8: see above
     if split == 1:
         return out
     total = out.sum(0)  # in a fixed order: deterministic
