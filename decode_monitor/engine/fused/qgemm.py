@@ -22,11 +22,11 @@ run, which graph-vs-eager token equality needs).
 
 `CONFIGS` picks the blocks by M. Past MAX_M (128) the prefill keeps the buffer path
 (prefill.py): measured on the H200, this kernel's time grows with M much faster than cuBLAS's
-(each K step waits on its eight small dots in turn: a latency-bound loop, not a bandwidth- or
-tensor-bound one), so from a few hundred tokens the dense GEMM outruns it by more than the
-buffer costs. int8 keeps the buffer path at every M: its byte tiles do not compile to
-asynchronous copies in this Triton, so the kernel loads them unpipelined (for tests and
-measurement). The measurements: benchmarks/NOTES.md.
+(the compiled loop waits on each of a K step's eight small dots in turn: latency, it seems,
+not bandwidth or tensor rate, sets its pace), so from a few hundred tokens the dense GEMM
+outruns it by more than the buffer costs. int8 keeps the buffer path at every M: its byte
+tiles do not compile to asynchronous copies in this Triton, so the kernel loads them
+unpipelined (for tests and measurement). The measurements: benchmarks/NOTES.md.
 """
 import functools
 from typing import NamedTuple
