@@ -2,9 +2,10 @@
 
 Both paths of the backend share the packed (or quantised) weights and the static K/V cache.
 Here the matrices go through cuBLAS (or the CPU's GEMM); on the Triton path the element-wise
-work between them runs as one-pass kernels (prefill_ops.py) and quantised matrices are
-dequantised one at a time into a reused buffer (unpack.py); the short prefills of graph mode
-replay this function captured (prefill_graphs.py).
+work between them runs as one-pass kernels (prefill_ops.py), int4 matrices of prompts up to a
+few hundred tokens go through a GEMM that reads their codes (qgemm.py), and other quantised
+matrices are dequantised one at a time into a reused buffer (unpack.py); the short prefills of
+graph mode replay this function captured (prefill_graphs.py).
 """
 from functools import partial
 
@@ -50,12 +51,12 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
     mask = None if fresh else (
         positions[:, None] >= torch.arange(end, device=backend.device)[None, :])  # (T, end)
     qd, kd = backend.q_heads * backend.head_dim, backend.kv_heads * backend.head_dim
-    w = partial(dense_matrix, backend)  # dense as stored, else dequantised into one buffer
+    linear = partial(quant_linear, backend)  # quantised: the codes read in the GEMM
     ops = backend._prefill_ops  # one-pass Triton element-wise kernels (prefill_ops.py)
     norm = ops.rms_norm if ops else rms_norm
     h = F.embedding(ids[0], backend.embed)  # (T, H)
     for i, layer in enumerate(backend._dense_layers if backend._keep_dense else backend.layers):
-        qkv = F.linear(norm(h, layer.ln1, backend.eps), w(layer.wqkv), layer.bqkv)
+        qkv = linear(norm(h, layer.ln1, backend.eps), layer.wqkv, layer.bqkv)
         q, k, v = qkv.split([qd, kd, kd], dim=-1)
         if ops:
             q, k = ops.apply_rope(q, cos, sin, backend.q_heads), ops.apply_rope(
@@ -70,14 +71,14 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
             q.transpose(0, 1)[None], backend.k_cache[i, None, :, :end],
             backend.v_cache[i, None, :, :end], attn_mask=mask, is_causal=mask is None,
             scale=backend.scale, enable_gqa=True)  # (1, Hq, T, D)
-        h = h + F.linear(att[0].transpose(0, 1).reshape(n, qd), w(layer.wo))
-        gate_up = F.linear(norm(h, layer.ln2, backend.eps), w(layer.wgu))
+        h = h + linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
+        gate_up = linear(norm(h, layer.ln2, backend.eps), layer.wgu)
         if ops:
             act = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        h = h + F.linear(act, w(layer.wd))
+        h = h + linear(act, layer.wd)
     if last_only:
         h = h[-1:] if last is None else h.index_select(0, last)
     if last_only and backend.use_triton and isinstance(backend.lm_head, QuantWeight):
@@ -88,6 +89,17 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
         return backend.logits
     head = backend._dense_head if backend._keep_dense else dense(backend.lm_head, backend.dtype)
     return F.linear(norm(h, backend.norm, backend.eps), head).float()
+
+
+def quant_linear(backend, x, weight, bias=None):
+    """F.linear(x, weight, bias) of a layer matrix as stored. int4 on the Triton path: up to
+    qgemm.MAX_M tokens the GEMM reads the codes (qgemm.py); past it, and for int8, cuBLAS
+    multiplies the matrix dequantised into the shared buffer (faster there: qgemm.py)."""
+    if isinstance(weight, QuantWeight) and weight.fmt == 'int4' and backend.use_triton:
+        from decode_monitor.engine.fused import qgemm  # Triton: the GPU path only
+        if x.shape[0] <= qgemm.MAX_M:
+            return qgemm.qgemm(x, weight, bias)
+    return F.linear(x, dense_matrix(backend, weight), bias)
 
 
 def dense_matrix(backend, weight):

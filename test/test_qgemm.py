@@ -1,0 +1,90 @@
+"""The prefill's GEMM on quantised codes (qgemm.py) against QuantWeight.dequantize, and its use.
+
+On the CPU in Triton's interpreter, tiny shapes: every lane layout (a dot per lane, lanes
+reordered, each weight's word gathered), K split over programs, group sizes 32-128, M and N not
+multiples of the blocks, a K not a multiple of BLOCK_K. float32 activations give float32
+products: the result must be the float32 GEMM on the dequantised matrix to rounding; a weight
+read from a wrong lane, group or row moves it by the size of the weights themselves. The
+prefill takes it for int4 and leaves the dense buffer unmade; int8 keeps the buffer.
+"""
+import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ['TRITON_INTERPRET'] = '1'
+
+import pytest  # noqa: E402
+
+from decode_monitor.engine.fused import FusedBackend  # noqa: E402
+from decode_monitor.engine.fused import qgemm as Q  # noqa: E402
+from decode_monitor.engine.fused.quant import quantize  # noqa: E402
+
+DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
+C = Q.QGemmConfig
+# (M, N, K, group, config): None is the table's for M
+CASES = [
+    (1, 70, 256, 128, None),  # one token, N past the last block
+    (37, 96, 384, 128, C(64, 16, 128, 4, 1, 1, 1)),  # a dot per lane, three M blocks
+    (19, 64, 384, 128, C(64, 16, 128, 4, 1, 3, 2)),  # lanes reordered, K split in three
+    (21, 80, 320, 64, C(64, 16, 128, 4, 1, 1, 0)),  # gathered; K = 2.5 blocks: a tail
+    (5, 64, 96, 32, C(64, 16, 32, 4, 1, 3, 0)),  # groups of 32, split
+]
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+@pytest.mark.parametrize('fmt', ['int4', 'int8'])
+@pytest.mark.parametrize('m, n, k, group, config', CASES)
+def test_qgemm_is_the_gemm_on_the_dequantised_matrix(fmt, m, n, k, group, config):
+    w = quantize(randn(n, k, seed=k).to(torch.bfloat16), fmt, group)
+    x, bias = randn(m, k, seed=m), randn(n, seed=n)
+    want = (x.double() @ w.dequantize(torch.float32).double().T + bias.double()).float()
+    got = Q.qgemm(x, w, bias, config)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # bf16 activations: the dequantised bf16 matrix (dequantize's rounding) in float32 products,
+    # one rounding at the end (the interpreter truncates: up to one bf16 step)
+    xb = x.to(torch.bfloat16)
+    want = xb.float() @ w.dequantize(torch.bfloat16).float().T
+    got = Q.qgemm(xb, w, None, config)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7,
+                               atol=2 ** -7 * want.abs().max().item())
+
+
+def test_a_strided_x_and_bad_shapes():
+    w = quantize(randn(64, 256, seed=1).to(torch.bfloat16), 'int4')
+    wide = randn(7, 512, seed=2)
+    x = wide[:, :256]  # rows of a wider tensor: a row stride of 512
+    torch.testing.assert_close(Q.qgemm(x, w), Q.qgemm(x.contiguous(), w), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='K = 512'):
+        Q.qgemm(wide, w)
+
+
+def test_the_table_covers_every_length_up_to_max_m():
+    bounds = [bound for bound, _ in Q.CONFIGS]
+    assert bounds == sorted(bounds) and Q.MAX_M == bounds[-1]
+    assert Q.config_for(1) == Q.CONFIGS[0][1] and Q.config_for(Q.MAX_M) == Q.CONFIGS[-1][1]
+    assert Q.config_for(3, torch.float32) == Q.FLOAT32
+
+
+@pytest.mark.parametrize('fmt', ['int4', 'int8'])
+def test_the_prefill_reads_int4_codes_and_int8_through_the_buffer(tiny, fmt):
+    """int4 on the Triton path: no dense buffer is made; logits as the torch path's (dense
+    matrices kept) to rounding. int8 (and int4 past MAX_M) dequantise into the buffer."""
+    model = copy.deepcopy(tiny.model).to(DEV)
+    ids = torch.randint(0, 512, (1, Q.MAX_M + 1), generator=torch.Generator().manual_seed(4))
+    kernels = FusedBackend(model, Q.MAX_M + 8, use_triton=True, weights=fmt)
+    reference = FusedBackend(model, Q.MAX_M + 8, use_triton=False, weights=fmt)
+
+    def same(prompt):
+        got, want = kernels.prefill(prompt.to(DEV)), reference.prefill(prompt.to(DEV))
+        return ((got - want).norm() / want.norm()).item() < 1e-4
+    assert same(ids[:, :11])
+    assert (kernels._unpack_buffer is None) == (fmt == 'int4')
+    assert same(ids)  # past MAX_M tokens: the buffer path, int4 too
+    assert kernels._unpack_buffer is not None
