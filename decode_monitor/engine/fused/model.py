@@ -315,7 +315,7 @@ class FusedBackend:
         if rows > n:
             ids = torch.cat([ids, ids.new_zeros((1, rows - n))], dim=1)
             last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-        with prefill_shapes.attention(fresh=start_pos == 0):
+        with prefill_shapes.attention(start_pos, rows):
             return self._torch_forward(ids, start_pos, last=last)
 
     def warm_prefill_shapes(self):

@@ -4,10 +4,11 @@ The first eager prefill at a prompt length the process had not run before cost 3
 than the next one at that length, and a robot's prompts seldom repeat a length. Two causes:
 - attention: cuDNN's attention, SDPA's choice on an H200, builds an execution plan the first
   time it sees a sequence length (about 40 ms). Flash attention is compiled ahead and takes any
-  length at once, so an eager prefill from position 0 runs without cuDNN (`attention()`). It is
-  slower once warm (twice cuDNN's time at 8000 tokens); the captured short prefills
-  (prefill_graphs.py), whose lengths are fixed, keep cuDNN. After a cached prefix (a mask by
-  position) SDPA's own choice stays: flash takes no mask.
+  length at once, so an eager prefill from position 0 longer than the captured short prefills
+  runs without cuDNN (`attention()`). It is slower once warm (twice cuDNN's time at 8000
+  tokens); the captured short prefills (prefill_graphs.py), whose lengths are fixed, and eager
+  prefills of those lengths keep cuDNN (the same kernels in both modes). After a cached
+  prefix (a mask by position) SDPA's own choice stays: flash takes no mask.
 - GEMMs: the first time cuBLAS runs one of its kernels it costs a few ms, and which kernel it
   runs depends on M, the prefill's row count (dozens of kernels over M = 16..2200 for one
   matrix). So an eager prefill pads its rows up to a multiple of a step (`rows()`: 16 up to
@@ -28,17 +29,23 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from decode_monitor.engine.fused.prefill_graphs import FRESH
 from decode_monitor.engine.fused.quant import QuantWeight
 
 FINE_STEP, COARSE_STEP, FINE_UP_TO = 16, 64, 2048
+CAPTURED_UP_TO = FRESH[-1]  # the longest prompt a captured prefill serves
 
 
-def attention(fresh):
-    """The SDPA backends an eager prefill may use: from position 0 (SDPA's own causal mask),
-    those compiled ahead of time, whatever the length; after a cached prefix (a mask by
-    position, which flash attention does not take) SDPA's own choice. Only the enabled flags
-    change, and they are restored on exit: SDPA's priority order is left alone."""
-    if not fresh:
+def attention(start, rows):
+    """The SDPA backends an eager prefill of `rows` written at `start` may use: from position 0
+    (SDPA's own causal mask) and past the captured lengths (CAPTURED_UP_TO), those compiled
+    ahead of time, whatever the length. Up to the captured lengths SDPA's own choice, as in the
+    captured graphs, so that an eager decoder and a graph decoder prefill a prompt with the same
+    kernels and give the same tokens (an eager decoder pays cuDNN's plan at a new length there);
+    after a cached prefix (a mask by position, which flash attention does not take) SDPA's own
+    choice. Only the enabled flags change, and they are restored on exit: SDPA's priority
+    order is left alone."""
+    if start != 0 or rows <= CAPTURED_UP_TO:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
