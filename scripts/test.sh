@@ -10,8 +10,11 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
 ROS_TESTS=(test/test_node_e2e.py test/test_node_shutdown.py test/test_node_lifecycle.py
            test/test_parameters.py test/test_diagnostics_msg.py test/test_clients.py
            test/test_node_prompt_cache.py)
-.venv/bin/python -m pytest -q test "$@"
+# Two processes, each taking whole files (module-scoped fixtures such as a node stay shared
+# within a file); ROS_DOMAIN_ID differs per process (conftest.py). `-n 0` runs in one.
+PARALLEL=(-n 2 --dist loadfile)
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" test "$@"
 [ $# -gt 0 ] && exit 0  # a selection runs on Kilted only
 echo "--- the ROS tests again, on ROS 2 Jazzy (rclpy $(.venv-jazzy/bin/python -c \
   'import importlib.metadata as m; print(m.version("ros-jazzy-rclpy"))'))"
-.venv-jazzy/bin/python -m pytest -q "${ROS_TESTS[@]}"
+.venv-jazzy/bin/python -m pytest -q "${PARALLEL[@]}" "${ROS_TESTS[@]}"

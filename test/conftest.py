@@ -6,7 +6,11 @@ import torch
 
 # Keep test traffic on this machine and away from any other ROS graph running beside it.
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(100, 200)))
+# Under pytest-xdist the workers share a parent: one draw from it, a domain per worker.
+_worker = os.environ.get('PYTEST_XDIST_WORKER', '')
+_domain = (random.Random(os.getppid()).randint(100, 190) + int(_worker[2:])
+           if _worker.startswith('gw') else random.Random(os.getpid()).randint(100, 200))
+os.environ.setdefault('ROS_DOMAIN_ID', str(_domain))
 # Without a GPU, Triton kernels run in Triton's interpreter. That must be chosen before triton is
 # first imported (importing transformers' model classes imports it), so here, not in a test.
 if not torch.cuda.is_available():

@@ -3,7 +3,8 @@
 - Greedy tokens through the Decoder equal transformers' `generate` on SmolLM2-135M-Instruct.
 - Logits equal the `hf` backend's (fp32, relative error < 1e-4) on tiny variants of the study's
   three architectures and of Llama-3's scaled RoPE, after prefill and after decode steps, at
-  short positions and past 4096; both the torch path and the Triton path (interpreter).
+  short positions and past 4096; both the torch path and the Triton path (interpreter; past
+  4096 with the scaled RoPE only).
 """
 import os
 
@@ -83,6 +84,10 @@ def test_logits_match_hf_backend(reference, path):
     model, cases = reference
     fused = FusedBackend(model, MAX_CONTEXT, use_triton=path == 'triton',
                          attention_config=(64, 5, 4, 1))
+    # The Triton path (interpreted here) goes past 4096 positions for the scaled RoPE only:
+    # the other architectures' position-dependent work is the same kernels and tables.
+    if path == 'triton' and model.config.rope_parameters['rope_type'] != 'llama3':
+        cases = cases[:1]
     for prompt, tokens, expected in cases:
         got = run(fused, prompt, tokens)
         for where, (a, b) in enumerate(zip(got, expected)):

@@ -67,7 +67,8 @@ def test_layer_kernel_logits_match_hf_backend(name, programs):
                                 persistent_config=INTERPRETER._replace(programs_per_sm=programs))
     assert backend.layers_kernel is not None and backend.layers_kernel.grid == (programs,)
     gen = torch.Generator().manual_seed(1)
-    for n in (7, 4100):
+    # past 4096 positions once per model, with several programs (the costly case to interpret)
+    for n in (7, 4100) if programs > 1 else (7,):
         prompt = torch.randint(0, 512, (1, n), generator=gen)
         expected = hf.prefill(prompt)
         assert rel(backend.prefill(prompt), expected) < 1e-4

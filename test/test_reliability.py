@@ -18,9 +18,10 @@ def run(tmp_path, *args):
     return json.loads(out.read_text())
 
 
-def test_fuzz_ten_thousand_adversarial_requests(tmp_path):
-    r = run(tmp_path, 'fuzz', '--count', '10000')
-    assert r['requests'] == r['sent'] == r['responses'] == 10000
+def test_fuzz_three_thousand_adversarial_requests(tmp_path):
+    # the recorded run sends 10 000 (benchmarks/reliability.py's default); 3000 here
+    r = run(tmp_path, 'fuzz', '--count', '3000')
+    assert r['requests'] == r['sent'] == r['responses'] == 3000
     # exactly one terminal response per request id: none lost, none twice, none made up
     assert (r['lost'], r['duplicated'], r['unexpected']) == (0, 0, 0)
     assert r['crashes'] == 0 and r['bad_terminal'] == 0
