@@ -8,11 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from decode_monitor.bench import analysis, plots, quantised, report, verdict
 from decode_monitor.bench import grid as G
 from decode_monitor.bench.cli import finish, main
-from decode_monitor.bench.session import cell_order
+from decode_monitor.bench.session import cell_order, failure
 
 GPU = 'NVIDIA Test GPU'
 
@@ -382,3 +383,19 @@ def test_compare_reads_results_without_weights_as_bf16(tmp_path, capsys):
     row = next(line for line in text.splitlines() if '| 2048 | hf | eager | bf16 |' in line)
     assert '1.500× [' in row
     assert 'only in B: m 2048 fused eager int8' in text
+
+
+def test_a_cell_failure_is_recorded_whatever_its_message():
+    def recorded(exc):
+        try:
+            raise exc
+        except Exception as caught:
+            return failure(caught)
+    empty = recorded(RuntimeError())  # no message at all: still a record, not an IndexError
+    assert empty['status'] == 'error' and empty['reason'] == 'RuntimeError: '
+    assert 'RuntimeError' in empty['traceback']
+    several = recorded(ValueError('first line\nsecond line'))
+    assert several['reason'] == 'ValueError: first line'
+    oom = recorded(torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB'))
+    assert oom['status'] == 'skipped' and 'traceback' not in oom
+    assert oom['reason'].startswith('OutOfMemoryError: CUDA out of memory')
