@@ -6,11 +6,15 @@ import torch
 
 # Keep test traffic on this machine and away from any other ROS graph running beside it.
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-# Under pytest-xdist the workers share a parent: one draw from it, a domain per worker.
+# A domain drawn here unless one is set; pytest-xdist's workers inherit the controller's draw
+# and each takes its own domain beside it, so two workers' nodes never meet.
+if 'ROS_DOMAIN_ID' not in os.environ:
+    os.environ['ROS_DOMAIN_ID'] = str(random.Random(os.getpid()).randint(100, 190))
+    os.environ['TEST_ROS_DOMAIN_DRAWN'] = '1'
 _worker = os.environ.get('PYTEST_XDIST_WORKER', '')
-_domain = (random.Random(os.getppid()).randint(100, 190) + int(_worker[2:])
-           if _worker.startswith('gw') else random.Random(os.getpid()).randint(100, 200))
-os.environ.setdefault('ROS_DOMAIN_ID', str(_domain))
+if _worker.startswith('gw') and os.environ.get('TEST_ROS_DOMAIN_DRAWN') == '1':
+    os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + 1 + int(_worker[2:]))
+    os.environ['TEST_ROS_DOMAIN_DRAWN'] = 'worker'
 # Without a GPU, Triton kernels run in Triton's interpreter. That must be chosen before triton is
 # first imported (importing transformers' model classes imports it), so here, not in a test.
 if not torch.cuda.is_available():
