@@ -1,9 +1,10 @@
 """rclpy start-up and shutdown that work on every ROS 2 distribution from Humble on.
 
 `rclpy.init()` returns a context manager from Kilted on and None before, so nothing here uses
-`with rclpy.init()`. `ros_session(handle_signals=False)` leaves SIGINT and SIGTERM to the
-caller: rclpy's own handler shuts the context down first, after which a node can no longer
-publish the answers it still owes. `StopSignal` turns both signals into an event instead.
+its return value: `ros_session()` pairs init with try_shutdown itself.
+`ros_session(handle_signals=False)` leaves SIGINT and SIGTERM to the caller: rclpy's own
+handler shuts the context down first, after which a node can no longer publish the answers it
+still owes. `StopSignal` turns both signals into an event instead.
 """
 from contextlib import contextmanager
 import logging

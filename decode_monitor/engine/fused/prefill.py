@@ -2,8 +2,8 @@
 
 Both paths of the backend share the packed (or quantised) weights and the static K/V cache.
 Here the matrices go through cuBLAS (or the CPU's GEMM); on the Triton path the element-wise
-work between them runs as one-pass kernels (prefill_ops.py), int4 matrices of prompts up to a
-few hundred tokens go through a GEMM that reads their codes (qgemm.py), and other quantised
+work between them runs as one-pass kernels (prefill_ops.py), int4 matrices of prompts up to
+qgemm.MAX_M tokens go through a GEMM that reads their codes (qgemm.py), and other quantised
 matrices are dequantised one at a time into a reused buffer (unpack.py); the short prefills of
 graph mode replay this function captured (prefill_graphs.py).
 """
