@@ -67,24 +67,32 @@ def test_a_strided_x_and_bad_shapes():
 
 def test_the_table_covers_every_length_up_to_max_m():
     bounds = [bound for bound, _ in Q.CONFIGS]
-    assert bounds == sorted(bounds) and Q.MAX_M == bounds[-1]
-    assert Q.config_for(1) == Q.CONFIGS[0][1] and Q.config_for(Q.MAX_M) == Q.CONFIGS[-1][1]
+    assert bounds == sorted(bounds) and Q.MAX_M in bounds
+    assert Q.config_for(1) == Q.CONFIGS[0][1] and Q.config_for(10 ** 6) == Q.CONFIGS[-1][1]
     assert Q.config_for(3, torch.float32) == Q.FLOAT32
 
 
 @pytest.mark.parametrize('fmt', ['int4', 'int8'])
-def test_the_prefill_reads_int4_codes_and_int8_through_the_buffer(tiny, fmt):
-    """int4 on the Triton path: no dense buffer is made; logits as the torch path's (dense
-    matrices kept) to rounding. int8 (and int4 past MAX_M) dequantise into the buffer."""
+def test_the_prefill_reads_int4_mlp_codes_and_the_rest_through_the_buffer(tiny, fmt):
+    """On the Triton path int4 gate/up and down of up to MAX_M tokens read their codes, every
+    other quantised matrix is dequantised into the buffer; logits as the torch path's (dense
+    matrices kept) to rounding either way."""
+    from decode_monitor.engine.fused.prefill import reads_codes
     model = copy.deepcopy(tiny.model).to(DEV)
     ids = torch.randint(0, 512, (1, Q.MAX_M + 1), generator=torch.Generator().manual_seed(4))
     kernels = FusedBackend(model, Q.MAX_M + 8, use_triton=True, weights=fmt)
     reference = FusedBackend(model, Q.MAX_M + 8, use_triton=False, weights=fmt)
+    layer = kernels.layers[0]
+    int4 = fmt == 'int4'
+    assert [reads_codes(kernels, layer.wgu, m, True) for m in (1, Q.MAX_M, Q.MAX_M + 1)] == [
+        int4, int4, False]
+    assert reads_codes(kernels, layer.wd, 11, True) == int4
+    assert not reads_codes(kernels, layer.wqkv, 11, False)
+    assert not reads_codes(reference, reference.layers[0].wgu, 11, True)
 
     def same(prompt):
         got, want = kernels.prefill(prompt.to(DEV)), reference.prefill(prompt.to(DEV))
         return ((got - want).norm() / want.norm()).item() < 1e-4
     assert same(ids[:, :11])
-    assert (kernels._unpack_buffer is None) == (fmt == 'int4')
+    assert kernels._unpack_buffer is not None  # q/k/v and o_proj
     assert same(ids)  # past MAX_M tokens: the buffer path, int4 too
-    assert kernels._unpack_buffer is not None

@@ -322,8 +322,9 @@ def test_built_decoder_serves_the_codes_without_the_dense_weights(fmt):
 def test_the_prefill_unpack_kernel_is_dequantize(fmt, k, group):
     """unpack.dense_into (the prefill's dequantisation, Triton) against QuantWeight.dequantize:
     every lane of int4, group sizes 32-128, a K that is not a multiple of the kernel's block,
-    a buffer longer than the matrix."""
-    from decode_monitor.engine.fused.unpack import BLOCK, buffer_for, dense_into
+    a buffer longer than the matrix; int4 with row and group tails in its (rows x groups)
+    blocks."""
+    from decode_monitor.engine.fused.unpack import BLOCK, buffer_for, dense_into, Int4Blocks
     w = quantize(randn(6, k, seed=k).to(torch.bfloat16), fmt, group)
     assert k % BLOCK or k < BLOCK
     buffer = buffer_for([w, quantize(randn(7, k, seed=1).to(torch.bfloat16), fmt, group)],
@@ -338,3 +339,8 @@ def test_the_prefill_unpack_kernel_is_dequantize(fmt, k, group):
     torch.testing.assert_close(exact, w.dequantize(torch.float32), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match='too small'):
         dense_into(w, buffer[:10])
+    if fmt == 'int4':  # 6 rows and 3 or 10 groups in blocks of 4 x 4 (the default) and 8 x 8
+        buffer.fill_(7.0)
+        out = dense_into(w, buffer, Int4Blocks(rows=8, groups=8, num_warps=2))
+        torch.testing.assert_close(out, w.dequantize(torch.bfloat16), rtol=2 ** -7, atol=0)
+        assert (buffer[6 * k:] == 7.0).all()

@@ -2,7 +2,7 @@
 
 Both paths of the backend share the packed (or quantised) weights and the static K/V cache.
 Here the matrices go through cuBLAS (or the CPU's GEMM); on the Triton path the element-wise
-work between them runs as one-pass kernels (prefill_ops.py), int4 matrices of prompts up to
+work between them runs as one-pass kernels (prefill_ops.py), int4 MLP matrices of prompts up to
 qgemm.MAX_M tokens go through a GEMM that reads their codes (qgemm.py), and other quantised
 matrices are dequantised one at a time into a reused buffer (unpack.py); the short prefills of
 graph mode replay this function captured (prefill_graphs.py).
@@ -51,7 +51,8 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
     mask = None if fresh else (
         positions[:, None] >= torch.arange(end, device=backend.device)[None, :])  # (T, end)
     qd, kd = backend.q_heads * backend.head_dim, backend.kv_heads * backend.head_dim
-    linear = partial(quant_linear, backend)  # quantised: the codes read in the GEMM
+    linear = partial(quant_linear, backend)  # quantised: dequantised into the buffer
+    mlp = partial(quant_linear, backend, mlp=True)  # int4, short prompts: the codes in the GEMM
     ops = backend._prefill_ops  # one-pass Triton element-wise kernels (prefill_ops.py)
     norm = ops.rms_norm if ops else rms_norm
     h = F.embedding(ids[0], backend.embed)  # (T, H)
@@ -72,13 +73,13 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
             backend.v_cache[i, None, :, :end], attn_mask=mask, is_causal=mask is None,
             scale=backend.scale, enable_gqa=True)  # (1, Hq, T, D)
         h = h + linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
-        gate_up = linear(norm(h, layer.ln2, backend.eps), layer.wgu)
+        gate_up = mlp(norm(h, layer.ln2, backend.eps), layer.wgu)
         if ops:
             act = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        h = h + linear(act, layer.wd)
+        h = h + mlp(act, layer.wd)
     if last_only:
         h = h[-1:] if last is None else h.index_select(0, last)
     if last_only and backend.use_triton and isinstance(backend.lm_head, QuantWeight):
@@ -91,14 +92,22 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
     return F.linear(norm(h, backend.norm, backend.eps), head).float()
 
 
-def quant_linear(backend, x, weight, bias=None):
-    """F.linear(x, weight, bias) of a layer matrix as stored. int4 on the Triton path: up to
-    qgemm.MAX_M tokens the GEMM reads the codes (qgemm.py); past it, and for int8, cuBLAS
-    multiplies the matrix dequantised into the shared buffer (faster there: qgemm.py)."""
-    if isinstance(weight, QuantWeight) and weight.fmt == 'int4' and backend.use_triton:
-        from decode_monitor.engine.fused import qgemm  # Triton: the GPU path only
-        if x.shape[0] <= qgemm.MAX_M:
-            return qgemm.qgemm(x, weight, bias)
+def reads_codes(backend, weight, m, mlp):
+    """Whether the GEMM of `m` tokens reads `weight`'s codes (qgemm.py) rather than the buffer:
+    int4 MLP matrices up to qgemm.MAX_M tokens, on the Triton path (where it is faster)."""
+    if not (mlp and backend.use_triton and isinstance(weight, QuantWeight)
+            and weight.fmt == 'int4'):
+        return False
+    from decode_monitor.engine.fused import qgemm  # Triton: the GPU path only
+    return m <= qgemm.MAX_M
+
+
+def quant_linear(backend, x, weight, bias=None, mlp=False):
+    """F.linear(x, weight, bias) of a layer matrix as stored: through qgemm where
+    `reads_codes`, else cuBLAS on the matrix dequantised into the shared buffer."""
+    if reads_codes(backend, weight, x.shape[0], mlp):
+        from decode_monitor.engine.fused import qgemm
+        return qgemm.qgemm(x, weight, bias)
     return F.linear(x, dense_matrix(backend, weight), bias)
 
 

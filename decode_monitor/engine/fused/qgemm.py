@@ -20,11 +20,13 @@ When the tiles alone would leave SMs idle (few tokens, a matrix of few rows), K 
 to `split` programs; their float32 partials are summed in a fixed order (the same result every
 run, which graph-vs-eager token equality needs).
 
-`CONFIGS` picks the blocks by M. Past MAX_M (128) the prefill keeps the buffer path
-(prefill.py): measured on the H200, this kernel's time grows with M much faster than cuBLAS's
-(the compiled loop waits on each of a K step's eight small dots in turn: latency, it seems,
-not bandwidth or tensor rate, sets its pace), so from a few hundred tokens the dense GEMM
-outruns it by more than the buffer costs. int8 keeps the buffer path at every M: its byte
+`CONFIGS` picks the blocks by M. The prefill uses this kernel for the two MLP matrices (gate/up
+and down, three quarters of a layer's weights) up to MAX_M (64) tokens, and the buffer path
+(unpack.py) for everything else: measured on the H200 in a graph of 28 layers, this kernel's time
+grows with M much faster than cuBLAS's (the compiled loop waits on each of a K step's eight small
+dots in turn: latency, it seems, not bandwidth or tensor rate, sets its pace), so at 128 tokens
+the two paths tie on the MLP matrices, and on q/k/v and o_proj, whose dequantisation is cheap,
+the buffer path is faster from 16 tokens on. int8 keeps the buffer path at every M: its byte
 tiles do not compile to asynchronous copies in this Triton, so the kernel loads them
 unpipelined (for tests and measurement). The measurements: benchmarks/NOTES.md.
 """
@@ -46,15 +48,16 @@ class QGemmConfig(NamedTuple):
     lanes: int = 1  # int4 with block_k = the group: 1, a dot per lane; 2, one reordered; 0, gather
 
 
-# (largest M, config), by M: the configs the H200's time-to-first-token record ran with (the
-# per-matrix sweep beside it finds a little more at 16-128 tokens: benchmarks/NOTES.md).
+# (largest M, config), by M: the configs the H200's time-to-first-token records ran with (the
+# per-matrix sweep beside them finds a little more at 16-64 tokens: benchmarks/NOTES.md); the
+# last row serves callers past MAX_M (tests, measurement).
 CONFIGS = (
     (16, QGemmConfig(64, 16, 128, 4, 4, 4)),
     (32, QGemmConfig(64, 32, 128, 4, 4, 4)),
     (64, QGemmConfig(64, 64, 128, 4, 4, 4)),
     (128, QGemmConfig(64, 128, 128, 4, 3, 4)),
 )
-MAX_M = CONFIGS[-1][0]
+MAX_M = 64  # the prefill's range (see above)
 # float32 activations (tests, references): products in float32, which take more shared memory
 FLOAT32 = QGemmConfig(64, 32, 64, 4, 2)
 
