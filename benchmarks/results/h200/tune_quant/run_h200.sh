@@ -1,6 +1,7 @@
 #!/bin/bash
-# The device run of this record, from the repository root (PYTHONPATH=.), results under $OUT.
+# This record's run on the H200, from the repository root: bash run_h200.sh OUT_DIR
 set -u
+OUT=${1:?usage: run_h200.sh OUT_DIR}
 R=benchmarks/results/h200/tune_quant
 SHIPPED=decode_monitor/engine/fused/tuned/nvidia-h200.json
 W=$OUT/w; mkdir -p $W/cache
