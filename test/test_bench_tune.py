@@ -105,3 +105,30 @@ def test_the_decoder_uses_the_tuned_table_and_decodes_the_reference_tokens(tuned
             token = logits.argmax(-1, keepdim=True)
             tokens[name].append(int(token))
     assert tokens['fused'] == tokens['hf']
+
+
+def test_another_command_tunes_into_a_table_and_keeps_its_rows_and_provenance(tuned, tmp_path):
+    """Re-tuning some shapes into an existing table (another command, -o that table): the rows
+    it holds are kept as measured, the missing ones tuned, and the table's provenance names
+    this command and keeps the earlier one's under 'earlier'."""
+    *_, path, cache = tuned
+    data, _ = _rows(path)
+    dropped = data['gemv'].pop()  # the lm_head's row: to be tuned again
+    merged = tmp_path / 'merged.json'
+    merged.write_text(json.dumps(data))
+    env = {**os.environ, 'DECODE_MONITOR_CACHE': cache, 'TRITON_INTERPRET': '1',
+           'PYTHONPATH': os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)}
+    run = subprocess.run(COMMAND + ['-o', str(merged)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    timed = [line for line in run.stderr.splitlines() if 'ms/step' in line]
+    assert len(timed) == 1 and f"{dropped['kind']} bf16 {dropped['n']}x{dropped['k']}" in timed[0]
+    new, rows = _rows(merged)
+    assert len(rows) == SHAPES
+    for key, row in _rows(path)[1].items():
+        if row != dropped:
+            assert rows[key] == row
+    prov = new['provenance']
+    assert prov['command'].endswith(f'-o {merged}') and prov['complete'] is True
+    assert [p['command'] for p in prov['earlier']] == [data['provenance']['command']]
+    assert 'earlier' not in prov['earlier'][0]

@@ -78,6 +78,30 @@ def test_gemv_gated_silu(config):
     assert rel(out, F.silu(F.linear(xn, gate)) * F.linear(xn, up)) < 1e-5
 
 
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+@pytest.mark.parametrize('config', [(4, 128, 4, 2, 3), (4, 128, 4, 3, 3)])
+def test_quantised_prefetch_or_pipeline_with_split_k(fmt, config):
+    """Quantised loads one chunk ahead in registers (stages 2) or pipelined (3), with split-K
+    whose last share is short (5 chunks in 3 shares): what the H200 table runs for int4 o_proj
+    and down_proj (64, 256, 4, 2, 7), against the dequantised matrix."""
+    from decode_monitor.engine.fused.quant import quantize
+    gen = torch.Generator().manual_seed(5)
+    n, k = 24, 640
+    qw = quantize(torch.randn(2 * n, k, generator=gen).to(DEV), fmt)
+    w = qw.dequantize()
+    x = torch.randn(k, generator=gen).to(DEV)
+    h = torch.randn(n, generator=gen).to(DEV)
+    g = torch.rand(k, generator=gen).to(DEV) + 0.5
+    down = quantize(torch.randn(n, k, generator=gen).to(DEV), fmt)
+    out = h.clone()
+    G.gemv(down, x, out, residual=out, config=config)
+    assert rel(out, h + F.linear(x, down.dequantize())) < 1e-5
+    out = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, out, norm_weight=g, gated=True, eps=EPS, config=config)
+    xn = rms_norm(x, g)
+    assert rel(out, F.silu(F.linear(xn, w[:n])) * F.linear(xn, w[n:])) < 1e-5
+
+
 def test_split_k_resets_its_tickets():
     """Split-K programs share fp32 scratch and tickets with every launch; each launch must reset
     its tickets, or the next one (next layer, next graph replay) picks the wrong last program

@@ -103,6 +103,26 @@ def test_shipped_tables_name_their_gpu_and_provenance():
         assert tables.slug(table.provenance['gpu_name']) + '.json' == name
         assert set(PROVENANCE) <= set(table.provenance)
         assert table.gemv_rows and table.attention_rows
+        for earlier in table.provenance.get('earlier', []):  # runs that tuned rows kept here
+            assert set(PROVENANCE) <= set(earlier)
+            assert earlier['gpu_name'] == table.provenance['gpu_name']
+
+
+def test_every_tune_candidate_is_a_valid_table_row(tmp_path):
+    """What `bench tune` may write must load; `wide` is `small` with more quantised configs."""
+    from decode_monitor.bench.tune_candidates import CANDIDATES
+    for name, sets in CANDIDATES.items():
+        configs = [(fmt, c) for fmt, by_kind in sets['gemv'].items()
+                   for listed in by_kind.values() for c in listed]
+        gemv = [('gemv', fmt, n, 64, c) for n, (fmt, c) in enumerate(configs, 1)]
+        attention = [(1, 1, t, c) for t, c in enumerate(sets['attention'], 2)]
+        table = tables.load(write_table(tmp_path / f'{name}.json', 'cpu', gemv, attention))
+        assert list(table.gemv_rows.values()) == [GemvConfig(*c) for _, c in configs]
+        assert list(table.attention_rows.values()) == [AttentionConfig(*c)
+                                                       for c in sets['attention']]
+    for fmt in ('bf16', 'int8', 'int4'):
+        small, wide = (CANDIDATES[s]['gemv'][fmt]['*'] for s in ('small', 'wide'))
+        assert set(small) <= set(wide) and (fmt == 'bf16' or len(wide) > len(small))
 
 
 def test_provenance_of_this_machine():

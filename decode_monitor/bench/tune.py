@@ -173,7 +173,8 @@ def _parser():
     p.add_argument('--budget-s', type=float, default=None,
                    help='stop after about this many seconds; shapes left keep the defaults')
     p.add_argument('--candidates', choices=sorted(CANDIDATES), default='small',
-                   help='candidate set per shape: small (minutes), full (more), tiny (tests)')
+                   help='candidate set per shape: small (minutes), full (more), wide (small '
+                   'with more for int8 and int4), tiny (tests)')
     p.add_argument('-o', '--output', help='table file (default: the user cache for this GPU '
                    'and Triton version, which the decoder then finds by itself)')
     p.add_argument('--restart', action='store_true',
@@ -208,6 +209,15 @@ def _start_table(args, path, device_name, triton):
     return table, tables.measurements(path)
 
 
+def _merged_provenance(new, old):
+    """This run's provenance; a table made by another command keeps that one's, and the ones
+    it kept, under 'earlier' (newest first): its rows were measured by those runs."""
+    if not old or old.get('command') == new['command']:  # a fresh table, or a resumed run
+        return {**new, 'earlier': old.get('earlier', [])} if old.get('earlier') else new
+    first = {k: v for k, v in old.items() if k != 'earlier'}
+    return {**new, 'earlier': [first] + list(old.get('earlier', []))}
+
+
 def run(args, argv):
     import torch
     from tqdm import tqdm
@@ -223,7 +233,7 @@ def run(args, argv):
     path = args.output or tables.user_table_path(name, triton)
     table, measured = _start_table(args, path, name, triton)
     command = ' '.join(['bench', 'tune'] + [shlex.quote(a) for a in argv])
-    prov = tables.provenance(device, command)
+    prov = _merged_provenance(tables.provenance(device, command), table.provenance)
     start = time.monotonic()
     deadline = start + (args.budget_s if args.budget_s else float('inf'))
     dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32

@@ -2,9 +2,12 @@
 
 GEMV configs are (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]), attention configs
 (BLOCK_T, n_splits or None, num_warps, num_stages): see engine/fused/configs.py. `small` holds
-what won on some shape of the study models on an H100 and its neighbours (minutes on a 7B model
-in three formats); `full` adds a wider sweep; `tiny` is one candidate a shape, for tests under
-Triton's interpreter, where programs, not bytes, cost time.
+what won on some shape of the study models on an H100 or an H200 and its neighbours (minutes on
+a 7B model in three formats); `full` adds a wider sweep; `wide` is `small` with more rows a
+program, longer chunks, more warps and pipeline stages for int8 and int4 (a GPU with more
+bandwidth per SM needs more bytes in flight per SM to stream at its rate), for re-tuning the
+quantised formats of one model; `tiny` is one candidate a shape, for tests under Triton's
+interpreter, where programs, not bytes, cost time.
 """
 from decode_monitor.engine.fused.configs import AttentionConfig as A, GemvConfig as G
 
@@ -12,19 +15,30 @@ _BF16_SMALL = [G(8, 512, 4, 4), G(4, 512, 4, 3), G(4, 256, 4, 4), G(4, 512, 4, 5
                G(16, 512, 4, 3), G(8, 512, 4, 1)]
 _INT8_SMALL = [G(4, 512, 4, 2), G(8, 512, 4, 2), G(16, 512, 4, 2), G(4, 1024, 4, 3),
                G(4, 1024, 4, 2), G(4, 512, 2, 3)]
-_INT4_SMALL = [G(64, 256, 4, 1, 7), G(64, 256, 4, 1), G(128, 256, 4, 1), G(32, 256, 4, 1),
-               G(16, 512, 4, 2), G(64, 256, 4, 2), G(16, 1024, 4, 2)]
+_INT4_SMALL = [G(64, 256, 4, 1, 7), G(64, 256, 4, 2, 7), G(64, 256, 4, 1, 2), G(64, 256, 4, 1),
+               G(128, 256, 4, 1), G(32, 256, 4, 1), G(16, 512, 4, 2), G(64, 256, 4, 2),
+               G(16, 1024, 4, 2)]
 _ATTENTION_SMALL = [A(128, 16, 4, 3), A(128, 16, 4, 2), A(64, 32, 4, 2), A(32, 64, 4, 2)]
 
 _BF16_MORE = [G(4, 512, 4, 1, 2), G(8, 512, 4, 3), G(8, 256, 4, 4), G(2, 1024, 4, 3),
               G(4, 1024, 4, 3), G(16, 512, 4, 1), G(8, 512, 8, 4)]
 _INT8_MORE = [G(4, 512, 4, 1), G(8, 1024, 4, 3), G(16, 1024, 4, 2), G(2, 1024, 4, 2),
               G(8, 512, 8, 2), G(4, 2048, 8, 2), G(8, 256, 2, 2), G(4, 512, 4, 2, 2)]
-_INT4_MORE = [G(64, 256, 4, 1, 2), G(32, 256, 4, 1, 4), G(128, 256, 4, 2), G(32, 512, 4, 2),
+_INT4_MORE = [G(32, 256, 4, 1, 4), G(128, 256, 4, 2), G(32, 512, 4, 2),
               G(8, 1024, 4, 2), G(16, 512, 4, 3), G(32, 512, 4, 3), G(16, 512, 8, 2),
               G(8, 2048, 8, 2), G(16, 512, 4, 2, 4)]
 _ATTENTION_MORE = [A(64, 16, 4, 2), A(128, 32, 4, 2), A(16, 128, 4, 2), A(64, 32, 8, 2),
                    A(64, 64, 4, 3), A(128, 66, 4, 2)]
+
+# More bytes in flight per SM: more rows or longer chunks a program, 8 warps, stages through
+# shared memory (3, 4) beside the register prefetch (2); int4 also split-K with those.
+_INT8_WIDE = [G(32, 512, 4, 2), G(16, 512, 8, 2), G(32, 512, 8, 2), G(16, 512, 4, 3),
+              G(16, 512, 4, 4), G(8, 512, 4, 3), G(8, 512, 4, 4), G(16, 1024, 4, 2),
+              G(8, 1024, 4, 3), G(4, 1024, 4, 4), G(4, 2048, 4, 2), G(4, 2048, 8, 2),
+              G(16, 256, 4, 2), G(32, 256, 4, 2)]
+_INT4_WIDE = [G(64, 256, 4, 3), G(64, 256, 4, 4), G(128, 256, 4, 2), G(128, 256, 4, 3),
+              G(64, 256, 8, 1), G(64, 256, 8, 2), G(128, 256, 8, 1), G(32, 512, 4, 1),
+              G(32, 512, 4, 2), G(32, 256, 4, 1, 4), G(64, 256, 4, 3, 7), G(32, 256, 4, 1, 7)]
 
 # set -> {'gemv': {weights: {kind or '*': [configs]}}, 'attention': [configs]}
 CANDIDATES = {
@@ -35,6 +49,9 @@ CANDIDATES = {
                       'int8': {'*': _INT8_SMALL + _INT8_MORE},
                       'int4': {'*': _INT4_SMALL + _INT4_MORE}},
              'attention': _ATTENTION_SMALL + _ATTENTION_MORE},
+    'wide': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL + _INT8_WIDE},
+                      'int4': {'*': _INT4_SMALL + _INT4_WIDE}},
+             'attention': _ATTENTION_SMALL},
     'tiny': {'gemv': {fmt: {'*': [G(32, 128, 4, 1)]} for fmt in ('bf16', 'int8', 'int4')},
              'attention': [A(32, 2, 4, 1)]},
 }
