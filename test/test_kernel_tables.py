@@ -76,6 +76,8 @@ def test_cache_directory_follows_the_environment(tmp_path):
      "weights 'int2'"),
     ({'attention': [dict(kv_heads=1, group=1, max_context=8, config=[64, 0, 4, 1])]},
      'n_splits must be a positive integer'),
+    ({'gemv': [dict(kind='gemv', weights='int4', n=8, k=8, config=[4, 64, 4, 1, 1, 0])]},
+     'max_registers must be a positive integer'),
 ])
 def test_a_bad_table_is_refused_by_name(tmp_path, content, words):
     path = tmp_path / 'bad.json'
@@ -149,3 +151,22 @@ def test_bench_takes_a_table_by_flag_and_its_report_names_it(tmp_path, monkeypat
                for s in range(2)]
     finish(results(samples), str(tmp_path), thresholds(), 0.95, 200)
     assert f'kernel configs: {path}' in (tmp_path / 'report.md').read_text()
+
+
+def test_a_register_cap_is_kept_by_the_file_and_reaches_the_launch(tmp_path):
+    """A row may cap a thread's registers (the launch's maxnreg); rows without one are written
+    as before, so tables from before the field load and save unchanged."""
+    from decode_monitor.engine.fused import gemv as G
+    capped, plain = GemvConfig(64, 256, 4, 2, 7, 96), GemvConfig(4, 512, 4, 1)
+    table = DEFAULTS.with_gemv(('gated', 'int4', 18944, 3584), capped).with_gemv(
+        ('gemv', 'bf16', 3584, 3584), plain)
+    data = tables.to_dict(table, {'gpu_name': 'cpu'})
+    assert [row['config'] for row in data['gemv']] == [list(capped), [4, 512, 4, 1, 1]]
+    path = tmp_path / 't.json'
+    tables.save(str(path), data)
+    loaded = tables.load(str(path))
+    assert loaded.gemv('gated', 18944, 3584, 'int4') == capped
+    assert loaded.gemv('gemv', 3584, 3584) == GemvConfig(4, 512, 4, 1, 1, None)
+    assert G._register_cap(capped) == {'maxnreg': 96}
+    assert G._register_cap(plain) == {} and G._register_cap((8, 64, 4, 1, 2)) == {}
+    assert G._split_config(capped, 3584, 128) == (64, 256, 4, 2, 7)

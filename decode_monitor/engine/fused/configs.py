@@ -18,12 +18,15 @@ FORMATS = ('bf16', 'int8', 'int4')
 class GemvConfig(NamedTuple):
     """num_stages > 1 software-pipelines the weight loads through shared memory (more bytes in
     flight per SM), except the quantised formats' 2, which loads the next chunk into registers
-    (dequant.quant_dot); a split_k of S runs S programs per row block, each over 1/S of K."""
+    (dequant.quant_dot); a split_k of S runs S programs per row block, each over 1/S of K;
+    max_registers caps a thread's registers (ptxas .maxnreg): more programs fit on an SM, at
+    the price of spills (None: the compiler's choice)."""
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
     split_k: int = 1
+    max_registers: Optional[int] = None
 
 
 class AttentionConfig(NamedTuple):

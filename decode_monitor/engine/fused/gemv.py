@@ -245,12 +245,18 @@ def _weight_args(w):
 
 
 def _split_config(config, k, group):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT) of a 4- or 5-tuple config; BLOCK_K at
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT) of a 4- to 6-tuple config; BLOCK_K at
     least a group, SPLIT at most the number of BLOCK_K chunks."""
-    block_n, block_k, warps, stages, *split = config
+    block_n, block_k, warps, stages, *rest = config
     block_k = max(block_k, group)
-    split = min(split[0] if split else 1, triton.cdiv(k, block_k))
+    split = min(rest[0] if rest else 1, triton.cdiv(k, block_k))
     return block_n, block_k, warps, stages, split
+
+
+def _register_cap(config):
+    """The launch's `maxnreg` keyword where the config caps registers (GemvConfig)."""
+    cap = config[5] if len(config) > 5 else None
+    return {'maxnreg': cap} if cap else {}
 
 
 def _even(k, block_k, split):
@@ -295,8 +301,8 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     k = x.shape[0]
     kind = kind or ('gated' if gated else 'gemv')
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
-    block_n, block_k, warps, stages, split = _split_config(
-        config or DEFAULTS.gemv(kind, n, k, fmt, x.device.type == 'cpu'), k, group)
+    config = config or DEFAULTS.gemv(kind, n, k, fmt, x.device.type == 'cpu')
+    block_n, block_k, warps, stages, split = _split_config(config, k, group)
     norm = norm_weight is not None
     res = residual is not None
     grid = (triton.cdiv(n, block_n), split)
@@ -306,7 +312,7 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
                       acc, ssq, cnt, n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res,
                       GATED=gated, FMT=fmt_code, GROUP=group, BLOCK_N=block_n,
                       BLOCK_K=block_k, EVEN_K=_even(k, block_k, split), STAGES=stages, SPLIT=split,
-                      num_warps=warps, **pdl.launch_args(x.device))
+                      num_warps=warps, **_register_cap(config), **pdl.launch_args(x.device))
     return out
 
 
@@ -322,8 +328,8 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     n_pairs = (q_heads + 2 * kv_heads) * half
     on_cpu = x.device.type == 'cpu'
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
-    block_n, block_k, warps, stages, split = _split_config(
-        config or DEFAULTS.gemv('qkv', 2 * n_pairs, kdim, fmt, on_cpu), kdim, group)
+    config = config or DEFAULTS.gemv('qkv', 2 * n_pairs, kdim, fmt, on_cpu)
+    block_n, block_k, warps, stages, split = _split_config(config, kdim, group)
     grid = (triton.cdiv(n_pairs, block_n), split)
     acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0], split) if split > 1 \
         else (q, q, q)
@@ -333,4 +339,4 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
                           HALF=half, HAS_BIAS=bias is not None, FMT=fmt_code, GROUP=group,
                           BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=_even(kdim, block_k, split),
                           STAGES=stages, SPLIT=split, num_warps=warps,
-                          **pdl.launch_args(x.device))
+                          **_register_cap(config), **pdl.launch_args(x.device))

@@ -116,7 +116,7 @@ def from_dict(data, source):
 
 def _checked(config, where):
     for name, value in config._asdict().items():
-        if value is None and name == 'n_splits':
+        if value is None and name in ('n_splits', 'max_registers'):
             continue
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{where}: {name} must be a positive integer, not {value!r}')
@@ -151,10 +151,16 @@ def to_dict(configs, provenance=None, measured=None):
     def extra(key):
         return measured.get(key, {})
     return {'format': FORMAT, 'provenance': provenance or configs.provenance,
-            'gemv': [{**key._asdict(), 'config': list(cfg), **extra(key)}
+            'gemv': [{**key._asdict(), 'config': _listed(cfg), **extra(key)}
                      for key, cfg in configs.gemv_rows.items()],
             'attention': [{**key._asdict(), 'config': list(cfg), **extra(key)}
                           for key, cfg in configs.attention_rows.items()]}
+
+
+def _listed(config):
+    """A GEMV config as a list, without a register cap it does not have."""
+    row = list(config)
+    return row[:-1] if row[-1] is None else row
 
 
 def save(path, data):
