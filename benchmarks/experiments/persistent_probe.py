@@ -23,7 +23,9 @@ from decode_monitor.engine.fused.persistent_launch import PersistentConfig  # no
 from decode_monitor.engine.fused.persistent_model import PersistentBackend  # noqa: E402
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 
-C = PersistentConfig
+# the first version's config; each variant changes some of it
+V1 = PersistentConfig(block_n=8, block_k=256, num_stages=2, layout='one', ticket_blocks=1)
+C = V1._replace
 VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets][-ahead]
     # the first version (one launch a layer; its matrices' loops were not software-pipelined)
     'one-8x256-s1': C(num_stages=1),
@@ -32,14 +34,12 @@ VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets]
     # attention out of the matrices' launch: two launches a layer, or the attention kernels
     'two-8x256-s2': C(layout='two'),
     'two-8x256-s3': C(layout='two', num_stages=3),
-    'two-8x256-s4': C(layout='two', num_stages=4),
     'two-4x256-s4': C(layout='two', block_n=4, num_stages=4),
     'two-4x512-s3': C(layout='two', block_n=4, block_k=512, num_stages=3),
     'two-4x512-s4': C(layout='two', block_n=4, block_k=512, num_stages=4),
     'two-4x512-s5': C(layout='two', block_n=4, block_k=512, num_stages=5),
     'two-8x512-s3-w8': C(layout='two', block_k=512, num_stages=3, num_warps=8),
     'split-4x512-s4': C(layout='split', block_n=4, block_k=512, num_stages=4),
-    'split-4x256-s4': C(layout='split', block_n=4, num_stages=4),
     # tickets of several row blocks, single ones at the tail; the next ticket taken ahead
     'two-4x512-s4-t4': C(layout='two', block_n=4, block_k=512, num_stages=4, ticket_blocks=4),
     'two-4x512-s4-t8': C(layout='two', block_n=4, block_k=512, num_stages=4, ticket_blocks=8),
@@ -51,6 +51,13 @@ VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets]
     'split-4x512-s4-t4-a': C(layout='split', block_n=4, block_k=512, num_stages=4,
                              ticket_blocks=4, ahead=True),
     'two-4x256-s4-t4-a': C(layout='two', block_n=4, num_stages=4, ticket_blocks=4, ahead=True),
+    # taking the ticket ahead costs registers (114 at 4 x 512 against 80): capped
+    'two-4x512-s4-a-r80': C(layout='two', block_n=4, block_k=512, num_stages=4, ahead=True,
+                            gemv_maxnreg=80),
+    'two-4x512-s4-t4-a-r80': C(layout='two', block_n=4, block_k=512, num_stages=4,
+                               ticket_blocks=4, ahead=True, gemv_maxnreg=80),
+    'split-4x512-s4-t4-a-r80': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                 ticket_blocks=4, ahead=True, gemv_maxnreg=80),
 }
 
 

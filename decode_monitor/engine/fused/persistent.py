@@ -97,91 +97,122 @@ def _chunk(W, X, NW, rows_a, rows_b, c, K: tl.constexpr, NORM: tl.constexpr,
 
 
 @triton.jit
-def _qkv_range(blk0, NB: tl.constexpr, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
-               cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
-               Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
-               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               STAGES: tl.constexpr):
-    """gemv.qkv_rope_kernel's work for NB blocks of rotate-half row pairs from blk0: one loop
-    over blocks and K chunks, each block's epilogue in it when its last chunk is in."""
+def _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+              cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
+              Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step it of a range of q/k/v blocks of rotate-half row pairs from blk0: chunk it % KT of
+    block it // KT, and that block's epilogue (gemv.qkv_rope_kernel's) after its last chunk."""
     KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
-    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for it in tl.range(0, NB * KT, num_stages=STAGES):
-        c = it % KT
-        p = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        p_mask = p < N_PAIRS
-        p = tl.minimum(p, N_PAIRS - 1)
-        j = p % HALF
-        rows_a = (p // HALF) * (2 * HALF) + j
-        rows_b = rows_a + HALF
-        wa, wb, x, x2 = _chunk(WQKV, H, LN1, rows_a, rows_b, c, HIDDEN, True, True, BLOCK_K)
-        acc_a += wa.to(tl.float32) * x[None, :]
-        acc_b += wb.to(tl.float32) * x[None, :]
-        ss += x2
-        if c == KT - 1:
-            _qkv_rope_store(tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0),
-                            p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
-                            Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
-            acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    c = it % KT
+    p = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = p < N_PAIRS
+    p = tl.minimum(p, N_PAIRS - 1)
+    j = p % HALF
+    rows_a = (p // HALF) * (2 * HALF) + j
+    rows_b = rows_a + HALF
+    wa, wb, x, x2 = _chunk(WQKV, H, LN1, rows_a, rows_b, c, HIDDEN, True, True, BLOCK_K)
+    acc_a += wa.to(tl.float32) * x[None, :]
+    acc_b += wb.to(tl.float32) * x[None, :]
+    ss += x2
+    if c == KT - 1:
+        _qkv_rope_store(tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0),
+                        p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
+                        Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
+        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    return acc_a, acc_b, ss
 
 
 @triton.jit
-def _gemv_range(blk0, NB: tl.constexpr, W, X, NW, R, Y, N: tl.constexpr, K: tl.constexpr, eps,
-                NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """gemv.gemv_kernel's work (no split-K) for NB row blocks from blk0, as _qkv_range."""
+def _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N: tl.constexpr, K: tl.constexpr,
+               eps, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _qkv_step, for a range of row blocks of W: gemv.gemv_kernel's work (no split-K)."""
     KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    c = it % KT
+    rows = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    wa, wb, x, x2 = _chunk(W, X, NW, rows, rows + N, c, K, NORM, GATED, BLOCK_K)
+    acc_a += wa.to(tl.float32) * x[None, :]
+    if GATED:
+        acc_b += wb.to(tl.float32) * x[None, :]
+    if NORM:
+        ss += x2
+    if c == KT - 1:
+        a = tl.sum(acc_a, axis=1)
+        b = tl.sum(acc_b, axis=1)
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            a = a * rstd
+            b = b * rstd
+        if GATED:
+            y = a * tl.sigmoid(a) * b
+        else:
+            y = a
+        if RESIDUAL:
+            y += tl.load(R + rows, mask=row_mask, other=0.0, cache_modifier='.cg').to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    return acc_a, acc_b, ss
+
+
+@triton.jit
+def _qkv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, WQKV, BQKV, H, LN1, COS, SIN, POS, Q,
+                KC, VC, eps, cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
+                Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Ticket u of q/k/v: blocks [u RB, u RB + RB) for the first BIG, then one block each; one
+    software-pipelined loop over the blocks and K chunks (its loads run ahead across blocks)."""
+    KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
+    blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
+    steps = tl.where(u < BIG, RB * KT, KT)
     acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for it in tl.range(0, NB * KT, num_stages=STAGES):
-        c = it % KT
-        rows = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        rows = tl.minimum(rows, N - 1)
-        wa, wb, x, x2 = _chunk(W, X, NW, rows, rows + N, c, K, NORM, GATED, BLOCK_K)
-        acc_a += wa.to(tl.float32) * x[None, :]
-        if GATED:
-            acc_b += wb.to(tl.float32) * x[None, :]
-        if NORM:
-            ss += x2
-        if c == KT - 1:
-            a = tl.sum(acc_a, axis=1)
-            b = tl.sum(acc_b, axis=1)
-            if NORM:
-                rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-                a = a * rstd
-                b = b * rstd
-            if GATED:
-                y = a * tl.sigmoid(a) * b
-            else:
-                y = a
-            if RESIDUAL:
-                y += tl.load(R + rows, mask=row_mask, other=0.0,
-                             cache_modifier='.cg').to(tl.float32)
-            tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
-            acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with bounds read from memory
+        it = 0
+        while it < steps:
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
+                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
+                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
+                                         BLOCK_K)
+            it += 1
+    else:
+        for it in tl.range(0, steps, num_stages=STAGES):
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
+                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
+                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
+                                         BLOCK_K)
 
 
 @triton.jit
 def _gemv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, W, X, NW, R, Y, N: tl.constexpr,
                  K: tl.constexpr, eps, NORM: tl.constexpr, GATED: tl.constexpr,
                  RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr):
-    """Ticket u of a matrix: blocks [u RB, u RB + RB) for the first BIG, then one block each."""
-    if u < BIG:
-        if BIG > 0:
-            _gemv_range(u * RB, RB, W, X, NW, R, Y, N, K, eps, NORM, GATED, RESIDUAL,
-                        BLOCK_N, BLOCK_K, STAGES)
+                 STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """As _qkv_ticket, for a matrix of row blocks."""
+    KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
+    steps = tl.where(u < BIG, RB * KT, KT)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if WHILE_LOOP:
+        it = 0
+        while it < steps:
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
+                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
+            it += 1
     else:
-        _gemv_range(BIG * RB + u - BIG, 1, W, X, NW, R, Y, N, K, eps, NORM, GATED, RESIDUAL,
-                    BLOCK_N, BLOCK_K, STAGES)
+        for it in tl.range(0, steps, num_stages=STAGES):
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
+                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -289,16 +320,9 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
             nt = tl.atomic_add(CNT + TICKET_AT, 1, sem='relaxed')
         if t < E_QKV:
             if DO_QKV:
-                u = t
-                if u < BIG_QKV:
-                    if BIG_QKV > 0:
-                        _qkv_range(u * R_QKV, R_QKV, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC,
-                                   VC, eps, cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS,
-                                   K_PAIRS, HALF, HAS_BIAS, BN, BLOCK_K, STAGES)
-                else:
-                    _qkv_range(BIG_QKV * R_QKV + u - BIG_QKV, 1, WQKV, BQKV, H, LN1, COS, SIN,
-                               POS, Q, KC, VC, eps, cache_head_stride, HIDDEN, N_PAIRS,
-                               Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BN, BLOCK_K, STAGES)
+                _qkv_ticket(t, BIG_QKV, R_QKV, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+                            cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS, HALF,
+                            HAS_BIAS, BN, BLOCK_K, STAGES, WHILE_LOOP)
                 _done(CNT + QKV_DONE)
         elif t < E_MERGE:
             if DO_ATT:
@@ -322,17 +346,18 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
                     if DO_ATT:
                         _wait(CNT + MERGE_DONE, Q_HEADS, ERR, SPIN)
                     _gemv_ticket(t - E_MERGE, BIG_O, R_O, WO, ATT, LN2, H, H, HIDDEN,
-                                 Q_HEADS * D, eps, False, False, True, BN, BLOCK_K, STAGES)
+                                 Q_HEADS * D, eps, False, False, True, BN, BLOCK_K, STAGES,
+                                 WHILE_LOOP)
                     _done(CNT + O_DONE)
                 elif t < E_GU:
                     _wait(CNT + O_DONE, T_O, ERR, SPIN)
                     _gemv_ticket(t - E_O, BIG_GU, R_GU, WGU, H, LN2, H, ACT, INTER, HIDDEN,
-                                 eps, True, True, False, BN, BLOCK_K, STAGES)
+                                 eps, True, True, False, BN, BLOCK_K, STAGES, WHILE_LOOP)
                     _done(CNT + GU_DONE)
                 else:
                     _wait(CNT + GU_DONE, T_GU, ERR, SPIN)
                     _gemv_ticket(t - E_GU, BIG_D, R_D, WD, ACT, LN2, H, H, HIDDEN, INTER, eps,
-                                 False, False, True, BN, BLOCK_K, STAGES)
+                                 False, False, True, BN, BLOCK_K, STAGES, WHILE_LOOP)
         if AHEAD:
             t = nt
         else:

@@ -33,19 +33,19 @@ class PersistentConfig(NamedTuple):
     the rest); gemv_maxnreg in one that does not (None: uncapped). ticket_blocks: the most row
     blocks a ticket; tail: single-block tickets at the end of each matrix, per program; ahead:
     a program takes its next ticket before running the current one."""
-    block_n: int = 8
-    block_k: int = 256
+    block_n: int = 4
+    block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 4
     programs_per_sm: Optional[int] = None
     maxnreg: Optional[int] = 128
     spin: int = SPIN_LIMIT  # polls before a wait gives up
     pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
     block_t: int = 64  # attention: positions a step of a split's loop
     n_splits: Optional[int] = None  # attention: splits of the prefix a KV head (None: default)
-    layout: str = 'one'
+    layout: str = 'two'
     gemv_maxnreg: Optional[int] = None
-    ticket_blocks: int = 1
+    ticket_blocks: int = 4
     tail: float = 1.0
     ahead: bool = False
     att_stages: int = 2  # the attention task's loop (num_stages: the matrices' loops)
