@@ -58,6 +58,18 @@ VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets]
                                ticket_blocks=4, ahead=True, gemv_maxnreg=80),
     'split-4x512-s4-t4-a-r80': C(layout='split', block_n=4, block_k=512, num_stages=4,
                                  ticket_blocks=4, ahead=True, gemv_maxnreg=80),
+    # round 2, around the best of round 1 (split, 4 x 512, 4 stages, ranges of 4, ahead)
+    'split-4x512-s4-t4-p4': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                              ticket_blocks=4, programs_per_sm=4),
+    'split-4x512-s4-t4-a-p3': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                ticket_blocks=4, ahead=True, programs_per_sm=3),
+    'split-4x512-s6-t4-a': C(layout='split', block_n=4, block_k=512, num_stages=6,
+                             ticket_blocks=4, ahead=True),
+    'split-4x512-s4-t8-a': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                             ticket_blocks=8, ahead=True),
+    'split-8x256-s3-t4-a': C(layout='split', num_stages=3, ticket_blocks=4, ahead=True),
+    'split-4x512-s4-t4-a-tail.25': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                     ticket_blocks=4, ahead=True, tail=0.25),
 }
 
 

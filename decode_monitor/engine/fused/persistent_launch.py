@@ -43,11 +43,11 @@ class PersistentConfig(NamedTuple):
     pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
     block_t: int = 64  # attention: positions a step of a split's loop
     n_splits: Optional[int] = None  # attention: splits of the prefix a KV head (None: default)
-    layout: str = 'two'
+    layout: str = 'split'
     gemv_maxnreg: Optional[int] = None
     ticket_blocks: int = 4
     tail: float = 1.0
-    ahead: bool = False
+    ahead: bool = True
     att_stages: int = 2  # the attention task's loop (num_stages: the matrices' loops)
 
 
