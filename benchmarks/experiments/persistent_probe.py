@@ -23,8 +23,10 @@ from decode_monitor.engine.fused.persistent_launch import PersistentConfig  # no
 from decode_monitor.engine.fused.persistent_model import PersistentBackend  # noqa: E402
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 
-# the first version's config; each variant changes some of it
-V1 = PersistentConfig(block_n=8, block_k=256, num_stages=2, layout='one', ticket_blocks=1)
+# the first version's config, every field that the defaults changed pinned; each variant
+# changes some of it (a record's JSON holds each cell's whole config)
+V1 = PersistentConfig(block_n=8, block_k=256, num_stages=2, layout='one', ticket_blocks=1,
+                      ahead=False, tail=1.0, gemv_maxnreg=None, programs_per_sm=None)
 C = V1._replace
 VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets][-ahead]
     # the first version (one launch a layer; its matrices' loops were not software-pipelined)
@@ -60,7 +62,7 @@ VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets]
                                  ticket_blocks=4, ahead=True, gemv_maxnreg=80),
     # round 2, around the best of round 1 (split, 4 x 512, 4 stages, ranges of 4, ahead)
     'split-4x512-s4-t4-p4': C(layout='split', block_n=4, block_k=512, num_stages=4,
-                              ticket_blocks=4, programs_per_sm=4),
+                              ticket_blocks=4, programs_per_sm=4, ahead=False),
     'split-4x512-s4-t4-a-p3': C(layout='split', block_n=4, block_k=512, num_stages=4,
                                 ticket_blocks=4, ahead=True, programs_per_sm=3),
     'split-4x512-s6-t4-a': C(layout='split', block_n=4, block_k=512, num_stages=6,

@@ -4,8 +4,9 @@ Layouts (`PersistentConfig.layout`):
 - 'one': the whole layer is one launch;
 - 'two': q/k/v, attention and merge in one launch, o_proj, gate/up and down in a second,
   compiled without the attention task, so with the registers of a GEMV and more programs an SM;
-- 'split': q/k/v in one launch, the separate attention kernels (attention.py), o_proj..down in
-  a second.
+- 'split' (the default, the fastest measured: benchmarks/NOTES.md): q/k/v in one launch, the
+  separate attention kernels (attention.py, with the backend's attention config), o_proj..down
+  in a second.
 
 Each launch's grid is sized from its compiled kernel (registers, shared memory and warps against
 the device's limits): programs beyond what fits would only queue, and fewer leave SMs idle.
