@@ -43,7 +43,8 @@ CHILD = textwrap.dedent('''
     persistent = PersistentBackend(model, CTX)
     if persistent.layers_kernel is None:
         sys.exit('fell back: ' + persistent.fallback_reason)
-    out = {'fallbacks': persistent.fallbacks, 'grid': persistent.layers_kernel.grid[0],
+    out = {'fallbacks': persistent.fallbacks,
+           'grid': [p.grid[0] for p in persistent.layers_kernel.parts],
            'per_sm': persistent.layers_kernel.per_sm, 'err_fused': [], 'err_persistent': []}
     gen = torch.Generator().manual_seed(0)
     for n in (40, 700):  # attention over one split, and over many
@@ -59,6 +60,31 @@ CHILD = textwrap.dedent('''
             out['err_persistent'].append(rel(persistent.forward_one(token, pos), expected))
             out['err_fused'].append(rel(fused.forward_one(token, pos), expected))
             token = expected.argmax(-1, keepdim=True)
+    # every layout of a layer (one launch, two, q/k/v + attention kernels + the rest), tickets of
+    # single blocks and of ranges, the next ticket taken ahead or not: one step each vs fp32
+    from decode_monitor.engine.fused.persistent_launch import PersistentConfig
+    out['variants'] = {}
+    prompt = torch.randint(0, 49152, (1, 500), generator=gen).cuda()
+    token = ref.prefill(prompt).argmax(-1, keepdim=True)
+    pos = torch.tensor([500], device='cuda')
+    expected = ref.forward_one(token, pos)
+    fused.prefill(prompt)
+    e_f = rel(fused.forward_one(token, pos), expected)
+    for layout in ('one', 'two', 'split'):
+        # 2-row blocks, one program an SM: gate/up's 768 blocks make ranges of 2 on 132 SMs
+        for kind, cfg in (('default', PersistentConfig(layout=layout)),
+                          ('ranges', PersistentConfig(layout=layout, block_n=2,
+                                                      programs_per_sm=1, ticket_blocks=4,
+                                                      ahead=True))):
+            other = PersistentBackend(model, CTX, persistent_config=cfg)
+            other.prefill(prompt)
+            for buf in (other.q, other.att, other.act, other.logits):
+                buf.fill_(float('nan'))
+            e_p = rel(other.forward_one(token, pos), expected)
+            ranges = other.layers_kernel.parts[-1].constants['R_GU']
+            out['variants'][f'{layout}-{kind}'] = [
+                e_p, e_f, other.timeouts(), other.fallbacks, ranges]
+            del other
     # repeatability: the same step replayed in a graph, bit for bit
     pos = torch.tensor([700], device='cuda')
     graph = torch.cuda.CUDAGraph()
@@ -73,7 +99,7 @@ CHILD = textwrap.dedent('''
         out['bitwise'] &= torch.equal(first, logits)
     # forward progress with four times more programs than fit on the GPU at once
     kernel = persistent.layers_kernel
-    kernel.grid = (4 * kernel.grid[0],)
+    kernel.oversubscribe(4)
     out['oversubscribed_equal'] = bool(torch.equal(persistent.forward_one(token, pos), first))
     out['timeouts'] = persistent.timeouts()
     # through the decoder: graph mode gives eager mode's tokens
@@ -111,6 +137,14 @@ def test_logits_as_close_to_fp32_as_the_fused_step(child):
     for e_p, e_f in zip(child['err_persistent'], child['err_fused']):
         assert e_p == e_p  # not NaN: every poisoned element was written
         assert e_p <= 1.25 * e_f + 2e-3, (child['err_persistent'], child['err_fused'])
+
+
+def test_every_layout_and_ticket_range_as_close_to_fp32_as_the_fused_step(child):
+    assert len(child['variants']) == 6
+    for name, (e_p, e_f, timeouts, fallbacks, ranges) in child['variants'].items():
+        assert e_p <= 1.25 * e_f + 2e-3, (name, e_p, e_f)  # NaN fails too
+        assert timeouts == 0 and fallbacks == 0, name
+        assert ranges == (2 if name.endswith('ranges') else 1), name
 
 
 def test_bit_for_bit_repeatable_and_oversubscription_safe(child):

@@ -3,7 +3,9 @@
 - The one-launch-a-layer kernel (interpreter: its programs run one after another, so they take
   the tickets in order and every wait is already satisfied) gives the `hf` backend's logits
   (fp32, relative error < 1e-4) on tiny Llama and Qwen2 models, at short positions and past
-  4096, with its scratch poisoned with NaN first and with one, two or three programs.
+  4096, with its scratch poisoned with NaN first and with one, two or three programs; so do the
+  layouts of two launches a layer and of q/k/v + attention kernels + o_proj..down, with tickets
+  of several row blocks (and single ones at the tail) and the next ticket taken ahead.
 - A wait whose counter never arrives gives up and raises the error flag instead of hanging.
 - A model the kernel cannot serve falls back to the fused step, with a reason and a count.
 - On the CPU the backend decodes through the torch path: greedy tokens equal transformers'
@@ -25,7 +27,7 @@ from decode_monitor.engine.decoder import BACKENDS, Decoder  # noqa: E402
 from decode_monitor.engine.factory import DecoderSettings, build_decoder  # noqa: E402
 from decode_monitor.engine.fused import PersistentBackend  # noqa: E402
 from decode_monitor.engine.fused.persistent import _wait  # noqa: E402
-from decode_monitor.engine.fused.persistent_launch import INTERPRETER  # noqa: E402
+from decode_monitor.engine.fused.persistent_launch import INTERPRETER, ticket_ranges  # noqa: E402
 from decode_monitor.engine.hf_backend import HFBackend  # noqa: E402
 from decode_monitor.engine.sampling import SamplingParams  # noqa: E402
 
@@ -65,7 +67,8 @@ def test_layer_kernel_logits_match_hf_backend(name, programs):
     backend = PersistentBackend(model, MAX_CONTEXT, use_triton=True,
                                 attention_config=(64, 5, 4, 1),  # 5 splits of the prefix
                                 persistent_config=INTERPRETER._replace(programs_per_sm=programs))
-    assert backend.layers_kernel is not None and backend.layers_kernel.grid == (programs,)
+    assert backend.layers_kernel is not None
+    assert [p.grid for p in backend.layers_kernel.parts] == [(programs,)]
     gen = torch.Generator().manual_seed(1)
     # past 4096 positions once per model, with several programs (the costly case to interpret)
     for n in (7, 4100) if programs > 1 else (7,):
@@ -81,6 +84,39 @@ def test_layer_kernel_logits_match_hf_backend(name, programs):
             assert rel(got, expected) < 1e-4, f'position {n + i}'
             token = expected.argmax(-1, keepdim=True)
     assert backend.timeouts() == 0
+
+
+@pytest.mark.parametrize('layout', ['one', 'two', 'split'])
+def test_layouts_and_ticket_ranges_match_hf_backend(layout):
+    model = tiny_model('qwen2')
+    hf = HFBackend(model, 256)
+    config = INTERPRETER._replace(block_n=16, programs_per_sm=2, layout=layout, ticket_blocks=4,
+                                  tail=0.5, ahead=True)
+    backend = PersistentBackend(model, 256, use_triton=True, attention_config=(64, 3, 4, 1),
+                                persistent_config=config)
+    kernel = backend.layers_kernel
+    assert len(kernel.parts) == (1 if layout == 'one' else 2)
+    # hidden 128 / 16 rows = 8 blocks on 2 programs: 3 ranges of 2 blocks, then 2 singles;
+    # gate/up 256 / 16 = 16 blocks: 3 ranges of 4 blocks, then 4 singles
+    mlp = kernel.parts[-1].constants
+    assert (mlp['R_O'], mlp['BIG_O'], mlp['R_GU'], mlp['BIG_GU']) == (2, 3, 4, 3)
+    prompt = torch.randint(0, 512, (1, 70), generator=torch.Generator().manual_seed(2))
+    token = hf.prefill(prompt).argmax(-1, keepdim=True)
+    backend.prefill(prompt)
+    for i in range(2):
+        pos = torch.tensor([70 + i])
+        expected = hf.forward_one(token, pos)
+        poison(backend)
+        assert rel(backend.forward_one(token, pos), expected) < 1e-4, f'position {70 + i}'
+        token = expected.argmax(-1, keepdim=True)
+    assert backend.timeouts() == 0
+
+
+def test_ticket_ranges():
+    assert ticket_ranges(4736, 792, 8, 1.0) == (2, 1972)  # 2 * 1972 + 792 singles
+    assert ticket_ranges(4736, 132, 8, 1.0) == (8, 575)  # 8 * 575 + 136 singles
+    assert ticket_ranges(448, 528, 8, 1.0) == (1, 0)  # fewer blocks than two a program
+    assert ticket_ranges(100, 10, 1, 1.0) == (1, 0)  # ranges off
 
 
 @triton.jit

@@ -23,25 +23,55 @@ from decode_monitor.engine.fused.persistent_launch import PersistentConfig  # no
 from decode_monitor.engine.fused.persistent_model import PersistentBackend  # noqa: E402
 from decode_monitor.engine.presets import build_preset  # noqa: E402
 
-VARIANTS = {  # name -> PersistentConfig
-    'k256-r128': PersistentConfig(block_k=256, maxnreg=128),
-    'k256-r128-nopdl': PersistentConfig(block_k=256, maxnreg=128, pdl=False),
-    'k256-r128-t32': PersistentConfig(block_k=256, maxnreg=128, block_t=32),
-    'k256-r128-pf64': PersistentConfig(block_k=256, maxnreg=128, prefetch=64),
-    'n8-k256-r128': PersistentConfig(block_n=8, block_k=256, maxnreg=128),
-    'k512': PersistentConfig(),
-    'k256-r96': PersistentConfig(block_k=256, maxnreg=96),
-    # round 2: more bytes in flight a program (rows, pipelined stages through shared memory)
-    'n8-k256-r128-s2': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=2),
-    'n8-k256-r128-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=128, num_stages=3),
-    'n16-k128-r128': PersistentConfig(block_n=16, block_k=128, maxnreg=128),
-    'n16-k128-r128-s3': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=3),
-    'n16-k256-r128-s2': PersistentConfig(block_n=16, block_k=256, maxnreg=128, num_stages=2),
-    'n16-k128-r128-s4': PersistentConfig(block_n=16, block_k=128, maxnreg=128, num_stages=4),
-    'n32-k128-r168-s3': PersistentConfig(block_n=32, block_k=128, maxnreg=168, num_stages=3),
-    'n8-k256-r168-s3': PersistentConfig(block_n=8, block_k=256, maxnreg=168, num_stages=3),
-    'n16-k128-r128-s3-pf32': PersistentConfig(block_n=16, block_k=128, maxnreg=128,
-                                              num_stages=3, prefetch=32),
+# the first version's config, every field that the defaults changed pinned; each variant
+# changes some of it (a record's JSON holds each cell's whole config)
+V1 = PersistentConfig(block_n=8, block_k=256, num_stages=2, layout='one', ticket_blocks=1,
+                      ahead=False, tail=1.0, gemv_maxnreg=None, programs_per_sm=None)
+C = V1._replace
+VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets][-ahead]
+    # the first version (one launch a layer; its matrices' loops were not software-pipelined)
+    'one-8x256-s1': C(num_stages=1),
+    'one-8x256-s2': C(num_stages=2),
+    'one-4x512-s4': C(block_n=4, block_k=512, num_stages=4),
+    # attention out of the matrices' launch: two launches a layer, or the attention kernels
+    'two-8x256-s2': C(layout='two'),
+    'two-8x256-s3': C(layout='two', num_stages=3),
+    'two-4x256-s4': C(layout='two', block_n=4, num_stages=4),
+    'two-4x512-s3': C(layout='two', block_n=4, block_k=512, num_stages=3),
+    'two-4x512-s4': C(layout='two', block_n=4, block_k=512, num_stages=4),
+    'two-4x512-s5': C(layout='two', block_n=4, block_k=512, num_stages=5),
+    'two-8x512-s3-w8': C(layout='two', block_k=512, num_stages=3, num_warps=8),
+    'split-4x512-s4': C(layout='split', block_n=4, block_k=512, num_stages=4),
+    # tickets of several row blocks, single ones at the tail; the next ticket taken ahead
+    'two-4x512-s4-t4': C(layout='two', block_n=4, block_k=512, num_stages=4, ticket_blocks=4),
+    'two-4x512-s4-t8': C(layout='two', block_n=4, block_k=512, num_stages=4, ticket_blocks=8),
+    'two-4x512-s4-a': C(layout='two', block_n=4, block_k=512, num_stages=4, ahead=True),
+    'two-4x512-s4-t4-a': C(layout='two', block_n=4, block_k=512, num_stages=4,
+                           ticket_blocks=4, ahead=True),
+    'two-4x512-s4-t4-tail.5': C(layout='two', block_n=4, block_k=512, num_stages=4,
+                                ticket_blocks=4, tail=0.5),
+    'split-4x512-s4-t4-a': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                             ticket_blocks=4, ahead=True),
+    'two-4x256-s4-t4-a': C(layout='two', block_n=4, num_stages=4, ticket_blocks=4, ahead=True),
+    # taking the ticket ahead costs registers (114 at 4 x 512 against 80): capped
+    'two-4x512-s4-a-r80': C(layout='two', block_n=4, block_k=512, num_stages=4, ahead=True,
+                            gemv_maxnreg=80),
+    'two-4x512-s4-t4-a-r80': C(layout='two', block_n=4, block_k=512, num_stages=4,
+                               ticket_blocks=4, ahead=True, gemv_maxnreg=80),
+    'split-4x512-s4-t4-a-r80': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                 ticket_blocks=4, ahead=True, gemv_maxnreg=80),
+    # round 2, around the best of round 1 (split, 4 x 512, 4 stages, ranges of 4, ahead)
+    'split-4x512-s4-t4-p4': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                              ticket_blocks=4, programs_per_sm=4, ahead=False),
+    'split-4x512-s4-t4-a-p3': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                ticket_blocks=4, ahead=True, programs_per_sm=3),
+    'split-4x512-s6-t4-a': C(layout='split', block_n=4, block_k=512, num_stages=6,
+                             ticket_blocks=4, ahead=True),
+    'split-4x512-s4-t8-a': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                             ticket_blocks=8, ahead=True),
+    'split-8x256-s3-t4-a': C(layout='split', num_stages=3, ticket_blocks=4, ahead=True),
+    'split-4x512-s4-t4-a-tail.25': C(layout='split', block_n=4, block_k=512, num_stages=4,
+                                     ticket_blocks=4, ahead=True, tail=0.25),
 }
 
 
@@ -85,6 +115,8 @@ def main():
     p.add_argument('--variants', nargs='+', default=list(VARIANTS))
     p.add_argument('--no-tuned', action='store_true', help='skip fused with its tuned table')
     p.add_argument('--out', default='.')
+    p.add_argument('--peak-gbs', type=float, default=None,
+                   help='NVML peak bandwidth in GB/s, for a %% of floor column')
     args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -121,9 +153,11 @@ def main():
                 b.v_cache.copy_(v_cache)
             kernel = getattr(b, 'layers_kernel', None)
             if kernel is not None:
-                cell.update(grid=kernel.grid[0], per_sm=kernel.per_sm, n_regs=kernel.n_regs,
-                            shared=kernel.shared, tasks_per_layer=kernel.tasks,
-                            config=list(kernel.config))
+                cell.update(grid=[p.grid[0] for p in kernel.parts],
+                            per_sm=[p.per_sm for p in kernel.parts],
+                            n_regs=[p.n_regs for p in kernel.parts],
+                            shared=[p.shared for p in kernel.parts],
+                            tasks_per_layer=kernel.tasks, config=list(kernel.config))
             cell['fallbacks'] = getattr(b, 'fallbacks', 0)
             for buf in (b.q, b.att, b.act, b.logits):  # every element must be written
                 buf.fill_(float('nan'))
@@ -152,14 +186,17 @@ def main():
         print(json.dumps({k: v for k, v in cell.items() if k != 'times'}), flush=True)
         with open(os.path.join(args.out, f'persistent_probe_{args.model}.json'), 'w') as f:
             json.dump(rows, f, indent=1)
-    print(f'\n{"backend":16} {"ms":>7} {"GB/s":>6} {"rel":>9} {"bits":>5} grid regs')
+    floor = step_bytes / (args.peak_gbs * 1e6) if args.peak_gbs else None
+    print(f'\n{"backend":24} {"ms":>7} {"GB/s":>6} {"floor%":>6} {"rel":>9} {"bits":>5} '
+          'per_sm regs tickets')
     for c in rows['cells']:
         if 'ms' in c:
-            print(f'{c["backend"]:16} {c["ms"]:7.3f} {c["gbps"]:6.0f} '
+            pct = f'{100 * floor / c["ms"]:6.1f}' if floor else '     -'
+            print(f'{c["backend"]:24} {c["ms"]:7.3f} {c["gbps"]:6.0f} {pct} '
                   f'{c["rel_vs_fused_defaults"]:9.2e} {str(c["replays_bitwise_equal"]):>5} '
-                  f'{c.get("grid", "")} {c.get("n_regs", "")}')
+                  f'{c.get("per_sm", "")} {c.get("n_regs", "")} {c.get("tasks_per_layer", "")}')
         else:
-            print(f'{c["backend"]:16} {c.get("error", "")[:150]}')
+            print(f'{c["backend"]:24} {c.get("error", "")[:150]}')
 
 
 if __name__ == '__main__':

@@ -1,28 +1,43 @@
-"""One launch per decoder layer: resident programs take the layer's tasks in order from a ticket.
+"""One launch per decoder layer (or per part of one): resident programs take tasks from a ticket.
 
 A layer is a chain of tasks: q/k/v row blocks (RMSNorm, bias, RoPE, cache write), attention
 partials (one per KV head and split of the prefix), their merge (one per query head), o_proj row
 blocks (+ residual), gate/up row blocks (RMSNorm, SiLU * up) and down row blocks (+ residual).
-Every program of the launch loops: it takes the next task number from a ticket counter in global
-memory, waits until the tasks it depends on have been counted done, runs it, and counts it done.
-So the weights are streamed matrix after matrix with no kernel boundary in between, and a
-program that finishes its last o_proj block starts on gate/up while others finish theirs.
+Every program of a launch loops: it takes the next ticket from a counter in global memory,
+waits until the tickets it depends on have been counted done, runs it, and counts it done. So
+the weights are streamed matrix after matrix with no kernel boundary in between, and a program
+that finishes its last o_proj block starts on gate/up while others finish theirs.
 
-Dependencies, each a counter in global memory (released after the task's stores, acquired
-before its loads):
-- attention (KV head h, any split) needs every q/k/v block (the RMSNorm needs the whole input
+A launch runs any of three parts of a layer (DO_QKV, DO_ATT: attention and merge, DO_MLP:
+o_proj, gate/up, down), so a layer is one launch, or two around attention (the attention task
+needs ~160-190 registers, and a kernel's count is that of its largest branch: the matrices then
+stream from a leaner kernel with more programs an SM), or q/k/v and o_proj..down with the
+separate attention kernels between them (persistent_launch.py picks the layout).
+
+A ticket of a matrix is a range of R row blocks (fewer atomics, and one software-pipelined loop
+over the range's blocks and K chunks, so the loads run ahead across block boundaries); the last
+tickets of each matrix are single blocks, so the programs finish the matrix together.
+
+Dependencies, each a counter of done tickets in global memory (released after the task's
+stores, acquired before its loads); only on tasks of the same launch (a launch boundary orders
+the rest):
+- attention (KV head h, any split) needs every q/k/v ticket (the RMSNorm needs the whole input
   vector, so a q/k/v block cannot finish before all of h is read, and all blocks run at once);
 - the merge of query head r needs the partials of its own KV head only;
-- an o_proj block needs every merged head; gate/up needs every o_proj block (its RMSNorm reads
-  all of h); a down block needs every gate/up block.
+- an o_proj ticket needs every merged head; gate/up needs every o_proj ticket (its RMSNorm reads
+  all of h); a down ticket needs every gate/up ticket.
 
 Why it cannot hang: tickets are taken in task order by programs that are already running, and a
 task depends only on tasks with smaller numbers. The smallest task not yet done is therefore
 held by a running program whose dependencies are all done, so it finishes, whatever number of
-programs is resident. A launch larger than what fits on the GPU only queues idle programs. The
-naive persistent form (program p owns tasks p, p + P, ...) lacks this and deadlocks when its
-programs are not all resident. Each wait still gives up after a bounded number of polls and
-raises an error flag that the host reads (belt and braces: a bug in a dependency count, say).
+programs is resident. With AHEAD a program takes its next ticket before it runs the current one
+(the atomic's round trip overlaps the task): the smallest task not done is then either some
+program's current task, as before, or the next ticket of a program whose current task is
+smaller and therefore done, so that program has moved on to it. A launch larger than what fits
+on the GPU only queues idle programs. The naive persistent form (program p owns tasks p, p + P,
+...) lacks this and deadlocks when its programs are not all resident. Each wait still gives up
+after a bounded number of polls and raises an error flag that the host reads (belt and braces:
+a bug in a dependency count, say).
 
 Activations produced inside the launch are read with `.cg` (L2, not the SM's L1, which is not
 coherent across SMs): h is read by q/k/v, written by o_proj and read again by gate/up in one
@@ -35,8 +50,11 @@ from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.attention import _attend_block
 from decode_monitor.engine.fused.gemv import _qkv_rope_store
 
-# Counters of one layer (int32): the ticket, then one done-count per stage, then one per KV head.
-TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, ATT_DONE = 0, 1, 2, 3, 4, 8
+# Counters of one layer (int32): the ticket of a launch that starts at q/k/v, one done-count per
+# stage, the ticket of a launch that starts at o_proj, then one done-count per KV head.
+# (constexpr: a kernel may read them; the host takes int() of them)
+TICKET, QKV_DONE, MERGE_DONE, O_DONE, GU_DONE, TICKET_MLP, ATT_DONE = (
+    tl.constexpr(v) for v in (0, 1, 2, 3, 4, 5, 8))
 SPIN_LIMIT = 1 << 20  # polls of a counter (an L2 round trip each) before a wait gives up
 
 
@@ -59,72 +77,142 @@ def _done(C):
 
 
 @triton.jit
-def _l2_prefetch(ptrs):
-    """Ask L2 for the 128-byte lines at ptrs; nothing comes back to registers."""
-    tl.inline_asm_elementwise('prefetch.global.L2 [$1]; mov.u32 $0, 0;', '=r,l', [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def _chunk(W, X, NW, rows_a, rows_b, c, K: tl.constexpr, NORM: tl.constexpr,
+           PAIR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Chunk c of K: the weight tiles of rows_a (and rows_b if PAIR), x' (= g * x if NORM) and
+    x^2 for the norm's sum of squares. x is read through L2."""
+    cols = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = cols < K
+    x = tl.load(X + cols, mask=kmask, other=0.0, cache_modifier='.cg').to(tl.float32)
+    wa = tl.load(W + rows_a.to(tl.int64)[:, None] * K + cols[None, :], mask=kmask[None, :],
+                 other=0.0)
+    wb = wa
+    if PAIR:
+        wb = tl.load(W + rows_b.to(tl.int64)[:, None] * K + cols[None, :], mask=kmask[None, :],
+                     other=0.0)
+    x2 = x * x
+    if NORM:
+        x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
+    return wa, wb, x, x2
 
 
 @triton.jit
-def _prefetch_lines(W, rows, K: tl.constexpr, LINES: tl.constexpr):
-    """The first LINES 128-byte lines (64 bf16 weights each) of each of rows, into L2."""
-    cols = tl.minimum(tl.arange(0, LINES) * 64, K - 1)
-    _l2_prefetch(W + rows.to(tl.int64)[:, None] * K + cols[None, :])
-
-
-@triton.jit
-def _prefetch_rows(W, blk, C, need, N: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LINES: tl.constexpr):
-    """While this task's inputs are not ready (C below need), bring the start of its weight
-    rows (and of rows + N, PAIR) into L2: the weights never depend on the wait, so HBM keeps
-    streaming through a dependency stall."""
-    if tl.load(C, volatile=True) < need:
-        rows = tl.minimum(blk * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-        _prefetch_lines(W, rows, K, LINES)
-        if PAIR:
-            _prefetch_lines(W, rows + N, K, LINES)
-
-
-@triton.jit
-def _rows_dot(W, X, NW, rows_a, rows_b, K: tl.constexpr, NORM: tl.constexpr,
-              PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(W x')[rows_a], (W x')[rows_b] (PAIR), sum x^2; x' = g * x if NORM. x read through L2."""
-    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    wa_rows = W + rows_a.to(tl.int64)[:, None] * K
-    wb_rows = W + rows_b.to(tl.int64)[:, None] * K
-    for k0 in tl.range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        kmask = cols < K
-        x = tl.load(X + cols, mask=kmask, other=0.0, cache_modifier='.cg').to(tl.float32)
-        wa = tl.load(wa_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        if PAIR:
-            wb = tl.load(wb_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        if NORM:
-            ss += x * x
-            x = x * tl.load(NW + cols, mask=kmask, other=0.0).to(tl.float32)
-        acc_a += wa.to(tl.float32) * x[None, :]
-        if PAIR:
-            acc_b += wb.to(tl.float32) * x[None, :]
-    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
-
-
-@triton.jit
-def _qkv_task(blk, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps, cache_head_stride,
-              HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr, Q_PAIRS: tl.constexpr,
-              K_PAIRS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gemv.qkv_rope_kernel's work for one block of rotate-half row pairs."""
-    p = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+def _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+              cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
+              Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step it of a range of q/k/v blocks of rotate-half row pairs from blk0: chunk it % KT of
+    block it // KT, and that block's epilogue (gemv.qkv_rope_kernel's) after its last chunk."""
+    KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
+    c = it % KT
+    p = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask = p < N_PAIRS
     p = tl.minimum(p, N_PAIRS - 1)
     j = p % HALF
     rows_a = (p // HALF) * (2 * HALF) + j
     rows_b = rows_a + HALF
-    a, b, ss = _rows_dot(WQKV, H, LN1, rows_a, rows_b, HIDDEN, True, True, BLOCK_N, BLOCK_K)
-    _qkv_rope_store(a, b, ss, p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
-                    Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
+    wa, wb, x, x2 = _chunk(WQKV, H, LN1, rows_a, rows_b, c, HIDDEN, True, True, BLOCK_K)
+    acc_a += wa.to(tl.float32) * x[None, :]
+    acc_b += wb.to(tl.float32) * x[None, :]
+    ss += x2
+    if c == KT - 1:
+        _qkv_rope_store(tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0),
+                        p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
+                        Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
+        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    return acc_a, acc_b, ss
+
+
+@triton.jit
+def _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N: tl.constexpr, K: tl.constexpr,
+               eps, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _qkv_step, for a range of row blocks of W: gemv.gemv_kernel's work (no split-K)."""
+    KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    c = it % KT
+    rows = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1)
+    wa, wb, x, x2 = _chunk(W, X, NW, rows, rows + N, c, K, NORM, GATED, BLOCK_K)
+    acc_a += wa.to(tl.float32) * x[None, :]
+    if GATED:
+        acc_b += wb.to(tl.float32) * x[None, :]
+    if NORM:
+        ss += x2
+    if c == KT - 1:
+        a = tl.sum(acc_a, axis=1)
+        b = tl.sum(acc_b, axis=1)
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            a = a * rstd
+            b = b * rstd
+        if GATED:
+            y = a * tl.sigmoid(a) * b
+        else:
+            y = a
+        if RESIDUAL:
+            y += tl.load(R + rows, mask=row_mask, other=0.0, cache_modifier='.cg').to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    return acc_a, acc_b, ss
+
+
+@triton.jit
+def _qkv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, WQKV, BQKV, H, LN1, COS, SIN, POS, Q,
+                KC, VC, eps, cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
+                Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Ticket u of q/k/v: blocks [u RB, u RB + RB) for the first BIG, then one block each; one
+    software-pipelined loop over the blocks and K chunks (its loads run ahead across blocks)."""
+    KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
+    blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
+    steps = tl.where(u < BIG, RB * KT, KT)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with bounds read from memory
+        it = 0
+        while it < steps:
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
+                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
+                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
+                                         BLOCK_K)
+            it += 1
+    else:
+        for it in tl.range(0, steps, num_stages=STAGES):
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
+                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
+                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
+                                         BLOCK_K)
+
+
+@triton.jit
+def _gemv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, W, X, NW, R, Y, N: tl.constexpr,
+                 K: tl.constexpr, eps, NORM: tl.constexpr, GATED: tl.constexpr,
+                 RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """As _qkv_ticket, for a matrix of row blocks."""
+    KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
+    steps = tl.where(u < BIG, RB * KT, KT)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if WHILE_LOOP:
+        it = 0
+        while it < steps:
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
+                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
+            it += 1
+    else:
+        for it in tl.range(0, steps, num_stages=STAGES):
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
+                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -190,104 +278,87 @@ def _merge_task(qh, PART_O, PART_M, PART_L, ATT, N_SPLITS: tl.constexpr, S_P2: t
 
 
 @triton.jit
-def _gemv_task(blk, W, X, NW, R, Y, N: tl.constexpr, K: tl.constexpr, eps,
-               NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gemv.gemv_kernel's work for one row block (no split-K)."""
-    rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows = tl.minimum(rows, N - 1)
-    a, b, ss = _rows_dot(W, X, NW, rows, rows + N, K, NORM, GATED, BLOCK_N, BLOCK_K)
-    if NORM:
-        rstd = tl.rsqrt(ss / K + eps)
-        a = a * rstd
-        b = b * rstd
-    if GATED:
-        y = a * tl.sigmoid(a) * b
-    else:
-        y = a
-    if RESIDUAL:
-        y += tl.load(R + rows, mask=row_mask, other=0.0, cache_modifier='.cg').to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
 def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, POS, KC, VC,
                  PART_O, PART_M, PART_L, CNT, ERR, eps, scale_log2, cache_head_stride,
                  HIDDEN: tl.constexpr, INTER: tl.constexpr, Q_HEADS: tl.constexpr,
                  KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                  N_SPLITS: tl.constexpr, S_P2: tl.constexpr, S_BLOCK: tl.constexpr,
-                 G_P2: tl.constexpr,
-                 G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
-                 WHILE_LOOP: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
-                 BN_GU: tl.constexpr, BN_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, SPIN: tl.constexpr, PDL: tl.constexpr):
-    """One decoder layer; any grid. CNT: this layer's counters, zeroed before the launch."""
+                 G_P2: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                 IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+                 DO_QKV: tl.constexpr, DO_ATT: tl.constexpr, DO_MLP: tl.constexpr,
+                 TICKET_AT: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
+                 R_QKV: tl.constexpr, BIG_QKV: tl.constexpr, R_O: tl.constexpr,
+                 BIG_O: tl.constexpr, R_GU: tl.constexpr, BIG_GU: tl.constexpr,
+                 R_D: tl.constexpr, BIG_D: tl.constexpr, STAGES: tl.constexpr,
+                 AHEAD: tl.constexpr,
+                 SPIN: tl.constexpr, PDL: tl.constexpr):
+    """The parts DO_* of one decoder layer; any grid. CNT: this layer's counters, zeroed before
+    the launch. A matrix of N blocks has BIG tickets of R blocks, then one a block."""
     G: tl.constexpr = Q_HEADS // KV_HEADS
     D: tl.constexpr = 2 * HALF
     Q_PAIRS: tl.constexpr = Q_HEADS * HALF
     K_PAIRS: tl.constexpr = KV_HEADS * HALF
     N_PAIRS: tl.constexpr = Q_PAIRS + 2 * K_PAIRS
-    N_QKV: tl.constexpr = (N_PAIRS + BN_QKV - 1) // BN_QKV
-    N_O: tl.constexpr = (HIDDEN + BN_O - 1) // BN_O
-    N_GU: tl.constexpr = (INTER + BN_GU - 1) // BN_GU
-    N_D: tl.constexpr = (HIDDEN + BN_D - 1) // BN_D
-    E_QKV: tl.constexpr = N_QKV
-    E_ATT: tl.constexpr = E_QKV + KV_HEADS * N_SPLITS
-    E_MERGE: tl.constexpr = E_ATT + Q_HEADS
-    E_O: tl.constexpr = E_MERGE + N_O
-    E_GU: tl.constexpr = E_O + N_GU
-    TOTAL: tl.constexpr = E_GU + N_D
-    # PDL: the next layer's programs may become resident as ours exit; ours took their first
-    # ticket (this layer's counters were zeroed before the step's first layer) and wait for the
-    # last layer to complete before touching h, prefetching their q/k/v rows meanwhile.
+    T_QKV: tl.constexpr = BIG_QKV + (N_PAIRS + BN - 1) // BN - BIG_QKV * R_QKV
+    T_O: tl.constexpr = BIG_O + (HIDDEN + BN - 1) // BN - BIG_O * R_O
+    T_GU: tl.constexpr = BIG_GU + (INTER + BN - 1) // BN - BIG_GU * R_GU
+    T_D: tl.constexpr = BIG_D + (HIDDEN + BN - 1) // BN - BIG_D * R_D
+    E_QKV: tl.constexpr = T_QKV * DO_QKV
+    E_ATT: tl.constexpr = E_QKV + KV_HEADS * N_SPLITS * DO_ATT
+    E_MERGE: tl.constexpr = E_ATT + Q_HEADS * DO_ATT
+    E_O: tl.constexpr = E_MERGE + T_O * DO_MLP
+    E_GU: tl.constexpr = E_O + T_GU * DO_MLP
+    TOTAL: tl.constexpr = E_GU + T_D * DO_MLP
+    # PDL: the next launch's programs may become resident as ours exit; ours took their first
+    # ticket (every counter of the step was zeroed before its first layer) and wait for the
+    # launch before to complete before touching anything it wrote.
     pdl.allow_next_kernel(PDL)
-    t = tl.atomic_add(CNT + 0, 1, sem='relaxed')
-    if PDL:
-        if PREFETCH > 0:
-            if t < E_QKV:
-                p = tl.minimum(t * BN_QKV + tl.arange(0, BN_QKV), N_PAIRS - 1)
-                rows = (p // HALF) * D + p % HALF
-                _prefetch_lines(WQKV, rows, HIDDEN, PREFETCH)
-                _prefetch_lines(WQKV, rows + HALF, HIDDEN, PREFETCH)
-        pdl.wait_for_previous_kernel(PDL)
+    t = tl.atomic_add(CNT + TICKET_AT, 1, sem='relaxed')
+    pdl.wait_for_previous_kernel(PDL)
     while t < TOTAL:
+        if AHEAD:
+            nt = tl.atomic_add(CNT + TICKET_AT, 1, sem='relaxed')
         if t < E_QKV:
-            _qkv_task(t, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps, cache_head_stride,
-                      HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BN_QKV, BLOCK_K)
-            _done(CNT + 1)
-        elif t < E_ATT:
-            a = t - E_QKV
-            _wait(CNT + 1, N_QKV, ERR, SPIN)
-            _attention_task(a // N_SPLITS, a % N_SPLITS, Q, KC, VC, POS, PART_O, PART_M,
-                            PART_L, cache_head_stride, scale_log2, N_SPLITS, G, G_P2, G_PAD,
-                            D, BLOCK_T, IEEE, WHILE_LOOP)
-            _done(CNT + 8 + a // N_SPLITS)
+            if DO_QKV:
+                _qkv_ticket(t, BIG_QKV, R_QKV, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+                            cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS, HALF,
+                            HAS_BIAS, BN, BLOCK_K, STAGES, WHILE_LOOP)
+                _done(CNT + QKV_DONE)
         elif t < E_MERGE:
-            qh = t - E_ATT
-            _wait(CNT + 8 + qh // G, N_SPLITS, ERR, SPIN)
-            _merge_task(qh, PART_O, PART_M, PART_L, ATT, N_SPLITS, S_P2, S_BLOCK, G, G_P2, D)
-            _done(CNT + 2)
-        elif t < E_O:
-            if PREFETCH > 0:
-                _prefetch_rows(WO, t - E_MERGE, CNT + 2, Q_HEADS, HIDDEN, Q_HEADS * D, False,
-                               BN_O, PREFETCH)
-            _wait(CNT + 2, Q_HEADS, ERR, SPIN)
-            _gemv_task(t - E_MERGE, WO, ATT, LN2, H, H, HIDDEN, Q_HEADS * D, eps,
-                       False, False, True, BN_O, BLOCK_K)
-            _done(CNT + 3)
-        elif t < E_GU:
-            if PREFETCH > 0:
-                _prefetch_rows(WGU, t - E_O, CNT + 3, N_O, INTER, HIDDEN, True, BN_GU, PREFETCH)
-            _wait(CNT + 3, N_O, ERR, SPIN)
-            _gemv_task(t - E_O, WGU, H, LN2, H, ACT, INTER, HIDDEN, eps,
-                       True, True, False, BN_GU, BLOCK_K)
-            _done(CNT + 4)
+            if DO_ATT:
+                if t < E_ATT:
+                    a = t - E_QKV
+                    if DO_QKV:
+                        _wait(CNT + QKV_DONE, T_QKV, ERR, SPIN)
+                    _attention_task(a // N_SPLITS, a % N_SPLITS, Q, KC, VC, POS, PART_O,
+                                    PART_M, PART_L, cache_head_stride, scale_log2, N_SPLITS,
+                                    G, G_P2, G_PAD, D, BLOCK_T, IEEE, WHILE_LOOP)
+                    _done(CNT + ATT_DONE + a // N_SPLITS)
+                else:
+                    qh = t - E_ATT
+                    _wait(CNT + ATT_DONE + qh // G, N_SPLITS, ERR, SPIN)
+                    _merge_task(qh, PART_O, PART_M, PART_L, ATT, N_SPLITS, S_P2, S_BLOCK, G,
+                                G_P2, D)
+                    _done(CNT + MERGE_DONE)
         else:
-            if PREFETCH > 0:
-                _prefetch_rows(WD, t - E_GU, CNT + 4, N_GU, HIDDEN, INTER, False, BN_D,
-                               PREFETCH)
-            _wait(CNT + 4, N_GU, ERR, SPIN)
-            _gemv_task(t - E_GU, WD, ACT, LN2, H, H, HIDDEN, INTER, eps,
-                       False, False, True, BN_D, BLOCK_K)
-        t = tl.atomic_add(CNT + 0, 1, sem='relaxed')
+            if DO_MLP:
+                if t < E_O:
+                    if DO_ATT:
+                        _wait(CNT + MERGE_DONE, Q_HEADS, ERR, SPIN)
+                    _gemv_ticket(t - E_MERGE, BIG_O, R_O, WO, ATT, LN2, H, H, HIDDEN,
+                                 Q_HEADS * D, eps, False, False, True, BN, BLOCK_K, STAGES,
+                                 WHILE_LOOP)
+                    _done(CNT + O_DONE)
+                elif t < E_GU:
+                    _wait(CNT + O_DONE, T_O, ERR, SPIN)
+                    _gemv_ticket(t - E_O, BIG_GU, R_GU, WGU, H, LN2, H, ACT, INTER, HIDDEN,
+                                 eps, True, True, False, BN, BLOCK_K, STAGES, WHILE_LOOP)
+                    _done(CNT + GU_DONE)
+                else:
+                    _wait(CNT + GU_DONE, T_GU, ERR, SPIN)
+                    _gemv_ticket(t - E_GU, BIG_D, R_D, WD, ACT, LN2, H, H, HIDDEN, INTER, eps,
+                                 False, False, True, BN, BLOCK_K, STAGES, WHILE_LOOP)
+        if AHEAD:
+            t = nt
+        else:
+            t = tl.atomic_add(CNT + TICKET_AT, 1, sem='relaxed')

@@ -1,8 +1,18 @@
-"""Launching `persistent.layer_kernel`: its config, how many programs fit, counters, scratch.
+"""Launching `persistent.layer_kernel`: the layout of a layer, tickets, grid, counters, scratch.
 
-The grid is sized from the compiled kernel (registers, shared memory and warps against the
-device's limits): programs beyond what fits would only queue, and fewer leave SMs idle. Progress
-does not depend on it (persistent.py says why).
+Layouts (`PersistentConfig.layout`):
+- 'one': the whole layer is one launch;
+- 'two': q/k/v, attention and merge in one launch, o_proj, gate/up and down in a second,
+  compiled without the attention task, so with the registers of a GEMV and more programs an SM;
+- 'split' (the default, the fastest measured: benchmarks/NOTES.md): q/k/v in one launch, the
+  separate attention kernels (attention.py, with the backend's attention config), o_proj..down
+  in a second.
+
+Each launch's grid is sized from its compiled kernel (registers, shared memory and warps against
+the device's limits): programs beyond what fits would only queue, and fewer leave SMs idle.
+Progress does not depend on it (persistent.py says why). Tickets: a matrix of N row blocks is
+cut into ranges of up to `ticket_blocks` blocks, at least two a program of the grid, and its
+last `tail` x grid blocks are single tickets.
 """
 from typing import NamedTuple, Optional
 
@@ -11,30 +21,39 @@ import triton
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.attention import _LOG2E, DecodeAttention
-from decode_monitor.engine.fused.persistent import ATT_DONE, SPIN_LIMIT, layer_kernel
+from decode_monitor.engine.fused.persistent import (ATT_DONE, SPIN_LIMIT, TICKET, TICKET_MLP,
+                                                    layer_kernel)
+
+LAYOUTS = {'one': ((1, 1, 1),), 'two': ((1, 1, 0), (0, 0, 1)), 'split': ((1, 0, 0), (0, 0, 1))}
 
 
 class PersistentConfig(NamedTuple):
     """programs_per_sm None runs as many as fit (`resident_programs`), a number at most that
-    many; prefetch: 128-byte lines of each weight row that a waiting task asks L2 for (a power
-    of two; 0: none); maxnreg caps registers a thread (ptxas spills the rest), since the
-    attention task alone would take ~160 at 4 warps and the kernel's count is that of its
-    largest task."""
-    block_n: int = 8
-    block_k: int = 256
+    many. maxnreg caps registers a thread in a launch that holds the attention task (it alone
+    would take ~160 at 4 warps, and a kernel's count is that of its largest task; ptxas spills
+    the rest); gemv_maxnreg in one that does not (None: uncapped). ticket_blocks: the most row
+    blocks a ticket; tail: single-block tickets at the end of each matrix, per program; ahead:
+    a program takes its next ticket before running the current one."""
+    block_n: int = 4
+    block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 4
     programs_per_sm: Optional[int] = None
-    prefetch: int = 0
     maxnreg: Optional[int] = 128
     spin: int = SPIN_LIMIT  # polls before a wait gives up
     pdl: bool = True  # launched with programmatic dependent launch where the GPU has it (pdl.py)
     block_t: int = 64  # attention: positions a step of a split's loop
     n_splits: Optional[int] = None  # attention: splits of the prefix a KV head (None: default)
+    layout: str = 'split'
+    gemv_maxnreg: Optional[int] = None
+    ticket_blocks: int = 4
+    tail: float = 1.0
+    ahead: bool = True
+    att_stages: int = 2  # the attention task's loop (num_stages: the matrices' loops)
 
 
 # The interpreter runs programs one by one, in ticket order: every wait is met at its first poll.
-INTERPRETER = PersistentConfig(64, 256, 4, 1, 2, spin=64)
+INTERPRETER = PersistentConfig(64, 256, 4, 1, 2, spin=64, layout='one', ticket_blocks=1)
 
 
 def resident_programs(compiled, device):
@@ -53,18 +72,41 @@ def resident_programs(compiled, device):
     return min(by_regs, by_threads, by_shared, 32)
 
 
-class PersistentLayers:
-    """Scratch, counters and the launch of `layer_kernel` for one model's layers."""
+def ticket_ranges(blocks, programs, ticket_blocks, tail):
+    """(R, BIG): BIG tickets of R blocks, then one a block, for a matrix of `blocks` row blocks
+    on `programs` programs: R at most ticket_blocks and small enough for two tickets a program,
+    and the last round(tail * programs) blocks single."""
+    rb = max(1, min(ticket_blocks, blocks // (2 * programs)))
+    if rb == 1:
+        return 1, 0
+    singles = min(blocks, round(tail * programs))
+    return rb, (blocks - singles) // rb
 
-    COUNTERS = 64  # int32 counters a layer (TICKET, the stages, one per KV head from ATT_DONE)
+
+class Part(NamedTuple):
+    """One launch of a layer: its constexprs, grid and what its compiled kernel takes."""
+    constants: dict
+    grid: tuple
+    per_sm: Optional[int]
+    n_regs: Optional[int]
+    shared: Optional[int]
+    tickets: int
+
+
+class PersistentLayers:
+    """Scratch, counters and the launches of `layer_kernel` for one model's layers."""
+
+    COUNTERS = 64  # int32 counters a layer (tickets, the stages, one per KV head from ATT_DONE)
 
     def __init__(self, backend, config=None):
         b = self.backend = backend
         device = b.device
         self.on_cpu = device.type == 'cpu'
-        self.config = config or (INTERPRETER if self.on_cpu else PersistentConfig())
-        if ATT_DONE + b.kv_heads > self.COUNTERS:
-            raise ValueError(f'{b.kv_heads} KV heads: at most {self.COUNTERS - ATT_DONE}')
+        c = self.config = config or (INTERPRETER if self.on_cpu else PersistentConfig())
+        if c.layout not in LAYOUTS:
+            raise ValueError(f'layout {c.layout!r}: one of {sorted(LAYOUTS)}')
+        if int(ATT_DONE) + b.kv_heads > self.COUNTERS:
+            raise ValueError(f'{b.kv_heads} KV heads: at most {self.COUNTERS - int(ATT_DONE)}')
         self.layers = len(b.layers)
         self.cnt = torch.zeros(self.layers, self.COUNTERS, dtype=torch.int32, device=device)
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
@@ -72,47 +114,68 @@ class PersistentLayers:
         # (a table's, tuned for the separate kernels, may want more registers than the rest)
         self.att = att = DecodeAttention(
             b.q_heads, b.kv_heads, b.head_dim, b.max_context, device, scale=b.scale,
-            config=b._attention_config or (self.config.block_t, self.config.n_splits, 4, 1))
+            config=b._attention_config or (c.block_t, c.n_splits, 4, 1))
         self.hidden = b.embed.shape[1]
         self.inter = b.layers[0].wd.shape[1]
-        self.block_t = att.block_t
-        self.constants = dict(
+        half = b.head_dim // 2
+        self.blocks = dict(QKV=triton.cdiv((b.q_heads + 2 * b.kv_heads) * half, c.block_n),
+                           O=triton.cdiv(self.hidden, c.block_n),
+                           GU=triton.cdiv(self.inter, c.block_n),
+                           D=triton.cdiv(self.hidden, c.block_n))
+        self.common = dict(
             HIDDEN=self.hidden, INTER=self.inter, Q_HEADS=b.q_heads, KV_HEADS=b.kv_heads,
-            HALF=b.head_dim // 2, HAS_BIAS=b.layers[0].bqkv is not None,
+            HALF=half, HAS_BIAS=b.layers[0].bqkv is not None,
             N_SPLITS=att.n_splits, S_P2=att.s_p2, S_BLOCK=min(att.s_p2, att.MERGE_BLOCK),
             G_P2=att.g_p2, G_PAD=att.g_pad, BLOCK_T=att.block_t, IEEE=b.dtype == torch.float32,
-            WHILE_LOOP=self.on_cpu, BN_QKV=self.config.block_n, BN_O=self.config.block_n,
-            BN_GU=self.config.block_n, BN_D=self.config.block_n,
-            BLOCK_K=min(self.config.block_k, triton.next_power_of_2(self.hidden)),
-            PREFETCH=0 if self.on_cpu else self.config.prefetch,  # inline PTX: GPU only
-            SPIN=self.config.spin, num_warps=self.config.num_warps,
-            num_stages=self.config.num_stages)
-        self.constants.update(pdl.launch_args(device) if self.config.pdl else {'PDL': False})
-        if self.config.maxnreg and not self.on_cpu:
-            self.constants['maxnreg'] = self.config.maxnreg
+            WHILE_LOOP=self.on_cpu, BN=c.block_n,
+            BLOCK_K=min(c.block_k, triton.next_power_of_2(self.hidden)), AHEAD=c.ahead,
+            STAGES=c.num_stages, SPIN=c.spin, num_warps=c.num_warps,
+            num_stages=c.att_stages)
+        self.common.update(pdl.launch_args(device) if c.pdl else {'PDL': False})
         self.scale_log2 = b.scale * _LOG2E
-        self.tasks = self._tasks(b)
-        self.per_sm = None
-        if self.on_cpu:
-            self.grid = (self.config.programs_per_sm or 1,)
-        else:
-            pos = torch.zeros(1, dtype=torch.long, device=device)
-            compiled = layer_kernel.warmup(*self._args(0, pos), grid=(1,),
-                                           **self.constants)
-            self.per_sm = resident_programs(compiled, device)
-            self.n_regs = compiled.n_regs
-            self.shared = compiled.metadata.shared
-            want = self.config.programs_per_sm or self.per_sm
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.grid = (max(1, min(want, self.per_sm) * sms),)
+        self.sms = (1 if self.on_cpu
+                    else torch.cuda.get_device_properties(device).multi_processor_count)
+        self.parts = [self._part(flags) for flags in LAYOUTS[c.layout]]
+        self.tasks = sum(p.tickets for p in self.parts)
+        self.per_sm = None if self.on_cpu else min(p.per_sm for p in self.parts)
+        self.n_regs = None if self.on_cpu else max(p.n_regs for p in self.parts)
+        self.shared = None if self.on_cpu else max(p.shared for p in self.parts)
 
-    def _tasks(self, b):
-        c = self.constants
-        pairs = (b.q_heads + 2 * b.kv_heads) * c['HALF']
-        blocks = [triton.cdiv(pairs, c['BN_QKV']), b.kv_heads * c['N_SPLITS'], b.q_heads,
-                  triton.cdiv(self.hidden, c['BN_O']), triton.cdiv(self.inter, c['BN_GU']),
-                  triton.cdiv(self.hidden, c['BN_D'])]
-        return sum(blocks)
+    def _constants(self, flags, programs):
+        c = self.config
+        do_qkv, do_att, do_mlp = flags
+        k = dict(self.common, DO_QKV=do_qkv, DO_ATT=do_att, DO_MLP=do_mlp,
+                 TICKET_AT=int(TICKET if do_qkv else TICKET_MLP))
+        tickets = (self.att.n_splits * self.backend.kv_heads + self.backend.q_heads) * do_att
+        for name, blocks in self.blocks.items():
+            rb, big = ticket_ranges(blocks, programs, c.ticket_blocks, c.tail)
+            k[f'R_{name}'], k[f'BIG_{name}'] = rb, big
+            if (do_qkv if name == 'QKV' else do_mlp):
+                tickets += big + blocks - big * rb
+        if not self.on_cpu:
+            cap = c.maxnreg if do_att else c.gemv_maxnreg
+            if cap:
+                k['maxnreg'] = cap
+        return k, tickets
+
+    def _compile(self, constants):
+        pos = torch.zeros(1, dtype=torch.long, device=self.backend.device)
+        compiled = layer_kernel.warmup(*self._args(0, pos), grid=(1,), **constants)
+        return compiled, resident_programs(compiled, self.backend.device)
+
+    def _part(self, flags):
+        """The launch of these parts of a layer: ticket ranges sized for the programs that fit
+        with single-block tickets (the ranges change the code a little), then compiled again."""
+        want = self.config.programs_per_sm
+        if self.on_cpu:
+            programs = want or 1
+            constants, tickets = self._constants(flags, programs)
+            return Part(constants, (programs,), None, None, None, tickets)
+        _, per_sm = self._compile(self._constants(flags, 1 << 30)[0])
+        constants, tickets = self._constants(flags, min(want or per_sm, per_sm) * self.sms)
+        compiled, per_sm = self._compile(constants)
+        grid = (max(1, min(want or per_sm, per_sm) * self.sms),)
+        return Part(constants, grid, per_sm, compiled.n_regs, compiled.metadata.shared, tickets)
 
     def _args(self, i, pos):
         b = self.backend
@@ -123,9 +186,20 @@ class PersistentLayers:
                 pos, k_cache, v_cache, self.att.part_o, self.att.part_m, self.att.part_l,
                 self.cnt[i], self.err, b.eps, self.scale_log2, k_cache.stride(0))
 
+    def oversubscribe(self, factor):
+        """Launch `factor` times more programs than fit (a test of forward progress)."""
+        self.parts = [p._replace(grid=(factor * p.grid[0],)) for p in self.parts]
+
     def __call__(self, i, pos):
         """Layer i on the residual stream b.h, reading pos from device memory."""
-        layer_kernel[self.grid](*self._args(i, pos), **self.constants)
+        args = self._args(i, pos)
+        first, *rest = self.parts
+        layer_kernel[first.grid](*args, **first.constants)
+        if self.config.layout == 'split':
+            b = self.backend
+            b.attention(b.q, b.k_cache[i], b.v_cache[i], pos, b.att)
+        for part in rest:
+            layer_kernel[part.grid](*args, **part.constants)
 
     def timeouts(self):
         """Whether any wait has given up since the last reset (a host read: diagnostics)."""

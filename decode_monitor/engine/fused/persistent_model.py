@@ -2,8 +2,10 @@
 
 The weights, the torch path (CPU, prefill), the embedding row, the final norm and lm_head are
 the fused backend's; on the Triton path each layer's q/k/v, attention, o_proj, gate/up and down
-run as the tasks of one persistent launch (persistent.py, persistent_launch.py), so a step is
-about 30 launches instead of about 170. bf16 weights only so far. On the CPU (no CUDA) it decodes
+run as the tasks of persistent launches (persistent.py; persistent_launch.py's layouts: the
+whole layer one launch, two, or by default q/k/v and o_proj..down each one launch with the
+fused attention kernels between them), so a step is 31 to 115 launches instead of about 170.
+bf16 weights only so far. On the CPU (no CUDA) it decodes
 on the torch path, which computes the same stages in the same order with torch ops; the tests
 also run the kernel itself under Triton's interpreter, whose programs run one after another and
 take the tickets in order, so every wait there is met at its first poll.
@@ -61,7 +63,7 @@ class PersistentBackend(FusedBackend):
 
     @torch.no_grad()
     def forward_one(self, token, pos):
-        """As FusedBackend.forward_one; each layer one launch of the persistent kernel."""
+        """As FusedBackend.forward_one; each layer the persistent kernel's launches."""
         kernel = self.layers_kernel
         if not self.use_triton or kernel is None:
             return super().forward_one(token, pos)
