@@ -11,9 +11,12 @@ F.linear on the dense matrix.
 
     python benchmarks/experiments/unpack_probe.py chunks out.json [M ...]
     python benchmarks/experiments/unpack_probe.py words out.json [M ...]
+    python benchmarks/experiments/unpack_probe.py overlap out.json [M ...]
 
 `words` times the int4 unpack kernel's block sizes (rows x groups x warps) over the 28 layers,
-and per matrix and M the buffer path against qgemm (to place qgemm's range).
+and per matrix and M the buffer path against qgemm (to place qgemm's range). `overlap` times
+the buffer path with the next matrix dequantised on a side stream (two buffers) beside the
+plain one, dense bf16 and qgemm.
 """
 import json
 import sys
@@ -143,6 +146,32 @@ def variants(layers, m, gen):
             for name, (w, b, d) in layer.items():
                 last[name] = Q.qgemm(xs[name], w, b)
 
+    bufs = (buf, torch.empty_like(buf))
+    side = torch.cuda.Stream()
+
+    def overlapped():
+        """The next matrix dequantised on a side stream into the other buffer while cuBLAS
+        multiplies this one (a buffer is rewritten only after the GEMM that read it)."""
+        main = torch.cuda.current_stream()
+        mats = [(name, w, b) for layer in layers for name, (w, b, d) in layer.items()]
+        ready = [torch.cuda.Event() for _ in mats]
+        done = [torch.cuda.Event() for _ in mats]
+        side.wait_stream(main)
+        unpacked = []
+        for i in range(len(mats) + 1):
+            if i < len(mats):
+                with torch.cuda.stream(side):
+                    if i >= 2:
+                        side.wait_event(done[i - 2])
+                    unpacked.append(dense_words(mats[i][1], bufs[i % 2]))
+                    ready[i].record(side)
+            if i >= 1:
+                name, w, b = mats[i - 1]
+                main.wait_event(ready[i - 1])
+                mm_into(xs[name], unpacked[i - 1], b, outs[name])
+                done[i - 1].record(main)
+        main.wait_stream(side)
+
     runs = {'dense': dense, 'buffer': buffer(), 'unpack_whole': unpack_only(),
             'buffer_w': buffer(dense_words), 'unpack_whole_w': unpack_only(dense_words)}
     for mb in CHUNK_MB:
@@ -152,6 +181,7 @@ def variants(layers, m, gen):
         runs[f'unpack_chunk{mb}_w'] = chunked(mb, gemm=False, into=dense_words)
     if m <= 512:
         runs['qgemm'] = qgemm
+    runs['overlap_w'] = overlapped
     return runs, xs, outs, last
 
 
@@ -239,8 +269,9 @@ def matrices(layers, ms):
 
 def main(argv):
     mode, out_path = argv[0], argv[1]
-    if mode == 'chunks':
-        return chunks(out_path, [int(a) for a in argv[2:]] or [128, 512, 2048])
+    if mode in ('chunks', 'overlap'):
+        return chunks(out_path, [int(a) for a in argv[2:]] or [128, 512, 2048],
+                      None if mode == 'chunks' else ('dense', 'buffer_w', 'overlap_w', 'qgemm'))
     layers = build('int4')
     result = {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
               'unpack_blocks': words_sweep(layers),
@@ -256,13 +287,15 @@ def main(argv):
               f"{r['qgemm']:6.3f}")
 
 
-def chunks(out_path, ms):
+def chunks(out_path, ms, only=None):
     layers = build('int4')
     gen = torch.Generator(device='cuda').manual_seed(1)
     rows = []
     for m in ms:
         runs, xs, outs, last = variants(layers, m, gen)
         for name, run in runs.items():
+            if only and name not in only:
+                continue
             err = None if name.startswith('unpack') else check(run, layers, xs, outs, last)
             ms_ = time_graph(run)
             rows.append({'m': m, 'variant': name, 'ms_28_layers': ms_, 'rel_err': err})
