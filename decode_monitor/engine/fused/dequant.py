@@ -13,8 +13,6 @@ shuffles in the K loop. They differ in how a code becomes a float:
 - int4 (eight codes a word, in lanes): a code masked in place in its word is already a float,
   a denormal: one AND a weight, no shift, no convert, no bias (`_int4_lane`).
 """
-import os
-
 import triton
 import triton.language as tl
 
@@ -49,14 +47,13 @@ def _x_at(X, NW, cols, K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr
 # than the dequantisation.
 SUB = tl.constexpr(16)
 INT8_BIAS = tl.constexpr(32768.0 + 128.0)
-# The CPU interpreter runs no PTX: it builds the same floats with arithmetic.
-BYTE_PERMUTE = tl.constexpr(not os.environ.get('TRITON_INTERPRET'))
 
 
 @triton.jit
-def _word_codes(words):
-    """int32 words of four int8 codes -> four fp32 tensors shaped like `words`: byte 0 .. 3."""
-    if BYTE_PERMUTE:
+def _word_codes(words, PTX: tl.constexpr):
+    """int32 words of four int8 codes -> four fp32 tensors shaped like `words`: byte 0 .. 3.
+    PTX False (Triton's CPU interpreter, which runs no PTX): the same floats by arithmetic."""
+    if PTX:
         f0, f1, f2, f3 = tl.inline_asm_elementwise(
             asm="""{
             .reg .b32 u, c;
@@ -132,9 +129,9 @@ def _int8_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def _int8_rows(words, s, m, xs):
+def _int8_rows(words, s, m, xs, PTX: tl.constexpr):
     """(BLOCK_N, NSUB) scaled sub-block dots s sum q x' of one chunk (m: unused)."""
-    f0, f1, f2, f3 = _word_codes(words)
+    f0, f1, f2, f3 = _word_codes(words, PTX)
     p = f0 * xs[0][None] + f1 * xs[1][None] + f2 * xs[2][None] + f3 * xs[3][None]
     return tl.sum(p, axis=2) * s.to(tl.float32)
 
@@ -210,7 +207,8 @@ def _int4_rows(words, s, m, xs):
 def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.constexpr,
               stride_w, stride_s, NORM: tl.constexpr, PAIR: tl.constexpr, INT4: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+              EVEN_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+              PTX: tl.constexpr):
     """W: code words (N, K / 4 or K / 8, int32: int8 or int4 codes, quant.py), S scales and,
     int4 only, Z offsets (N, K / GROUP); w = q s (+ m).
 
@@ -247,9 +245,9 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
                 acc_b += _int4_rows(wb, sb, mb, xs)
         else:
             xs, sq = _int8_x(X, NW, k0, K, NORM, BLOCK_K, EVEN_K)
-            acc_a += _int8_rows(wa, sa, ma, xs)
+            acc_a += _int8_rows(wa, sa, ma, xs, PTX)
             if PAIR:
-                acc_b += _int8_rows(wb, sb, mb, xs)
+                acc_b += _int8_rows(wb, sb, mb, xs, PTX)
         ss += sq
         if PREFETCH:
             wa, sa, ma, wb, sb, mb = nxt

@@ -29,7 +29,7 @@ from decode_monitor.engine.fused.quant import QuantWeight
 def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
          NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-         STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+         STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, PTX: tl.constexpr):
     """(W x')[rows_a], (W x')[rows_b] (zeros unless PAIR), and sum_k x[k]^2; x' = g * x if NORM.
 
     Sums over this program's share of K: all of it unless SPLIT > 1.
@@ -79,7 +79,7 @@ def _dot(W, S, Z, X, NW, rows_a, rows_b, K: tl.constexpr, stride_w, stride_s,
     else:
         dot_a, dot_b, sum_sq = quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS, K, stride_w,
                                          stride_s, NORM, PAIR, FMT == 2, GROUP, BLOCK_N, BLOCK_K,
-                                         EVEN_K, STAGES, PDL)
+                                         EVEN_K, STAGES, PDL, PTX)
     return dot_a, dot_b, sum_sq  # one exit: Triton traces on past a return inside an if
 
 
@@ -128,7 +128,8 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
                 eps, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
                 FMT: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                STAGES: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                PTX: tl.constexpr):
     """Y[n] = (W @ rmsnorm(x))[n] (+ R[n]); GATED: W is [gate; up] (2N, K), Y = silu(g) * u.
 
     Y may alias R (residual add in place): each program reads and writes only its own rows.
@@ -141,7 +142,8 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
     store = row_mask
     if GATED:
         g, u, ss = _dot(W, S, Z, X, NW, rows, rows + N, K, stride_w, stride_s,
-                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
+                        NORM, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL,
+                        PTX)
         pdl.allow_next_kernel(PDL)  # the weights are streamed (pdl.py: why not earlier)
         if SPLIT > 1:
             g, u, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows + N, row_mask, g, u, ss,
@@ -154,7 +156,8 @@ def gemv_kernel(W, S, Z, X, NW, R, Y, ACC, SSQ, CNT, N, K: tl.constexpr, stride_
         y = g * tl.sigmoid(g) * u
     else:
         y, _, ss = _dot(W, S, Z, X, NW, rows, rows, K, stride_w, stride_s,
-                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
+                        NORM, False, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL,
+                        PTX)
         pdl.allow_next_kernel(PDL)
         if SPLIT > 1:
             y, _, ss, last = _combine_splits(ACC, SSQ, CNT, rows, rows, row_mask, y, y, ss,
@@ -204,7 +207,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
                     cache_head_stride, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                    SPLIT: tl.constexpr, PDL: tl.constexpr):
+                    SPLIT: tl.constexpr, PDL: tl.constexpr, PTX: tl.constexpr):
     """rmsnorm -> [q; k; v] = Wqkv x (+ b) -> RoPE on q, k -> q to Q, k and v to the cache at pos.
 
     Rows are taken in rotate-half pairs (j, j + HALF) of each head, so both halves of a RoPE
@@ -220,7 +223,7 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
     rows_a = head * (2 * HALF) + j
     rows_b = rows_a + HALF
     a, b, ss = _dot(W, S, Z, X, NW, rows_a, rows_b, K, stride_w, stride_s,
-                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL)
+                    True, True, FMT, GROUP, BLOCK_N, BLOCK_K, EVEN_K, STAGES, SPLIT, PDL, PTX)
     pdl.allow_next_kernel(PDL)
     if SPLIT > 1:
         a, b, ss, last = _combine_splits(ACC, SSQ, CNT, rows_a, rows_b, p_mask, a, b, ss,
@@ -232,6 +235,12 @@ def qkv_rope_kernel(W, S, Z, B, X, NW, COS, SIN, POS, Q, KC, VC, ACC, SSQ, CNT,
 
 # -- launch wrappers ------------------------------------------------------------------------------
 _FMT_CODES = {'bf16': 0, 'int8': 1, 'int4': 2}
+
+
+def _ptx():
+    """Whether the kernels compile to PTX (inline assembly allowed): not under Triton's CPU
+    interpreter, whose kernels are not JITFunctions."""
+    return isinstance(gemv_kernel, triton.runtime.JITFunction)
 
 
 def _weight_args(w):
@@ -312,7 +321,8 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
                       acc, ssq, cnt, n, k, stride_w, stride_s, eps, NORM=norm, RESIDUAL=res,
                       GATED=gated, FMT=fmt_code, GROUP=group, BLOCK_N=block_n,
                       BLOCK_K=block_k, EVEN_K=_even(k, block_k, split), STAGES=stages, SPLIT=split,
-                      num_warps=warps, **_register_cap(config), **pdl.launch_args(x.device))
+                      PTX=_ptx(), num_warps=warps, **_register_cap(config),
+                      **pdl.launch_args(x.device))
     return out
 
 
@@ -338,5 +348,5 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
                           eps, n_pairs, q_heads * half, kv_heads * half, k_cache.stride(0),
                           HALF=half, HAS_BIAS=bias is not None, FMT=fmt_code, GROUP=group,
                           BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=_even(kdim, block_k, split),
-                          STAGES=stages, SPLIT=split, num_warps=warps,
+                          STAGES=stages, SPLIT=split, PTX=_ptx(), num_warps=warps,
                           **_register_cap(config), **pdl.launch_args(x.device))
