@@ -12,11 +12,14 @@ F.linear on the dense matrix.
     python benchmarks/experiments/unpack_probe.py chunks out.json [M ...]
     python benchmarks/experiments/unpack_probe.py words out.json [M ...]
     python benchmarks/experiments/unpack_probe.py overlap out.json [M ...]
+    python benchmarks/experiments/unpack_probe.py qgemm out.json [64 128]
 
 `words` times the int4 unpack kernel's block sizes (rows x groups x warps) over the 28 layers,
 and per matrix and M the buffer path against qgemm (to place qgemm's range). `overlap` times
 the buffer path with the next matrix dequantised on a side stream (two buffers) beside the
-plain one, dense bf16 and qgemm.
+plain one, dense bf16 and qgemm. `qgemm` times qgemm's configs per matrix (QGEMM_CANDIDATES:
+2 warps compile to mma.sync, which does not wait on each dot as Triton's wgmma with a register
+operand does).
 """
 import json
 import sys
@@ -267,8 +270,54 @@ def matrices(layers, ms):
     return rows
 
 
+C = Q.QGemmConfig
+QGEMM_CANDIDATES = {  # mma.sync (2 warps) against wgmma (4 and 8), a dot per lane or a lane a step
+    64: [None, C(64, 64, 128, 2, 3, 1, 1), C(64, 64, 128, 2, 3, 1, 3), C(64, 64, 128, 2, 4, 4, 1),
+         C(32, 64, 128, 2, 3, 1, 1), C(64, 64, 128, 4, 4, 1, 3)],
+    128: [None, C(64, 128, 128, 2, 3, 1, 1), C(64, 128, 128, 2, 3, 1, 3),
+          C(64, 128, 128, 2, 3, 4, 1), C(32, 128, 128, 2, 3, 1, 1), C(64, 64, 128, 2, 3, 1, 1),
+          C(128, 128, 128, 8, 3, 1, 3), C(64, 128, 128, 4, 3, 1, 3)],
+}
+
+
+def qgemm_configs(layers, ms):
+    """Per matrix and M: qgemm's table config against the candidates, 28 layers in a graph,
+    each checked against F.linear on the dense matrix."""
+    gen = torch.Generator(device='cuda').manual_seed(3)
+    rows = []
+    for m in ms:
+        for name, n, k, _ in SHAPES:
+            x = torch.randn(m, k, device='cuda', generator=gen, dtype=torch.bfloat16)
+            ref = F.linear(x, layers[-1][name][2]).float()
+            for config in QGEMM_CANDIDATES[m]:
+                try:
+                    got = Q.qgemm(x, layers[-1][name][0], None, config).float()
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    ms_ = time_graph(lambda: [Q.qgemm(x, layer[name][0], None, config)
+                                              for layer in layers])
+                except Exception as exc:  # a config this GPU cannot compile
+                    err, ms_ = f'{type(exc).__name__}: {str(exc)[:120]}', None
+                rows.append({'m': m, 'matrix': name, 'config': config, 'ms_28_layers': ms_,
+                             'rel_err': err})
+                print(f'M={m:4d} {name:5s} {config} {ms_} err={err}', flush=True)
+    return rows
+
+
 def main(argv):
     mode, out_path = argv[0], argv[1]
+    if mode == 'qgemm':
+        rows = qgemm_configs(build('int4'), [int(a) for a in argv[2:]] or [64, 128])
+        with open(out_path, 'w') as f:
+            json.dump({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
+                       'rows': rows}, f, indent=1)
+        for m in sorted({r['m'] for r in rows}):
+            for name, *_ in SHAPES:
+                got = [r for r in rows if r['m'] == m and r['matrix'] == name
+                       and r['ms_28_layers'] is not None]
+                best = min(got, key=lambda r: r['ms_28_layers'])
+                print(f"M={m} {name}: table {got[0]['ms_28_layers']:.3f} best "
+                      f"{best['ms_28_layers']:.3f} {best['config']}")
+        return
     if mode in ('chunks', 'overlap'):
         return chunks(out_path, [int(a) for a in argv[2:]] or [128, 512, 2048],
                       None if mode == 'chunks' else ('dense', 'buffer_w', 'overlap_w', 'qgemm'))
