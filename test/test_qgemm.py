@@ -28,7 +28,6 @@ CASES = [
     (1, 70, 256, 128, None),  # one token, N past the last block
     (37, 96, 384, 128, C(64, 16, 128, 4, 1, 1, 1)),  # a dot per lane, three M blocks
     (19, 64, 384, 128, C(64, 16, 128, 4, 1, 3, 2)),  # lanes reordered, K split in three
-    (23, 70, 384, 128, C(64, 16, 128, 2, 1, 3, 3)),  # a lane an iteration, split, N tail
     (21, 80, 320, 64, C(64, 16, 128, 4, 1, 1, 0)),  # gathered; K = 2.5 blocks: a tail
     (5, 64, 96, 32, C(64, 16, 32, 4, 1, 3, 0)),  # groups of 32, split
 ]

@@ -45,8 +45,7 @@ class QGemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     split: int = 1  # at most this many programs along K (the table's: while SMs are idle)
-    lanes: int = 1  # int4, block_k = the group: 1, a dot per lane; 2, one reordered; 0, gather;
-    # 3, one lane of one group an iteration
+    lanes: int = 1  # int4 with block_k = the group: 1, a dot per lane; 2, one reordered; 0, gather
 
 
 # (largest M, config), by M: the configs the H200's time-to-first-token records ran with (the
@@ -144,29 +143,6 @@ def _accumulate(acc, k0, x_rows, Q, S, Z, n64, n_in, m_in, K, stride_q, stride_s
     return acc
 
 
-@triton.jit
-def _accumulate_lane(acc, t, k_base, x_rows, Q, S, Z, n64, n_in, m_in, stride_q, stride_s,
-                     GROUP: tl.constexpr, F32_DOT: tl.constexpr):
-    """acc + lane t % 8 of group t // 8 of the share from k_base (`lanes` 3): G / 8 weights a
-    row, one G / 8-deep dot. The group's words are loaded again for each of its lanes (from
-    cache); in exchange the loop body holds one dot, which the compiler can keep in flight
-    across iterations instead of waiting on each of eight."""
-    L: tl.constexpr = GROUP // 8
-    k0 = tl.multiple_of(k_base + (t // 8) * GROUP, GROUP)
-    lane = t % 8
-    c = tl.arange(0, L)
-    s_at = n64 * stride_s + k0 // GROUP
-    scale = tl.load(S + s_at, mask=n_in, other=0.0).to(tl.float32)[:, None]
-    offset = tl.load(Z + s_at, mask=n_in, other=0.0).to(tl.float32)[:, None]
-    words = tl.load(Q + n64[:, None] * stride_q + (k0 // 8 + c)[None, :], mask=n_in[:, None],
-                    other=0)
-    code = ((words >> (4 * lane)) & 15).to(tl.float32)
-    w = (code * scale + offset).to(x_rows.dtype.element_ty)
-    kx = tl.multiple_of(k0 + lane * L, L)
-    x = tl.load(x_rows + (kx + c)[:, None], mask=m_in[None, :], other=0.0)
-    return _dot(w, x, acc, F32_DOT)
-
-
 # M and what follows from it are not specialised on: one compile serves every prompt length
 @triton.jit(do_not_specialize=['M', 'K_SPLIT', 'stride_p'])
 def _qgemm(X, Q, S, Z, B, OUT, M, N, K, K_SPLIT, stride_xm, stride_q, stride_s, stride_om,
@@ -183,19 +159,7 @@ def _qgemm(X, Q, S, Z, B, OUT, M, N, K, K_SPLIT, stride_xm, stride_q, stride_s, 
     n64 = n.to(tl.int64)
     x_rows = X + m[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if LANES == 3:  # one lane of one group an iteration: K_SPLIT / (G / 8) iterations
-        k_base = part * K_SPLIT
-        if WHILE_LOOP:
-            t = 0
-            while t < K_SPLIT // (GROUP // 8):
-                acc = _accumulate_lane(acc, t, k_base, x_rows, Q, S, Z, n64, n_in, m_in,
-                                       stride_q, stride_s, GROUP, F32_DOT)
-                t += 1
-        else:
-            for t in range(0, K_SPLIT // (GROUP // 8)):
-                acc = _accumulate_lane(acc, t, k_base, x_rows, Q, S, Z, n64, n_in, m_in,
-                                       stride_q, stride_s, GROUP, F32_DOT)
-    elif WHILE_LOOP:  # the CPU interpreter cannot iterate a range with a bound passed in
+    if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with a bound passed in
         step = 0
         while step < K_SPLIT:
             k0 = tl.multiple_of(part * K_SPLIT + step, BLOCK_K)  # aligned: vector loads
