@@ -211,7 +211,7 @@ def run_fuzz(args):
     t0 = time.monotonic()
     sent, answered = send_paced(client, node, messages)
     alive = node.alive()
-    code, _ = node.stop()
+    code, out = node.stop()
     kinds = {}
     for r in client.responses:
         kinds[r['status']] = kinds.get(r['status'], 0) + 1
@@ -222,7 +222,8 @@ def run_fuzz(args):
                 crashes=0 if alive else 1, exit_code=code,
                 by_status=kinds, largest_request_bytes=max(len(m.encode()) for m in messages),
                 bad_terminal=sum(r['status'] not in TERMINAL for r in client.responses),
-                seconds=time.monotonic() - t0)
+                seconds=time.monotonic() - t0,
+                **({'node_output_tail': out[-4000:]} if code else {}))
 
 
 def run_flood(args):

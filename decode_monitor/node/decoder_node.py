@@ -238,7 +238,10 @@ def main(args=None):
             return 2
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        spinner = threading.Thread(target=_spin, args=(executor, stop.event), daemon=True)
+        spinning = threading.Event()
+        spinning.set()
+        spinner = threading.Thread(target=_spin, args=(executor, spinning, stop.event),
+                                   daemon=True)
         spinner.start()
         while not (stop.event.wait(0.5) or node.finalized.is_set()):
             pass
@@ -246,6 +249,10 @@ def main(args=None):
             node.get_logger().info(f'{stop.received}: answering pending requests, then exiting')
         stopped = node.finish()
         node.gpu.close()
+        # Nothing is torn down while the spinner may be inside a wait on these entities: it
+        # leaves its loop first, then the executor joins its callback threads.
+        spinning.clear()
+        spinner.join(timeout=SPIN_EXIT_S)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
     if not stopped:  # a model load cannot be interrupted; everything owed is answered
@@ -255,9 +262,16 @@ def main(args=None):
     return 0
 
 
-def _spin(executor, stop):
+SPIN_EXIT_S = 10.0  # a callback in flight when the node stops: a parse, a publish
+
+
+def _spin(executor, spinning, stop):
+    """Spin in short waits until `spinning` is cleared (executor.spin() would be left only by
+    executor.shutdown(), which destroys the executor's wake-up condition while this thread may
+    still be waiting on it)."""
     try:
-        executor.spin()
+        while spinning.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
