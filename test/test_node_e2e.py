@@ -136,10 +136,11 @@ def test_diagnostics_are_stamped_once_a_period_and_carry_numbers(graph):
 
 
 def test_plain_requests_get_ids_no_client_uses(graph):
-    ids = [graph.send('Say yes.', id=f'req-{i}', max_new_tokens=4) for i in (1, 2, 3)]
+    # two with ids and the plain one fit the queue (3) even before the first one starts
+    ids = [graph.send('Say yes.', id=f'req-{i}', max_new_tokens=4) for i in (1, 2)]
     start = len(graph.all_responses)
     graph._request_pub.publish(String(data='Say no.'))
-    assert wait_for(graph, lambda: len(graph.all_responses) > start + 3, 120)
+    assert wait_for(graph, lambda: len(graph.all_responses) > start + 2, 120)
     plain = [r for r in graph.all_responses[start:] if r['id'] not in ids]
     assert len(plain) == 1 and plain[0]['status'] == 'done', plain
     assert not plain[0]['id'].startswith('req-')
