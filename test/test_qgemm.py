@@ -1,7 +1,8 @@
 """The prefill's GEMM on quantised codes (qgemm.py) against QuantWeight.dequantize, and its use.
 
-On the CPU in Triton's interpreter, tiny shapes: every lane layout (a dot per lane, lanes
-reordered, each weight's word gathered), K split over programs, group sizes 32-128, M and N not
+On the CPU in Triton's interpreter, tiny shapes: both tile layouts (weights left: a dot per
+lane, lanes reordered, each weight's word gathered; weights right: x in lane order, one dot a
+group; its GPU-only PTX dequantisation runs in the GPU session), K split over programs, group sizes 32-128, M and N not
 multiples of the blocks, a K not a multiple of BLOCK_K. float32 activations give float32
 products: the result must be the float32 GEMM on the dequantised matrix to rounding; a weight
 read from a wrong lane, group or row moves it by the size of the weights themselves. The
@@ -30,6 +31,10 @@ CASES = [
     (19, 64, 384, 128, C(64, 16, 128, 4, 1, 3, 2)),  # lanes reordered, K split in three
     (21, 80, 320, 64, C(64, 16, 128, 4, 1, 1, 0)),  # gathered; K = 2.5 blocks: a tail
     (5, 64, 96, 32, C(64, 16, 32, 4, 1, 3, 0)),  # groups of 32, split
+    # weights on the right (int4; int8 takes the left kernel with these blocks)
+    (70, 200, 384, 128, C(128, 64, 128, 4, 1, 1, weights_right=True)),  # M and N tails
+    (5, 96, 256, 64, C(64, 64, 64, 4, 1, 2, weights_right=True)),  # groups of 64, K split
+    (9, 64, 128, 32, C(64, 64, 32, 4, 1, 1, weights_right=True)),  # groups of 32
 ]
 
 
