@@ -246,3 +246,21 @@ def test_nvml_readings_are_sane():
         assert 5 <= s.temperature_c <= 105 and 10 <= s.power_w <= 2000
         assert isinstance(s.throttle_reasons, list)
     assert after.energy_j > before.energy_j  # the counter runs while the GPU works
+
+
+def test_the_first_eager_int4_prompts_compile_nothing(loaded):
+    """Start-up warms every eager prefill shape: the first prompts of 17-128 tokens run the
+    GEMM on int4 codes (qgemm.py, a Triton kernel compiled per tile config) with kernels that
+    warming compiled; Triton's cache of either layout's kernel does not grow."""
+    from decode_monitor.engine.fused import qgemm
+
+    def compiled():
+        return sum(len(entry[0]) for kernel in (qgemm._qgemm, qgemm._qgemm_right)
+                   for entry in kernel.device_caches.values())
+    decoder = Decoder(loaded, mode='eager', backend='fused', max_context=CONTEXT,
+                      weights='int4')
+    before = compiled()
+    assert before > 0
+    for n in (20, 48, 100):
+        decoder.generate(list(range(1, n + 1)), max_new_tokens=1)
+    assert compiled() == before

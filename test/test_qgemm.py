@@ -2,11 +2,12 @@
 
 On the CPU in Triton's interpreter, tiny shapes: both tile layouts (weights left: a dot per
 lane, lanes reordered, each weight's word gathered; weights right: x in lane order, one dot a
-group; its GPU-only PTX dequantisation runs in the GPU session), K split over programs, group sizes 32-128, M and N not
-multiples of the blocks, a K not a multiple of BLOCK_K. float32 activations give float32
-products: the result must be the float32 GEMM on the dequantised matrix to rounding; a weight
-read from a wrong lane, group or row moves it by the size of the weights themselves. The
-prefill takes it for int4 and leaves the dense buffer unmade; int8 keeps the buffer.
+group; its GPU-only PTX dequantisation runs in the GPU session), K split over programs, group
+sizes 32-128, M and N not multiples of the blocks, a K not a multiple of BLOCK_K. float32
+activations give float32 products: the result must be the float32 GEMM on the dequantised
+matrix to rounding; a weight read from a wrong lane, group or row moves it by the size of the
+weights themselves. The prefill takes it for int4 and leaves the dense buffer unmade; int8
+keeps the buffer; start-up warming runs it where the prefill will.
 """
 import copy
 import os
@@ -101,3 +102,23 @@ def test_the_prefill_reads_int4_mlp_codes_and_the_rest_through_the_buffer(tiny, 
     assert same(ids[:, :11])
     assert kernels._unpack_buffer is not None  # q/k/v and o_proj
     assert same(ids)  # past MAX_M tokens: the buffer path, int4 too
+
+
+def test_start_up_warming_runs_the_gemm_on_codes_where_the_prefill_does(tiny, monkeypatch):
+    """An eager prefill of up to MAX_M tokens multiplies int4 gate/up and down on their codes:
+    warming must run that kernel (compiled per config: on the GPU, a prompt length the warm-up
+    skipped would compile at the first request), at every padded row count it serves, and the
+    buffer path everywhere else."""
+    model = copy.deepcopy(tiny.model).to(DEV)
+    backend = FusedBackend(model, 300, use_triton=True, weights='int4')
+    backend.pad_rows = True
+    seen, real = [], Q.qgemm
+
+    def recording(x, w, bias=None, config=None):
+        seen.append((x.shape[0], w.shape))
+        return real(x, w, bias, config)
+    monkeypatch.setattr(Q, 'qgemm', recording)
+    assert backend.warm_prefill_shapes() == list(range(16, 289, 16))
+    layer = backend.layers[0]
+    assert seen == [(m, w.shape) for m in range(16, Q.MAX_M + 1, 16)
+                    for w in (layer.wgu, layer.wd)]

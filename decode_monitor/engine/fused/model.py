@@ -76,6 +76,7 @@ def _still_slices_of(packed, tensors):
 
 
 MATRICES = ('wqkv', 'wo', 'wgu', 'wd')
+MLP_MATRICES = ('wgu', 'wd')  # the prefill's `mlp` GEMMs (prefill.reads_codes)
 
 
 class Layer:
@@ -325,7 +326,8 @@ class FusedBackend:
             return []
         layer = self.layers[0]
         return prefill_shapes.warm_gemms(self, [getattr(layer, name) for name in MATRICES],
-                                         [layer.bqkv, None, None, None])
+                                         [layer.bqkv, None, None, None],
+                                         [name in MLP_MATRICES for name in MATRICES])
 
     @torch.no_grad()
     def capture_prefill(self):

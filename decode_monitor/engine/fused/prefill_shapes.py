@@ -13,7 +13,9 @@ than the next one at that length, and a robot's prompts seldom repeat a length. 
   runs depends on M, the prefill's row count (dozens of kernels over M = 16..2200 for one
   matrix). So an eager prefill pads its rows up to a multiple of a step (`rows()`: 16 up to
   2048 tokens, 64 beyond: at most 15 or 63 extra rows) and `warm_gemms()` runs the four layer
-  matrices at every such M once, at start-up.
+  matrices at every such M once, at start-up. int4 MLP matrices of short prompts go through
+  the GEMM on their codes (qgemm.py), a Triton kernel compiled per tile config: warming runs it
+  too, so the first eager prompt of 17-128 tokens compiles nothing.
 The caching allocator's growth and CUDA's lazy module loading were measured too: neither costs.
 Warming (this and the decoder's WARM_PREFILL prefills) takes about 0.8 s on an H200 for
 qwen2.5-7b at max_context 8256, less for a shorter cache (the GEMMs scale with M).
@@ -29,6 +31,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from decode_monitor.engine.fused.prefill import quant_linear, reads_codes
 from decode_monitor.engine.fused.prefill_graphs import FRESH
 from decode_monitor.engine.fused.quant import QuantWeight
 
@@ -67,11 +70,13 @@ def gemm_rows(max_context):
 
 
 @torch.no_grad()
-def warm_gemms(backend, matrices, biases):
-    """Run each of `matrices` (layer 0's, as the prefill multiplies them) at every row count
-    of gemm_rows(backend.max_context), on zeros: cuBLAS then has every kernel a prefill can
-    pick loaded. A quantised matrix is multiplied dense, as the prefill does: a scratch
-    matrix of its shape stands in. Returns the row counts run."""
+def warm_gemms(backend, matrices, biases, mlp):
+    """Run each of `matrices` (layer 0's, as the prefill multiplies them; `mlp` flags gate/up
+    and down) at every row count of gemm_rows(backend.max_context), on zeros: cuBLAS then has
+    every kernel a prefill can pick loaded, and the GEMM on int4 codes (qgemm.py) every
+    variant compiled. A quantised matrix is multiplied as the prefill does: on its codes where
+    `prefill.reads_codes`, else dense, a scratch matrix of its shape standing in for the
+    buffer. Returns the row counts run."""
     dtype, device = backend.dtype, backend.device
     counts = gemm_rows(backend.max_context)
     if not counts:  # a cache shorter than one step: nothing is padded
@@ -83,7 +88,10 @@ def warm_gemms(backend, matrices, biases):
     inputs = {k: torch.zeros((counts[-1], k), dtype=dtype, device=device)
               for _, k in shapes}
     for m in counts:
-        for w, (n, k), bias in zip(matrices, shapes, biases):
+        for w, (n, k), bias, is_mlp in zip(matrices, shapes, biases, mlp):
+            if reads_codes(backend, w, m, is_mlp):
+                quant_linear(backend, inputs[k][:m], w, bias, mlp=True)
+                continue
             if isinstance(w, QuantWeight):
                 w = scratch[:n * k].view(n, k)
             F.linear(inputs[k][:m], w, bias)
