@@ -83,6 +83,20 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(index):
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def _ptx_tile(x, w):
+    """Whether the right layout makes its tile by inline PTX (`_lanes_bf16`): bf16 activations,
+    scales and offsets, on a GPU with bf16x2 subtraction (sm_90: the PTX was measured on the
+    H200 only; earlier GPUs take the float32 path), not under the interpreter."""
+    return (x.is_cuda and isinstance(_qgemm_right, triton.runtime.JITFunction)
+            and x.dtype == w.scale.dtype == w.offset.dtype == torch.bfloat16
+            and _hopper_or_later(x.device.index or 0))
+
+
 @triton.jit
 def _dot(w, x, acc, F32_DOT: tl.constexpr):
     if F32_DOT:
@@ -210,8 +224,8 @@ LANES_BF16_PTX = tl.constexpr(_lanes_bf16_ptx())
 def _lanes_bf16(words, s, z):
     """The eight weights of each int4 code word in bf16, lane i = q_i s + z rounded once:
     lanes (i, i + 4) masked into a pair of bf16 128 + q (0x4300 | q), 128 subtracted exactly,
-    one bf16x2 FMA (sm_90). No conversion instructions, whose rate, not the tensor cores',
-    bounded the float32 version of this tile."""
+    one bf16x2 FMA (sub.bf16x2 needs sm_90). No conversion instructions, whose rate, not the
+    tensor cores', bounded the float32 version of this tile."""
     return tl.inline_asm_elementwise(
         asm=LANES_BF16_PTX, constraints='=h,=h,=h,=h,=h,=h,=h,=h,r,h,h', args=[words, s, z],
         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
@@ -316,8 +330,7 @@ def qgemm(x, w, bias=None, config=None):
     f32_dot = x.dtype == torch.float32 or x.device.type == 'cpu'
     if right:
         xl = _lane_order(x, w.group)
-        ptx = (x.is_cuda and isinstance(_qgemm_right, triton.runtime.JITFunction)
-               and x.dtype == w.scale.dtype == w.offset.dtype == torch.bfloat16)
+        ptx = _ptx_tile(x, w)
         _qgemm_right[grid](
             xl, q, w.scale, w.offset, bias if has_bias else w.scale, out, m, n, k_split,
             xl.stride(0), q.stride(0), w.scale.stride(0), n, m * n, GROUP=w.group,
