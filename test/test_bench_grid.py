@@ -141,11 +141,11 @@ def test_backends_serving_a_format_or_a_batch_are_what_their_classes_say():
     assert {'fused', 'hf', 'persistent'} <= set(G.registered_backends())
     assert G.registered_backends(serving='bf16') == G.registered_backends()
     for fmt in ('int8', 'int4'):
-        assert 'fused' in G.registered_backends(serving=fmt)
-        assert not {'hf', 'persistent'} & set(G.registered_backends(serving=fmt))
+        assert {'fused', 'persistent'} <= set(G.registered_backends(serving=fmt))
+        assert 'hf' not in G.registered_backends(serving=fmt)
     assert 'hf' in G.registered_backends(batched=True)
     assert not {'fused', 'persistent'} & set(G.registered_backends(batched=True))
-    assert G.pairs_with('fused', 'int8') and not G.pairs_with('persistent', 'int8')
+    assert G.pairs_with('persistent', 'int8') and not G.pairs_with('hf', 'int8')
 
 
 def test_quantised_weights_without_fused_name_the_key_and_the_backends(tmp_path):

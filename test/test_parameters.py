@@ -28,7 +28,7 @@ def test_defaults_are_valid_and_match_the_shipped_yaml():
     (dict(mode='fast'), 'mode'), (dict(dtype='int3'), 'dtype'), (dict(backend='x'), 'backend'),
     (dict(device='gpu'), 'device'), (dict(model=' '), 'model'),
     (dict(weights='fp8'), 'weights'), (dict(weights='int4', backend='hf'), 'weights'),
-    (dict(weights='int8', backend='persistent'), 'weights=.int8. needs backend fused'),
+    (dict(weights='int8', backend='hf'), 'weights=.int8. needs backend fused or persistent'),
     (dict(default_max_new_tokens=2000), 'default_max_new_tokens'),
     (dict(max_new_tokens_cap=4096), 'max_new_tokens_cap'),
     (dict(kernel_configs='/no/such/table.json'), 'kernel_configs'),

@@ -6,6 +6,7 @@
   4096, with its scratch poisoned with NaN first and with one, two or three programs; so do the
   layouts of two launches a layer and of q/k/v + attention kernels + o_proj..down, with tickets
   of several row blocks (and single ones at the tail) and the next ticket taken ahead.
+- int8 and int4 codes read by the kernel give the fused torch path's logits on the same codes.
 - A wait whose counter never arrives gives up and raises the error flag instead of hanging.
 - A model the kernel cannot serve falls back to the fused step, with a reason and a count.
 - On the CPU the backend decodes through the torch path: greedy tokens equal transformers'
@@ -25,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from decode_monitor.engine.decoder import BACKENDS, Decoder  # noqa: E402
 from decode_monitor.engine.factory import DecoderSettings, build_decoder  # noqa: E402
-from decode_monitor.engine.fused import PersistentBackend  # noqa: E402
+from decode_monitor.engine.fused import FusedBackend, PersistentBackend  # noqa: E402
 from decode_monitor.engine.fused.persistent import _wait  # noqa: E402
 from decode_monitor.engine.fused.persistent_launch import INTERPRETER, ticket_ranges  # noqa: E402
 from decode_monitor.engine.hf_backend import HFBackend  # noqa: E402
@@ -57,6 +58,21 @@ def rel(a, b):
 def poison(backend):
     for buf in (backend.q, backend.att, backend.act, backend.logits):
         buf.fill_(float('nan'))
+
+
+def assert_two_steps_match(backend, reference, n, seed):
+    """A prompt of n tokens prefilled by both, then two decode steps from reference's greedy
+    tokens: the logits of each (backend's scratch poisoned first) within 1e-4; no wait gave up."""
+    prompt = torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+    token = reference.prefill(prompt).argmax(-1, keepdim=True)
+    backend.prefill(prompt)
+    for i in range(2):
+        pos = torch.tensor([n + i])
+        expected = reference.forward_one(token, pos)
+        poison(backend)
+        assert rel(backend.forward_one(token, pos), expected) < 1e-4, f'position {n + i}'
+        token = expected.argmax(-1, keepdim=True)
+    assert backend.timeouts() == 0
 
 
 @pytest.mark.parametrize('programs', [1, 3])
@@ -100,16 +116,7 @@ def test_layouts_and_ticket_ranges_match_hf_backend(layout):
     # gate/up 256 / 16 = 16 blocks: 3 ranges of 4 blocks, then 4 singles
     mlp = kernel.parts[-1].constants
     assert (mlp['R_O'], mlp['BIG_O'], mlp['R_GU'], mlp['BIG_GU']) == (2, 3, 4, 3)
-    prompt = torch.randint(0, 512, (1, 70), generator=torch.Generator().manual_seed(2))
-    token = hf.prefill(prompt).argmax(-1, keepdim=True)
-    backend.prefill(prompt)
-    for i in range(2):
-        pos = torch.tensor([70 + i])
-        expected = hf.forward_one(token, pos)
-        poison(backend)
-        assert rel(backend.forward_one(token, pos), expected) < 1e-4, f'position {70 + i}'
-        token = expected.argmax(-1, keepdim=True)
-    assert backend.timeouts() == 0
+    assert_two_steps_match(backend, hf, 70, seed=2)
 
 
 def test_ticket_ranges():
@@ -150,9 +157,24 @@ def test_a_model_the_kernel_cannot_serve_falls_back_to_the_fused_step():
     assert rel(backend.forward_one(token, pos), hf.forward_one(token, pos)) < 1e-4
 
 
-def test_quantised_weights_are_refused():
+def test_an_unknown_weight_format_is_refused():
     with pytest.raises(ValueError, match='persistent serves'):
-        PersistentBackend(tiny_model('llama'), 64, weights='int8')
+        PersistentBackend(tiny_model('llama'), 64, weights='int3')
+
+
+@pytest.mark.parametrize('weights', ['int8', 'int4'])
+def test_quantised_layer_kernel_matches_the_dequantised_torch_path(weights):
+    """int8 / int4 codes read by the layer kernel (dequantised in registers, tickets of several
+    blocks, two launches a layer) against the fused backend's torch path, which multiplies the
+    same codes dequantised into dense matrices."""
+    model = tiny_model('qwen2')
+    reference = FusedBackend(model, 256, use_triton=False, weights=weights)
+    config = INTERPRETER._replace(block_n=16, programs_per_sm=2, layout='two', ticket_blocks=4,
+                                  tail=0.5)
+    backend = PersistentBackend(model, 256, use_triton=True, weights=weights,
+                                attention_config=(64, 3, 4, 1), persistent_config=config)
+    assert backend.layers_kernel is not None, backend.fallback_reason
+    assert_two_steps_match(backend, reference, 40, seed=5)
 
 
 def test_selectable_by_name():

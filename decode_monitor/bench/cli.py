@@ -43,7 +43,7 @@ def _run_parser():
     p.add_argument('--modes', nargs='+', choices=grid_mod.MODES)
     p.add_argument('--backends', nargs='+')
     p.add_argument('--weights', nargs='+', choices=grid_mod.WEIGHTS,
-                   help='weight formats (int8/int4 run on backend fused only)')
+                   help='weight formats (int8/int4 run on backends fused and persistent)')
     p.add_argument('--batches', nargs='+', type=int, metavar='B',
                    help='sequences per decode step (above 1: backend hf only)')
     p.add_argument('--co-runners', nargs='+', metavar='R',

@@ -17,7 +17,7 @@ class DecoderSettings:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     dtype: str = 'auto'  # auto | float32 | bfloat16 | float16
     mode: str = 'auto'  # auto (graph on CUDA, eager on a CPU) | graph | eager
-    backend: str = 'auto'  # auto | hf | fused | persistent (bf16)
+    backend: str = 'auto'  # auto | hf | fused | persistent
     max_context: int = 2048
     weights: str = 'bf16'  # bf16 (as loaded) | int8 | int4 (weight-only, fused backend)
     # fused kernels' launch configs: a table file, 'defaults', or None (the user's cache for

@@ -55,9 +55,9 @@ PARAMETERS = {
     'dtype': ('auto', 'auto (bfloat16 on CUDA, float32 on CPU), ' + ', '.join(DTYPES), {}),
     'mode': ('auto', 'auto (graph on CUDA, eager on a CPU), graph (one CUDA graph per step; '
              'falls back to eager with a WARN when it cannot be captured) or eager', {}),
-    'backend': ('auto', 'auto, hf (transformers forward), fused or persistent (bf16)', {}),
+    'backend': ('auto', 'auto, hf (transformers forward), fused or persistent', {}),
     'weights': ('bf16', 'bf16 (as loaded), int8 or int4: weight-only quantisation at load '
-                'time, fused backend only', {}),
+                'time, backends fused and persistent', {}),
     'max_context': (2048, 'static KV cache length in tokens (prompt + new tokens)',
                     _int(16, 1 << 20)),
     'default_max_new_tokens': (128, 'new tokens when a request does not say', _int(1, 1 << 20)),

@@ -20,13 +20,15 @@ from decode_monitor.engine.fused import pdl
 
 
 @triton.jit
-def _x_at(X, NW, cols, K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+def _x_at(X, NW, cols, K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
+          CACHE: tl.constexpr):
     """x' = x (* g if NORM) in fp32 at the columns `cols` (a tile of any shape), and the squares
-    of x (before the norm)."""
+    of x (before the norm). CACHE: x's load cache modifier ('.cg' where another program of the
+    same launch wrote x: the persistent kernel)."""
     if EVEN_K:
-        x = tl.load(X + cols).to(tl.float32)
+        x = tl.load(X + cols, cache_modifier=CACHE).to(tl.float32)
     else:
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = tl.load(X + cols, mask=cols < K, other=0.0, cache_modifier=CACHE).to(tl.float32)
     sq = x * x
     if NORM:
         if EVEN_K:
@@ -117,10 +119,10 @@ def _chunks(W, S, Z, rows_a, rows_b, k0, valid, K: tl.constexpr, stride_w, strid
 
 @triton.jit
 def _int8_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
-            EVEN_K: tl.constexpr):
+            EVEN_K: tl.constexpr, CACHE: tl.constexpr):
     """x' of one chunk as four (NSUB, 4) tiles, xj[i, w] = x'[k0 + 16 i + 4 w + j]: the x that
     byte j of word w of sub-block i meets; and the chunk's squares of x."""
-    x, sq = _x_at(X, NW, k0 + tl.arange(0, BLOCK_K), K, NORM, EVEN_K)
+    x, sq = _x_at(X, NW, k0 + tl.arange(0, BLOCK_K), K, NORM, EVEN_K, CACHE)
     # j = 2 a + b: split off b (j even / odd), then a
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // SUB, 4, 2, 2)))
     x0, x2 = tl.split(x_even)
@@ -166,7 +168,7 @@ def _int4_lane(low, high, LANE: tl.constexpr):
 
 @triton.jit
 def _int4_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, GROUP: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, CACHE: tl.constexpr):
     """x' of one chunk as eight (NSUB, 4) tiles, xi[s, t] the x' that lane i of word t of
     sub-block s meets, scaled for lane i's denormal; then the sub-blocks' sums of x' (NSUB,)
     for the offsets; and the chunk's squares of x."""
@@ -177,7 +179,7 @@ def _int4_x(X, NW, k0, K: tl.constexpr, NORM: tl.constexpr, GROUP: tl.constexpr,
     # word c of a group holds weights c + i GW (quant.py): (NSUB, 4 words, 8 lanes)
     cols = (k0 + (sub // (GW // 4)) * GROUP + (sub % (GW // 4)) * 4
             + tl.arange(0, 4)[None, :, None] + lane * GW)
-    x, sq = _x_at(X, NW, cols, K, NORM, EVEN_K)
+    x, sq = _x_at(X, NW, cols, K, NORM, EVEN_K, CACHE)
     x_sum = tl.sum(tl.sum(x, axis=2), axis=1)
     x = x * _pow2(149 - DOT_EXP - 4 * (lane % 4))
     # lane i = 4 a + 2 b + c: split off c, then b, then a
@@ -239,12 +241,12 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
             nxt = _chunks(W, S, Z, rows_a, rows_b, k0 + BLOCK_K, more, K, stride_w, stride_s,
                           INT4, GROUP, PAIR, BLOCK_K, EVEN_K)
         if INT4:
-            xs, sq = _int4_x(X, NW, k0, K, NORM, GROUP, BLOCK_K, EVEN_K)
+            xs, sq = _int4_x(X, NW, k0, K, NORM, GROUP, BLOCK_K, EVEN_K, '')
             acc_a += _int4_rows(wa, sa, ma, xs)
             if PAIR:
                 acc_b += _int4_rows(wb, sb, mb, xs)
         else:
-            xs, sq = _int8_x(X, NW, k0, K, NORM, BLOCK_K, EVEN_K)
+            xs, sq = _int8_x(X, NW, k0, K, NORM, BLOCK_K, EVEN_K, '')
             acc_a += _int8_rows(wa, sa, ma, xs, PTX)
             if PAIR:
                 acc_b += _int8_rows(wb, sb, mb, xs, PTX)
@@ -256,3 +258,28 @@ def quant_dot(W, S, Z, X, NW, rows_a, rows_b, lo, CHUNKS: tl.constexpr, K: tl.co
                                              stride_w, stride_s, INT4, GROUP, PAIR, BLOCK_K,
                                              EVEN_K)
     return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0)
+
+
+@triton.jit
+def chunk_dots(W, S, Z, X, NW, rows_a, rows_b, k0, K: tl.constexpr, stride_w, stride_s,
+               NORM: tl.constexpr, PAIR: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PTX: tl.constexpr,
+               CACHE: tl.constexpr):
+    """One chunk of K from k0, loaded and multiplied at once: the scaled sub-block dots
+    (BLOCK_N, NSUB) of rows_a and of rows_b (rows_a's again unless PAIR), and the chunk's
+    squares of x. For a caller that pipelines across its own loop (the persistent kernel)."""
+    wa, sa, ma, wb, sb, mb = _chunks(W, S, Z, rows_a, rows_b, k0, True, K, stride_w, stride_s,
+                                     INT4, GROUP, PAIR, BLOCK_K, EVEN_K)
+    if INT4:
+        xs, sq = _int4_x(X, NW, k0, K, NORM, GROUP, BLOCK_K, EVEN_K, CACHE)
+        da = _int4_rows(wa, sa, ma, xs)
+        db = da
+        if PAIR:
+            db = _int4_rows(wb, sb, mb, xs)
+    else:
+        xs, sq = _int8_x(X, NW, k0, K, NORM, BLOCK_K, EVEN_K, CACHE)
+        da = _int8_rows(wa, sa, ma, xs, PTX)
+        db = da
+        if PAIR:
+            db = _int8_rows(wb, sb, mb, xs, PTX)
+    return da, db, sq

@@ -41,13 +41,16 @@ a bug in a dependency count, say).
 
 Activations produced inside the launch are read with `.cg` (L2, not the SM's L1, which is not
 coherent across SMs): h is read by q/k/v, written by o_proj and read again by gate/up in one
-launch. bf16 (dense) weights only.
+launch. Weights dense, or int8 / int4 codes dequantised in registers as the fused GEMVs do
+(dequant.chunk_dots: each chunk loaded and multiplied in one step of the ticket's loop, which
+Triton pipelines; the fused GEMV's own register prefetch is not used here).
 """
 import triton
 import triton.language as tl
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.attention import _attend_block
+from decode_monitor.engine.fused.dequant import chunk_dots
 from decode_monitor.engine.fused.gemv import _qkv_rope_store
 
 # Counters of one layer (int32): the ticket of a launch that starts at q/k/v, one done-count per
@@ -97,10 +100,31 @@ def _chunk(W, X, NW, rows_a, rows_b, c, K: tl.constexpr, NORM: tl.constexpr,
 
 
 @triton.jit
-def _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
-              cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
+def _dots(W, S, Z, X, NW, rows_a, rows_b, c, K: tl.constexpr, stride_w, stride_s,
+          NORM: tl.constexpr, PAIR: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+          BLOCK_K: tl.constexpr, PTX: tl.constexpr):
+    """Chunk c of K's terms of the accumulators of rows_a and rows_b (rows_a's unless PAIR), and
+    x^2: FMT 0, dense, (BLOCK_N, BLOCK_K) products; 1 / 2, int8 / int4 codes (dequant.py,
+    dequantised in registers as the fused GEMVs do), (BLOCK_N, NSUB) scaled sub-block dots."""
+    if FMT == 0:
+        wa, wb, x, x2 = _chunk(W, X, NW, rows_a, rows_b, c, K, NORM, PAIR, BLOCK_K)
+        da = wa.to(tl.float32) * x[None, :]
+        db = da
+        if PAIR:
+            db = wb.to(tl.float32) * x[None, :]
+    else:
+        da, db, x2 = chunk_dots(W, S, Z, X, NW, rows_a, rows_b, c * BLOCK_K, K, stride_w,
+                                stride_s, NORM, PAIR, FMT == 2, GROUP, BLOCK_K,
+                                K % BLOCK_K == 0, PTX, '.cg')
+    return da, db, x2
+
+
+@triton.jit
+def _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, SQKV, ZQKV, sw, ss_, BQKV, H, LN1, COS, SIN, POS,
+              Q, KC, VC, eps, cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
               Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              FMT: tl.constexpr, GROUP: tl.constexpr, PTX: tl.constexpr):
     """Step it of a range of q/k/v blocks of rotate-half row pairs from blk0: chunk it % KT of
     block it // KT, and that block's epilogue (gemv.qkv_rope_kernel's) after its last chunk."""
     KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
@@ -111,34 +135,37 @@ def _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, 
     j = p % HALF
     rows_a = (p // HALF) * (2 * HALF) + j
     rows_b = rows_a + HALF
-    wa, wb, x, x2 = _chunk(WQKV, H, LN1, rows_a, rows_b, c, HIDDEN, True, True, BLOCK_K)
-    acc_a += wa.to(tl.float32) * x[None, :]
-    acc_b += wb.to(tl.float32) * x[None, :]
+    da, db, x2 = _dots(WQKV, SQKV, ZQKV, H, LN1, rows_a, rows_b, c, HIDDEN, sw, ss_, True, True,
+                       FMT, GROUP, BLOCK_K, PTX)
+    acc_a += da
+    acc_b += db
     ss += x2
     if c == KT - 1:
         _qkv_rope_store(tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(ss, axis=0),
                         p, p_mask, j, rows_a, rows_b, BQKV, COS, SIN, POS, Q, KC, VC, eps,
                         Q_PAIRS, K_PAIRS, cache_head_stride, HIDDEN, HALF, HAS_BIAS)
-        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_a = tl.zeros_like(acc_a)
+        acc_b = tl.zeros_like(acc_b)
+        ss = tl.zeros_like(ss)
     return acc_a, acc_b, ss
 
 
 @triton.jit
-def _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N: tl.constexpr, K: tl.constexpr,
-               eps, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_step(it, blk0, acc_a, acc_b, ss, W, S, Z, sw, ss_, X, NW, R, Y, N: tl.constexpr,
+               K: tl.constexpr, eps, NORM: tl.constexpr, GATED: tl.constexpr,
+               RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               FMT: tl.constexpr, GROUP: tl.constexpr, PTX: tl.constexpr):
     """As _qkv_step, for a range of row blocks of W: gemv.gemv_kernel's work (no split-K)."""
     KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     c = it % KT
     rows = (blk0 + it // KT) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows = tl.minimum(rows, N - 1)
-    wa, wb, x, x2 = _chunk(W, X, NW, rows, rows + N, c, K, NORM, GATED, BLOCK_K)
-    acc_a += wa.to(tl.float32) * x[None, :]
+    da, db, x2 = _dots(W, S, Z, X, NW, rows, rows + N, c, K, sw, ss_, NORM, GATED, FMT, GROUP,
+                       BLOCK_K, PTX)
+    acc_a += da
     if GATED:
-        acc_b += wb.to(tl.float32) * x[None, :]
+        acc_b += db
     if NORM:
         ss += x2
     if c == KT - 1:
@@ -155,64 +182,72 @@ def _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N: tl.constexpr, K: t
         if RESIDUAL:
             y += tl.load(R + rows, mask=row_mask, other=0.0, cache_modifier='.cg').to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
-        acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_a = tl.zeros_like(acc_a)
+        acc_b = tl.zeros_like(acc_b)
+        ss = tl.zeros_like(ss)
     return acc_a, acc_b, ss
 
 
 @triton.jit
-def _qkv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, WQKV, BQKV, H, LN1, COS, SIN, POS, Q,
-                KC, VC, eps, cache_head_stride, HIDDEN: tl.constexpr, N_PAIRS: tl.constexpr,
-                Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr, HALF: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """Ticket u of q/k/v: blocks [u RB, u RB + RB) for the first BIG, then one block each; one
-    software-pipelined loop over the blocks and K chunks (its loads run ahead across blocks)."""
-    KT: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
+def _range(u, BIG: tl.constexpr, RB: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, SUBK: tl.constexpr):
+    """Ticket u's first block and step count (blocks [u RB, u RB + RB) for the first BIG, then
+    one block each; KT steps a block), and zeroed accumulators: a column for each SUBK
+    columns of a chunk (see _dots: 1 dense, 16 int8, 32 int4)."""
+    KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    ACC_K: tl.constexpr = BLOCK_K // SUBK
     blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
     steps = tl.where(u < BIG, RB * KT, KT)
-    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with bounds read from memory
-        it = 0
-        while it < steps:
-            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
-                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
-                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
-                                         BLOCK_K)
-            it += 1
-    else:
-        for it in tl.range(0, steps, num_stages=STAGES):
-            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, BQKV, H, LN1, COS,
-                                         SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN,
-                                         N_PAIRS, Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BLOCK_N,
-                                         BLOCK_K)
+    acc = tl.zeros((BLOCK_N, ACC_K), dtype=tl.float32)
+    return blk0, steps, acc, acc, tl.zeros((BLOCK_K,), dtype=tl.float32)
 
 
 @triton.jit
-def _gemv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, W, X, NW, R, Y, N: tl.constexpr,
-                 K: tl.constexpr, eps, NORM: tl.constexpr, GATED: tl.constexpr,
-                 RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """As _qkv_ticket, for a matrix of row blocks."""
-    KT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    blk0 = tl.where(u < BIG, u * RB, BIG * RB + u - BIG)
-    steps = tl.where(u < BIG, RB * KT, KT)
-    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    if WHILE_LOOP:
+def _qkv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, WQKV, SQKV, ZQKV, sw, ss_, BQKV, H, LN1,
+                COS, SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN: tl.constexpr,
+                N_PAIRS: tl.constexpr, Q_PAIRS: tl.constexpr, K_PAIRS: tl.constexpr,
+                HALF: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr,
+                FMT: tl.constexpr, GROUP: tl.constexpr, SUBK: tl.constexpr, PTX: tl.constexpr):
+    """Ticket u of q/k/v (`_range`): one software-pipelined loop over the blocks and K chunks
+    (its loads run ahead across blocks)."""
+    blk0, steps, acc_a, acc_b, ss = _range(u, BIG, RB, HIDDEN, BLOCK_N, BLOCK_K, SUBK)
+    if WHILE_LOOP:  # the CPU interpreter cannot iterate a range with bounds read from memory
         it = 0
         while it < steps:
-            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
-                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, SQKV, ZQKV, sw, ss_,
+                                         BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+                                         cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS,
+                                         HALF, HAS_BIAS, BLOCK_N, BLOCK_K, FMT, GROUP, PTX)
             it += 1
     else:
         for it in tl.range(0, steps, num_stages=STAGES):
-            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, X, NW, R, Y, N, K, eps,
-                                          NORM, GATED, RESIDUAL, BLOCK_N, BLOCK_K)
+            acc_a, acc_b, ss = _qkv_step(it, blk0, acc_a, acc_b, ss, WQKV, SQKV, ZQKV, sw, ss_,
+                                         BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
+                                         cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS,
+                                         HALF, HAS_BIAS, BLOCK_N, BLOCK_K, FMT, GROUP, PTX)
+
+
+@triton.jit
+def _gemv_ticket(u, BIG: tl.constexpr, RB: tl.constexpr, W, S, Z, sw, ss_, X, NW, R, Y,
+                 N: tl.constexpr, K: tl.constexpr, eps, NORM: tl.constexpr, GATED: tl.constexpr,
+                 RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STAGES: tl.constexpr, WHILE_LOOP: tl.constexpr, FMT: tl.constexpr,
+                 GROUP: tl.constexpr, SUBK: tl.constexpr, PTX: tl.constexpr):
+    """As _qkv_ticket, for a matrix of row blocks."""
+    blk0, steps, acc_a, acc_b, ss = _range(u, BIG, RB, K, BLOCK_N, BLOCK_K, SUBK)
+    if WHILE_LOOP:
+        it = 0
+        while it < steps:
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, S, Z, sw, ss_, X, NW,
+                                          R, Y, N, K, eps, NORM, GATED, RESIDUAL, BLOCK_N,
+                                          BLOCK_K, FMT, GROUP, PTX)
+            it += 1
+    else:
+        for it in tl.range(0, steps, num_stages=STAGES):
+            acc_a, acc_b, ss = _gemv_step(it, blk0, acc_a, acc_b, ss, W, S, Z, sw, ss_, X, NW,
+                                          R, Y, N, K, eps, NORM, GATED, RESIDUAL, BLOCK_N,
+                                          BLOCK_K, FMT, GROUP, PTX)
 
 
 @triton.jit
@@ -280,6 +315,9 @@ def _merge_task(qh, PART_O, PART_M, PART_L, ATT, N_SPLITS: tl.constexpr, S_P2: t
 @triton.jit
 def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, POS, KC, VC,
                  PART_O, PART_M, PART_L, CNT, ERR, eps, scale_log2, cache_head_stride,
+                 SQKV, ZQKV, SO, ZO, SGU, ZGU, SD, ZD, sw_qkv, ss_qkv, sw_o, ss_o, sw_gu, ss_gu,
+                 sw_d, ss_d, FMT: tl.constexpr, SUBK: tl.constexpr, G_QKV: tl.constexpr,
+                 G_O: tl.constexpr, G_GU: tl.constexpr, G_D: tl.constexpr, PTX: tl.constexpr,
                  HIDDEN: tl.constexpr, INTER: tl.constexpr, Q_HEADS: tl.constexpr,
                  KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                  N_SPLITS: tl.constexpr, S_P2: tl.constexpr, S_BLOCK: tl.constexpr,
@@ -293,7 +331,9 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
                  AHEAD: tl.constexpr,
                  SPIN: tl.constexpr, PDL: tl.constexpr):
     """The parts DO_* of one decoder layer; any grid. CNT: this layer's counters, zeroed before
-    the launch. A matrix of N blocks has BIG tickets of R blocks, then one a block."""
+    the launch. A matrix of N blocks has BIG tickets of R blocks, then one a block.
+    FMT 0: dense matrices; 1 / 2: int8 / int4 codes (int32 words) with scales S*, offsets Z*
+    (int4), row strides sw_* (words) and ss_*, groups G_* (quant.py; gemv._weight_args)."""
     G: tl.constexpr = Q_HEADS // KV_HEADS
     D: tl.constexpr = 2 * HALF
     Q_PAIRS: tl.constexpr = Q_HEADS * HALF
@@ -320,9 +360,10 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
             nt = tl.atomic_add(CNT + TICKET_AT, 1, sem='relaxed')
         if t < E_QKV:
             if DO_QKV:
-                _qkv_ticket(t, BIG_QKV, R_QKV, WQKV, BQKV, H, LN1, COS, SIN, POS, Q, KC, VC, eps,
-                            cache_head_stride, HIDDEN, N_PAIRS, Q_PAIRS, K_PAIRS, HALF,
-                            HAS_BIAS, BN, BLOCK_K, STAGES, WHILE_LOOP)
+                _qkv_ticket(t, BIG_QKV, R_QKV, WQKV, SQKV, ZQKV, sw_qkv, ss_qkv, BQKV, H, LN1,
+                            COS, SIN, POS, Q, KC, VC, eps, cache_head_stride, HIDDEN, N_PAIRS,
+                            Q_PAIRS, K_PAIRS, HALF, HAS_BIAS, BN, BLOCK_K, STAGES, WHILE_LOOP,
+                            FMT, G_QKV, SUBK, PTX)
                 _done(CNT + QKV_DONE)
         elif t < E_MERGE:
             if DO_ATT:
@@ -345,19 +386,21 @@ def layer_kernel(WQKV, BQKV, WO, WGU, WD, LN1, LN2, H, Q, ATT, ACT, COS, SIN, PO
                 if t < E_O:
                     if DO_ATT:
                         _wait(CNT + MERGE_DONE, Q_HEADS, ERR, SPIN)
-                    _gemv_ticket(t - E_MERGE, BIG_O, R_O, WO, ATT, LN2, H, H, HIDDEN,
-                                 Q_HEADS * D, eps, False, False, True, BN, BLOCK_K, STAGES,
-                                 WHILE_LOOP)
+                    _gemv_ticket(t - E_MERGE, BIG_O, R_O, WO, SO, ZO, sw_o, ss_o, ATT, LN2, H,
+                                 H, HIDDEN, Q_HEADS * D, eps, False, False, True, BN, BLOCK_K,
+                                 STAGES, WHILE_LOOP, FMT, G_O, SUBK, PTX)
                     _done(CNT + O_DONE)
                 elif t < E_GU:
                     _wait(CNT + O_DONE, T_O, ERR, SPIN)
-                    _gemv_ticket(t - E_O, BIG_GU, R_GU, WGU, H, LN2, H, ACT, INTER, HIDDEN,
-                                 eps, True, True, False, BN, BLOCK_K, STAGES, WHILE_LOOP)
+                    _gemv_ticket(t - E_O, BIG_GU, R_GU, WGU, SGU, ZGU, sw_gu, ss_gu, H, LN2, H,
+                                 ACT, INTER, HIDDEN, eps, True, True, False, BN, BLOCK_K, STAGES,
+                                 WHILE_LOOP, FMT, G_GU, SUBK, PTX)
                     _done(CNT + GU_DONE)
                 else:
                     _wait(CNT + GU_DONE, T_GU, ERR, SPIN)
-                    _gemv_ticket(t - E_GU, BIG_D, R_D, WD, ACT, LN2, H, H, HIDDEN, INTER, eps,
-                                 False, False, True, BN, BLOCK_K, STAGES, WHILE_LOOP)
+                    _gemv_ticket(t - E_GU, BIG_D, R_D, WD, SD, ZD, sw_d, ss_d, ACT, LN2, H, H,
+                                 HIDDEN, INTER, eps, False, False, True, BN, BLOCK_K, STAGES,
+                                 WHILE_LOOP, FMT, G_D, SUBK, PTX)
         if AHEAD:
             t = nt
         else:

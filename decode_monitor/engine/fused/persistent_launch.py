@@ -20,6 +20,7 @@ import torch
 import triton
 
 from decode_monitor.engine.fused import pdl
+from decode_monitor.engine.fused.gemv import _ptx, _weight_args
 from decode_monitor.engine.fused.attention import _LOG2E, DecodeAttention
 from decode_monitor.engine.fused.persistent import (ATT_DONE, SPIN_LIMIT, TICKET, TICKET_MLP,
                                                     layer_kernel)
@@ -118,6 +119,11 @@ class PersistentLayers:
         self.hidden = b.embed.shape[1]
         self.inter = b.layers[0].wd.shape[1]
         half = b.head_dim // 2
+        first = b.layers[0]
+        weights = [_weight_args(getattr(first, name)) for name in ('wqkv', 'wo', 'wgu', 'wd')]
+        fmt = weights[0][6]  # FMT: 0 dense, 1 int8, 2 int4 (the same for every matrix)
+        groups = [w[7] for w in weights]
+        block_k = max(min(c.block_k, triton.next_power_of_2(self.hidden)), *groups)
         self.blocks = dict(QKV=triton.cdiv((b.q_heads + 2 * b.kv_heads) * half, c.block_n),
                            O=triton.cdiv(self.hidden, c.block_n),
                            GU=triton.cdiv(self.inter, c.block_n),
@@ -127,8 +133,9 @@ class PersistentLayers:
             HALF=half, HAS_BIAS=b.layers[0].bqkv is not None,
             N_SPLITS=att.n_splits, S_P2=att.s_p2, S_BLOCK=min(att.s_p2, att.MERGE_BLOCK),
             G_P2=att.g_p2, G_PAD=att.g_pad, BLOCK_T=att.block_t, IEEE=b.dtype == torch.float32,
-            WHILE_LOOP=self.on_cpu, BN=c.block_n,
-            BLOCK_K=min(c.block_k, triton.next_power_of_2(self.hidden)), AHEAD=c.ahead,
+            WHILE_LOOP=self.on_cpu, BN=c.block_n, BLOCK_K=block_k, AHEAD=c.ahead,
+            FMT=fmt, SUBK=(1, 16, 32)[fmt], G_QKV=groups[0], G_O=groups[1], G_GU=groups[2],
+            G_D=groups[3], PTX=_ptx(),
             STAGES=c.num_stages, SPIN=c.spin, num_warps=c.num_warps,
             num_stages=c.att_stages)
         self.common.update(pdl.launch_args(device) if c.pdl else {'PDL': False})
@@ -181,10 +188,15 @@ class PersistentLayers:
         b = self.backend
         layer = b.layers[i]
         k_cache, v_cache = b.k_cache[i], b.v_cache[i]
-        return (layer.wqkv, layer.bqkv if layer.bqkv is not None else layer.wqkv, layer.wo,
-                layer.wgu, layer.wd, layer.ln1, layer.ln2, b.h, b.q, b.att, b.act, b.cos, b.sin,
+        # each matrix: (W, S, Z, stride_w, stride_s, ...) of gemv._weight_args (codes as words)
+        qkv, o, gu, d = (_weight_args(getattr(layer, name)) for name in ('wqkv', 'wo', 'wgu',
+                                                                         'wd'))
+        return (qkv[0], layer.bqkv if layer.bqkv is not None else qkv[0], o[0], gu[0], d[0],
+                layer.ln1, layer.ln2, b.h, b.q, b.att, b.act, b.cos, b.sin,
                 pos, k_cache, v_cache, self.att.part_o, self.att.part_m, self.att.part_l,
-                self.cnt[i], self.err, b.eps, self.scale_log2, k_cache.stride(0))
+                self.cnt[i], self.err, b.eps, self.scale_log2, k_cache.stride(0),
+                qkv[1], qkv[2], o[1], o[2], gu[1], gu[2], d[1], d[2],
+                qkv[3], qkv[4], o[3], o[4], gu[3], gu[4], d[3], d[4])
 
     def oversubscribe(self, factor):
         """Launch `factor` times more programs than fit (a test of forward progress)."""

@@ -5,7 +5,7 @@ the fused backend's; on the Triton path each layer's q/k/v, attention, o_proj, g
 run as the tasks of persistent launches (persistent.py; persistent_launch.py's layouts: the
 whole layer one launch, two, or by default q/k/v and o_proj..down each one launch with the
 fused attention kernels between them), so a step is 31 to 115 launches instead of about 170.
-bf16 weights only so far. On the CPU (no CUDA) it decodes
+bf16, int8 or int4 weights (the fused backend's formats). On the CPU (no CUDA) it decodes
 on the torch path, which computes the same stages in the same order with torch ops; the tests
 also run the kernel itself under Triton's interpreter, whose programs run one after another and
 take the tickets in order, so every wait there is met at its first poll.
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class PersistentBackend(FusedBackend):
     name = 'persistent'
-    formats = ('bf16',)
+    formats = ('bf16', 'int8', 'int4')
     tunable = True  # lm_head (and the fallback) launch with the fused kernels' configs
 
     def __init__(self, model, max_context, use_triton=None, attention_config=None,
