@@ -1,6 +1,7 @@
 """Backend `persistent` on a CUDA GPU: logits against fp32, repeatability, no hang.
 
-Marked `gpu` and skipped without CUDA. The model is the `smollm2-135m` preset (random weights of
+Marked `gpu` and skipped without CUDA. bf16, and int8 / int4 codes against the fused step on
+the same codes. The model is the `smollm2-135m` preset (random weights of
 SmolLM2-135M's shapes, matrices at 3x transformers' initial scale as in test_gpu.py). Every
 persistent step runs in a child process with a time limit (a watchdog): a kernel that waited
 forever would fail the test instead of hanging the suite.
@@ -85,6 +86,18 @@ CHILD = textwrap.dedent('''
             out['variants'][f'{layout}-{kind}'] = [
                 e_p, e_f, other.timeouts(), other.fallbacks, ranges]
             del other
+    # int8 / int4: the same codes through the persistent tasks and the fused GEMVs, vs fp32
+    out['quantised'] = {}
+    for weights in ('int8', 'int4'):
+        errors = []
+        for cls in (PersistentBackend, FusedBackend):
+            other = cls(model, CTX, weights=weights)
+            other.prefill(prompt)
+            errors.append(rel(other.forward_one(token, pos), expected))
+            if cls is PersistentBackend:
+                errors += [other.timeouts(), other.fallbacks]
+            del other
+        out['quantised'][weights] = errors
     # repeatability: the same step replayed in a graph, bit for bit
     pos = torch.tensor([700], device='cuda')
     graph = torch.cuda.CUDAGraph()
@@ -145,6 +158,13 @@ def test_every_layout_and_ticket_range_as_close_to_fp32_as_the_fused_step(child)
         assert e_p <= 1.25 * e_f + 2e-3, (name, e_p, e_f)  # NaN fails too
         assert timeouts == 0 and fallbacks == 0, name
         assert ranges == (2 if name.endswith('ranges') else 1), name
+
+
+def test_quantised_logits_as_close_to_fp32_as_the_fused_step(child):
+    assert sorted(child['quantised']) == ['int4', 'int8']
+    for weights, (e_p, timeouts, fallbacks, e_f) in child['quantised'].items():
+        assert timeouts == 0 and fallbacks == 0, weights
+        assert e_p <= 1.25 * e_f + 2e-3, (weights, e_p, e_f)  # NaN fails too
 
 
 def test_bit_for_bit_repeatable_and_oversubscription_safe(child):
