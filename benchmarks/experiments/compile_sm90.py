@@ -47,8 +47,9 @@ class Recorder:
         triton.runtime.JITFunction.__getitem__ = self._saved
 
 
-def compile_call(fn, args, kwargs, **overrides):
-    """The cubin's resources of fn compiled for TARGET with these launch arguments."""
+def compile_call(fn, args, kwargs, keep=False, **overrides):
+    """The cubin's resources of fn compiled for TARGET with these launch arguments (and, with
+    keep, the compiled kernel under 'compiled': its asm holds ttgir, ptx and the cubin)."""
     kwargs = {**kwargs, **overrides}
     options = {k: kwargs.pop(k) for k in ('num_warps', 'num_stages', 'maxnreg') if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
@@ -86,8 +87,11 @@ def compile_call(fn, args, kwargs, **overrides):
                                check=True).stdout
     line = next(ln for ln in usage.splitlines() if 'REG:' in ln)
     fields = dict(part.split(':') for part in line.split() if ':' in part)
-    return {'regs': int(fields['REG']), 'local': int(fields['LOCAL']),
-            'shared': compiled.metadata.shared}
+    out = {'regs': int(fields['REG']), 'local': int(fields['LOCAL']),
+           'shared': compiled.metadata.shared}
+    if keep:
+        out['compiled'] = compiled
+    return out
 
 
 def gpu_settings(kwargs):
