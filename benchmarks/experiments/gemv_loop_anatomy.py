@@ -1,7 +1,7 @@
-"""The quantised GEMVs' K loop as compiled for sm_90, without a GPU: what a weight costs.
+"""The GEMVs' K loop compiled for sm_90 without a GPU: what a weight costs.
 
-For the int8 and int4 gate/up GEMV of a model (the shipped H200 table's configs), compiled for
-Hopper as compile_sm90.py does: the layout conversions inside the loop (TTGIR: each one a trip
+For the bf16, int8 and int4 gate/up GEMV of a model (the shipped H200 table's configs),
+compiled for Hopper as compile_sm90.py does: the layout conversions inside the loop (TTGIR: each one a trip
 through shared memory with barriers) and the loop body's SASS by opcode, per thread and per
 weight. A proxy, not a timing: it says where instructions go, not how long they stall.
 
@@ -38,7 +38,8 @@ def loop_converts(ttgir):
 
 
 def loop_opcodes(cubin):
-    """Opcode counts of the longest loop (a backward branch's range) of the cubin's SASS."""
+    """Opcode counts of the longest loop (a backward branch's range) of the cubin's SASS, and
+    whether there was one (else the whole kernel: a loop unrolled)."""
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin',
                         'cuobjdump')
     path = '/tmp/gemv_loop_anatomy.cubin'
@@ -50,18 +51,21 @@ def loop_opcodes(cubin):
            re.finditer(r'^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);', sass, re.M)]
     loops = [(int(m.group(1), 16), a) for a, op in ins
              for m in [re.search(r'BRA (0x[0-9a-f]+)', op)] if m and int(m.group(1), 16) < a]
-    lo, hi = max(loops, key=lambda r: r[1] - r[0])
+    lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (ins[0][0], ins[-1][0])
     body = [op for a, op in ins if lo <= a <= hi]
     return collections.Counter(re.sub(r'^@!?U?P\w+\s+', '', op).split()[0].split('.')[0]
-                               for op in body)
+                               for op in body), bool(loops)
 
 
 def anatomy(fmt, n, k, table):
     group = 128
-    words = torch.zeros(2 * n, k // (8 if fmt == 'int4' else 4), dtype=torch.int32)
-    q = words.view(torch.uint8 if fmt == 'int4' else torch.int8)
-    scale = torch.zeros(2 * n, k // group, dtype=torch.bfloat16)
-    w = QuantWeight(fmt, q, scale, scale.clone() if fmt == 'int4' else None, group)
+    if fmt == 'bf16':
+        w = torch.zeros(2 * n, k, dtype=torch.bfloat16)
+    else:
+        words = torch.zeros(2 * n, k // (8 if fmt == 'int4' else 4), dtype=torch.int32)
+        q = words.view(torch.uint8 if fmt == 'int4' else torch.int8)
+        scale = torch.zeros(2 * n, k // group, dtype=torch.bfloat16)
+        w = QuantWeight(fmt, q, scale, scale.clone() if fmt == 'int4' else None, group)
     x = torch.zeros(k, dtype=torch.bfloat16)
     cfg = table.gemv('gated', n, k, fmt)
     with C.Recorder() as rec:
@@ -70,21 +74,22 @@ def anatomy(fmt, n, k, table):
     fn, args, kwargs = rec.calls[0]
     res = C.compile_call(fn, args, kwargs, keep=True, **C.gpu_settings(kwargs))
     compiled = res.pop('compiled')
-    ops = loop_opcodes(compiled.asm['cubin'])
-    weights = 2 * cfg.block_n * cfg.block_k / (32 * cfg.num_warps)  # a thread's, an iteration
-    return cfg, res, loop_converts(compiled.asm['ttgir']), ops, weights
+    ops, looped = loop_opcodes(compiled.asm['cubin'])
+    span = cfg.block_k if looped else k // cfg.split_k  # a loop iteration's K, or the kernel's
+    weights = 2 * cfg.block_n * span / (32 * cfg.num_warps)  # a thread's
+    return cfg, res, loop_converts(compiled.asm['ttgir']), ops, weights, looped
 
 
 def main(argv):
     config = preset_config(argv[0] if argv else 'qwen2.5-7b')
     table = tables.load(tables.shipped_table_path('NVIDIA H200'))
-    for fmt in ('int8', 'int4'):
-        cfg, res, converts, ops, weights = anatomy(fmt, config.intermediate_size,
-                                                   config.hidden_size, table)
+    for fmt in ('bf16', 'int8', 'int4'):
+        cfg, res, converts, ops, weights, looped = anatomy(fmt, config.intermediate_size,
+                                                           config.hidden_size, table)
         total = sum(ops.values())
         print(f'{fmt} gate/up {tuple(cfg)}: {res}')
-        print(f'  loop: {total} instructions a thread an iteration, {weights:.0f} weights: '
-              f'{total / weights:.2f} a weight')
+        print(f"  {'loop' if looped else 'kernel (loop unrolled)'}: {total} instructions a "
+              f'thread, {weights:.0f} weights: {total / weights:.2f} a weight')
         print('  ' + ', '.join(f'{op} {c}' for op, c in ops.most_common(16)))
         print(f'  {len(converts)} layout conversions in the loop:')
         for c in converts:
