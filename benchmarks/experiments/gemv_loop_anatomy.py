@@ -3,7 +3,8 @@
 For the bf16, int8 and int4 gate/up GEMV of a model (the shipped H200 table's configs),
 compiled for Hopper as compile_sm90.py does: the layout conversions inside the loop (TTGIR:
 each one a trip through shared memory with barriers) and the loop body's SASS by opcode, per
-thread and per weight. A proxy, not a timing: it says where instructions go, not how long they stall.
+thread and per weight. A proxy, not a timing: it says where instructions go, not how long
+they stall.
 
     python benchmarks/experiments/gemv_loop_anatomy.py [qwen2.5-7b]
 """
