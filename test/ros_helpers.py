@@ -49,7 +49,7 @@ class Client(AskClient):
         return {}
 
     def wait_ready(self, timeout=240, prefix='llm_decoder'):
-        assert wait_for(self, self.node_ready, 60), 'node did not subscribe to its request topic'
+        assert wait_for(self, self.node_ready, 60), 'node did not connect its topics to the client'
         assert wait_for(self, lambda: self.values('decode', prefix).get('state') == 'ready',
                         timeout), 'model did not load'
 

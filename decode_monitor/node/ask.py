@@ -30,11 +30,19 @@ class AskClient(Node):
         self._late_chunks = late_chunks
         self.responses = {}
         self._stream_text = {}  # id -> the text streamed so far
-        self.create_subscription(String, 'stream', self._on_stream, qos)
-        self.create_subscription(String, 'response', self._on_response, qos)
+        self._stream_sub = self.create_subscription(String, 'stream', self._on_stream, qos)
+        self._response_sub = self.create_subscription(String, 'response', self._on_response,
+                                                      qos)
 
     def node_ready(self):
-        return self._request_pub.get_subscription_count() > 0
+        """A node takes our requests and its answers reach us: the request topic has a matched
+        subscriber, and our stream and response subscriptions each a matched publisher. A
+        refused request is answered at once; published before the node's writer matched our
+        reader, that answer would never arrive (volatile topics keep nothing for late readers).
+        """
+        return (self._request_pub.get_subscription_count() > 0
+                and self._response_sub.get_publisher_count() > 0
+                and self._stream_sub.get_publisher_count() > 0)
 
     def send(self, prompt, **options):
         """Publish one request (options: the request's JSON fields); returns its id."""
@@ -102,8 +110,11 @@ def main(args=None):
         with ros_session(argv):
             client = AskClient(parsed.namespace, on_text=show, late_chunks=False)
             if not wait_for(client, client.node_ready, parsed.connect_timeout):
-                print(f'no llm_decoder node subscribes to {parsed.namespace}/request',
-                      file=sys.stderr)
+                ns = parsed.namespace
+                missing = (f'subscribes to {ns}/request'
+                           if client._request_pub.get_subscription_count() == 0
+                           else f'publishes {ns}/stream and {ns}/response to this client')
+                print(f'no llm_decoder node {missing}', file=sys.stderr)
                 return 1
             request_id = client.send(None if messages else parsed.prompt, messages=messages,
                                      max_new_tokens=parsed.max_new_tokens,
