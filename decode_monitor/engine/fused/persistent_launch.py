@@ -21,6 +21,7 @@ import triton
 
 from decode_monitor.engine.fused import pdl
 from decode_monitor.engine.fused.gemv import _ptx, _weight_args
+from decode_monitor.engine.fused.model import MATRICES
 from decode_monitor.engine.fused.attention import _LOG2E, DecodeAttention
 from decode_monitor.engine.fused.persistent import (ATT_DONE, SPIN_LIMIT, TICKET, TICKET_MLP,
                                                     layer_kernel)
@@ -119,8 +120,8 @@ class PersistentLayers:
         self.hidden = b.embed.shape[1]
         self.inter = b.layers[0].wd.shape[1]
         half = b.head_dim // 2
-        first = b.layers[0]
-        weights = [_weight_args(getattr(first, name)) for name in ('wqkv', 'wo', 'wgu', 'wd')]
+        self._layer_args = None  # (before pos, after pos) a layer: `_args`
+        weights = [_weight_args(getattr(b.layers[0], name)) for name in MATRICES]
         fmt = weights[0][6]  # FMT: 0 dense, 1 int8, 2 int4 (the same for every matrix)
         groups = [w[7] for w in weights]
         block_k = max(min(c.block_k, triton.next_power_of_2(self.hidden)), *groups)
@@ -185,18 +186,26 @@ class PersistentLayers:
         return Part(constants, grid, per_sm, compiled.n_regs, compiled.metadata.shared, tickets)
 
     def _args(self, i, pos):
+        """layer_kernel's arguments for layer i; all but pos made once a layer."""
+        if self._layer_args is None:
+            self._layer_args = [self._layer(j) for j in range(self.layers)]
+        before, after = self._layer_args[i]
+        return before + (pos,) + after
+
+    def _layer(self, i):
+        """Layer i's arguments before and after pos."""
         b = self.backend
         layer = b.layers[i]
         k_cache, v_cache = b.k_cache[i], b.v_cache[i]
         # each matrix: (W, S, Z, stride_w, stride_s, ...) of gemv._weight_args (codes as words)
-        qkv, o, gu, d = (_weight_args(getattr(layer, name)) for name in ('wqkv', 'wo', 'wgu',
-                                                                         'wd'))
-        return (qkv[0], layer.bqkv if layer.bqkv is not None else qkv[0], o[0], gu[0], d[0],
-                layer.ln1, layer.ln2, b.h, b.q, b.att, b.act, b.cos, b.sin,
-                pos, k_cache, v_cache, self.att.part_o, self.att.part_m, self.att.part_l,
-                self.cnt[i], self.err, b.eps, self.scale_log2, k_cache.stride(0),
-                qkv[1], qkv[2], o[1], o[2], gu[1], gu[2], d[1], d[2],
-                qkv[3], qkv[4], o[3], o[4], gu[3], gu[4], d[3], d[4])
+        qkv, o, gu, d = (_weight_args(getattr(layer, name)) for name in MATRICES)
+        before = (qkv[0], layer.bqkv if layer.bqkv is not None else qkv[0], o[0], gu[0], d[0],
+                  layer.ln1, layer.ln2, b.h, b.q, b.att, b.act, b.cos, b.sin)
+        after = (k_cache, v_cache, self.att.part_o, self.att.part_m, self.att.part_l,
+                 self.cnt[i], self.err, b.eps, self.scale_log2, k_cache.stride(0),
+                 qkv[1], qkv[2], o[1], o[2], gu[1], gu[2], d[1], d[2],
+                 qkv[3], qkv[4], o[3], o[4], gu[3], gu[4], d[3], d[4])
+        return before, after
 
     def oversubscribe(self, factor):
         """Launch `factor` times more programs than fit (a test of forward progress)."""

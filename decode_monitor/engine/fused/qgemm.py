@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from decode_monitor.engine.fused.gemv import _ptx
+
 
 class QGemmConfig(NamedTuple):
     block_n: int  # weight rows per program (the dot's M side: 64 or more on Hopper)
@@ -92,7 +94,7 @@ def _ptx_tile(x, w):
     """Whether the right layout makes its tile by inline PTX (`_lanes_bf16`): bf16 activations,
     scales and offsets, on a GPU with bf16x2 subtraction (sm_90: the PTX was measured on the
     H200 only; earlier GPUs take the float32 path), not under the interpreter."""
-    return (x.is_cuda and isinstance(_qgemm_right, triton.runtime.JITFunction)
+    return (x.is_cuda and _ptx()
             and x.dtype == w.scale.dtype == w.offset.dtype == torch.bfloat16
             and _hopper_or_later(x.device.index or 0))
 
