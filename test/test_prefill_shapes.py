@@ -64,9 +64,42 @@ def test_warming_runs_every_row_count_and_changes_nothing(tiny, weights):
     backend.pad_rows = True
     before = backend.prefill(ids, 0).clone()
     assert backend.warm_prefill_shapes() == list(range(16, 289, 16))
+    assert backend.attention_buckets == frozenset()  # cuDNN's plans: CUDA only
     assert torch.equal(backend.prefill(ids, 0), before)
     backend.pad_rows = False  # nothing to warm
     assert backend.warm_prefill_shapes() == []
     short = FusedBackend(tiny.model, 8, use_triton=False, weights=weights)
     short.pad_rows = True  # a cache shorter than one step pads nothing
     assert short.warm_prefill_shapes() == []
+
+
+@pytest.mark.parametrize('t, bucket', [(37, 37), (37, 64), (300, 512)])
+def test_attention_padded_to_its_bucket_is_causal_attention(t, bucket):
+    from torch.nn.attention import SDPBackend
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(1, 6, t, 16, generator=gen)
+    k, v = torch.randn(2, 1, 2, t, 16, generator=gen)  # GQA: 3 query heads a key head
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    got = prefill_shapes.padded_attention(q, k, v, 0.3, bucket, [SDPBackend.MATH])
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('max_context', [513, 600, 2113, 4097, 8256])
+def test_every_long_fresh_prefill_has_a_bucket_that_start_up_plans(max_context):
+    buckets = prefill_shapes.attention_buckets(max_context)
+    assert buckets == sorted(set(buckets))
+    for rows in range(prefill_shapes.CAPTURED_UP_TO + 1, max_context + 1):
+        bucket = prefill_shapes.attention_rows(rows)
+        step = 256 if rows <= 4096 else 512
+        assert bucket in buckets and rows <= bucket < rows + step
+
+
+def test_which_attention_a_prefill_takes():
+    planned = frozenset({768, 2048})
+    assert prefill_shapes.attention(0, 512, planned) is None  # as the captured graphs
+    assert prefill_shapes.attention(100, 2048, planned) is None  # masked by position
+    assert prefill_shapes.attention(0, 1000, planned) is prefill_shapes._ahead_of_time
+    chosen = prefill_shapes.attention(0, 2000, planned)
+    assert chosen.func is prefill_shapes.padded_attention and chosen.keywords['bucket'] == 2048

@@ -149,6 +149,7 @@ class FusedBackend:
         self.prefill_graphs = None  # captured short prefills (capture_prefill)
         # eager prefills pad their rows to a bounded set of shapes, warmed at start-up
         self.pad_rows = self.device.type == 'cuda'
+        self.attention_buckets = frozenset()  # cuDNN attention planned (warm_prefill_shapes)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_context)
         shape = (len(self.layers), self.kv_heads, max_context, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -316,14 +317,16 @@ class FusedBackend:
         if rows > n:
             ids = torch.cat([ids, ids.new_zeros((1, rows - n))], dim=1)
             last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-        with prefill_shapes.attention(start_pos, rows):
-            return self._torch_forward(ids, start_pos, last=last)
+        attend = prefill_shapes.attention(start_pos, rows, self.attention_buckets)
+        return self._torch_forward(ids, start_pos, last=last, attend=attend)
 
     def warm_prefill_shapes(self):
-        """Run the layer GEMMs at every row count an eager prefill pads to (prefill_shapes);
-        the row counts run."""
+        """Run the layer GEMMs at every row count an eager prefill pads to, and plan cuDNN's
+        attention at every bucket a long fresh prefill pads to (prefill_shapes); the row
+        counts run."""
         if not self.pad_rows:
             return []
+        self.attention_buckets = prefill_shapes.warm_attention(self)
         layer = self.layers[0]
         return prefill_shapes.warm_gemms(self, [getattr(layer, name) for name in MATRICES],
                                          [layer.bqkv, None, None, None],
@@ -368,5 +371,5 @@ class FusedBackend:
         return self.logits
 
     # -- torch path (prefill.py) ------------------------------------------------------------
-    def _torch_forward(self, ids, start, last_only=True, last=None, keys=None):
-        return torch_forward(self, ids, start, last_only, last, keys)
+    def _torch_forward(self, ids, start, last_only=True, last=None, keys=None, attend=None):
+        return torch_forward(self, ids, start, last_only, last, keys, attend)

@@ -22,6 +22,12 @@ def rms_norm(x, weight, eps):
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(x, y, weight, eps):
+    """The residual sum x + y and its rms_norm."""
+    total = x + y
+    return total, rms_norm(total, weight, eps)
+
+
 def apply_rope(x, cos, sin):
     """x: (T, heads, D); cos, sin: (T, D / 2) fp32, rotate-half convention."""
     half = x.shape[-1] // 2
@@ -30,11 +36,13 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
-def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
+def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, attend=None):
     """The prefill (and the CPU's step) in torch ops. `start` is a position, or a device
     tensor holding one (a captured prefill: prefill_graphs.py), with `keys` the keys to
     attend (masked by position). A device index `last` picks the token whose logits come
-    back: tokens padded after it only write K/V that nothing reads before it is rewritten."""
+    back: tokens padded after it only write K/V that nothing reads before it is rewritten.
+    `attend(q, k, v, scale)` (each (1, heads, T, D)), when given, replaces SDPA's own
+    causal attention of a fresh prefill (prefill_shapes.attention)."""
     n = ids.shape[1]
     fresh = not isinstance(start, torch.Tensor) and start == 0
     if isinstance(start, torch.Tensor):
@@ -55,9 +63,12 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
     mlp = partial(quant_linear, backend, mlp=True)  # int4, short prompts: the codes in the GEMM
     ops = backend._prefill_ops  # one-pass Triton element-wise kernels (prefill_ops.py)
     norm = ops.rms_norm if ops else rms_norm
+    add_norm = ops.add_rms_norm if ops else add_rms_norm
+    layers = backend._dense_layers if backend._keep_dense else backend.layers
     h = F.embedding(ids[0], backend.embed)  # (T, H)
-    for i, layer in enumerate(backend._dense_layers if backend._keep_dense else backend.layers):
-        qkv = linear(norm(h, layer.ln1, backend.eps), layer.wqkv, layer.bqkv)
+    normed = norm(h, layers[0].ln1, backend.eps)
+    for i, layer in enumerate(layers):
+        qkv = linear(normed, layer.wqkv, layer.bqkv)
         q, k, v = qkv.split([qd, kd, kd], dim=-1)
         if ops:
             q, k = ops.apply_rope(q, cos, sin, backend.q_heads), ops.apply_rope(
@@ -68,18 +79,26 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None):
         backend.k_cache[i].index_copy_(1, positions, k.transpose(0, 1))
         v = v.view(n, backend.kv_heads, -1)
         backend.v_cache[i].index_copy_(1, positions, v.transpose(0, 1))
-        att = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], backend.k_cache[i, None, :, :end],
-            backend.v_cache[i, None, :, :end], attn_mask=mask, is_causal=mask is None,
-            scale=backend.scale, enable_gqa=True)  # (1, Hq, T, D)
-        h = h + linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo)
-        gate_up = mlp(norm(h, layer.ln2, backend.eps), layer.wgu)
+        q, k, v = (q.transpose(0, 1)[None], backend.k_cache[i, None, :, :end],
+                   backend.v_cache[i, None, :, :end])
+        if attend is None:
+            att = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=backend.scale,
+                enable_gqa=True)  # (1, Hq, T, D)
+        else:
+            att = attend(q, k, v, backend.scale)
+        h, normed = add_norm(h, linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo),
+                             layer.ln2, backend.eps)
+        gate_up = mlp(normed, layer.wgu)
         if ops:
             act = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        h = h + mlp(act, layer.wd)
+        if i + 1 < len(layers):  # the residual sum and the next layer's first norm
+            h, normed = add_norm(h, mlp(act, layer.wd), layers[i + 1].ln1, backend.eps)
+        else:
+            h = h + mlp(act, layer.wd)
     if last_only:
         h = h[-1:] if last is None else h.index_select(0, last)
     if last_only and backend.use_triton and isinstance(backend.lm_head, QuantWeight):

@@ -5,7 +5,9 @@ intermediate) values. In torch ops each of those is several passes through memor
 temporaries (an RMSNorm: upcast, square, mean, scale, downcast, weight: about ten times the
 bytes of its input); at a few thousand tokens they cost a fifth of the prefill. Here each is
 one read and one write, with the same arithmetic as model.py's torch functions: statistics and
-rotations in float32, rounded to the model's dtype where those round.
+rotations in float32, rounded to the model's dtype where those round. The residual sum that
+precedes each norm is made in the same pass (`add_rms_norm`), as torch makes it: the two
+inputs added in float32 and rounded once.
 """
 import triton
 import triton.language as tl
@@ -21,6 +23,32 @@ def _rms_norm(X, W, OUT, H: tl.constexpr, eps, BLOCK: tl.constexpr):
     y = (x * rstd).to(OUT.dtype.element_ty).to(tl.float32)  # rounded, then the weight
     w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(OUT + row * H + cols, (w * y).to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _add_rms_norm(X, Y, W, SUM, OUT, H: tl.constexpr, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < H
+    x = tl.load(X + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    total = (x + y).to(SUM.dtype.element_ty)  # the residual stream, rounded as torch rounds
+    tl.store(SUM + row * H + cols, total, mask=inside)
+    total = total.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(total * total, axis=0) / H + eps)
+    normed = (total * rstd).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(OUT + row * H + cols, (w * normed).to(OUT.dtype.element_ty), mask=inside)
+
+
+def add_rms_norm(x, y, weight, eps):
+    """(x + y, prefill.rms_norm(x + y)) of contiguous (T, H) tensors, in one pass."""
+    total, out = x.new_empty(x.shape), x.new_empty(x.shape)
+    h = x.shape[-1]
+    _add_rms_norm[(x.shape[0],)](x, y, weight, total, out, h, eps,
+                                 BLOCK=triton.next_power_of_2(h),
+                                 num_warps=8 if h >= 2048 else 4)
+    return total, out
 
 
 def rms_norm(x, weight, eps):

@@ -3,12 +3,16 @@
 The first eager prefill at a prompt length the process had not run before cost 30-60 ms more
 than the next one at that length, and a robot's prompts seldom repeat a length. Two causes:
 - attention: cuDNN's attention, SDPA's choice on an H200, builds an execution plan the first
-  time it sees a sequence length (about 40 ms). Flash attention is compiled ahead and takes any
-  length at once, so an eager prefill from position 0 longer than the captured short prefills
-  runs without cuDNN (`attention()`). It is slower once warm (twice cuDNN's time at 8000
-  tokens); the captured short prefills (prefill_graphs.py), whose lengths are fixed, and eager
-  prefills of those lengths keep cuDNN (the same kernels in both modes). After a cached
-  prefix (a mask by position) SDPA's own choice stays: flash takes no mask.
+  time it sees a sequence length (tens of ms), and once planned it is the fastest (about
+  twice flash attention's speed at 2048-8192 tokens on an H200). So an eager prefill from
+  position 0 longer than the captured short prefills pads its queries and keys with zeros to
+  a bucket (`attention_rows()`: a multiple of 256 up to 4096 tokens, of 512 beyond), each
+  bucket planned once at start-up (`warm_attention()`), and keeps the bucket's first rows.
+  Where cuDNN cannot run (another GPU, no cuDNN attention) such prefills take flash
+  attention, which is compiled ahead and takes any length at once. The captured short
+  prefills (prefill_graphs.py), whose lengths are fixed, and eager prefills of those lengths
+  keep SDPA's own choice (the same kernels in both modes). After a cached prefix (a mask by
+  position) SDPA's own choice stays.
 - GEMMs: the first time cuBLAS runs one of its kernels it costs a few ms, and which kernel it
   runs depends on M, the prefill's row count (dozens of kernels over M = 16..2200 for one
   matrix). So an eager prefill pads its rows up to a multiple of a step (`rows()`: 16 up to
@@ -26,7 +30,7 @@ prompt, at positions that no query reads before a decode step writes them again;
 are the last real token's. Rows that would run past max_context are not padded.
 Measurements: benchmarks/NOTES.md ("H200: time to first token").
 """
-from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +40,83 @@ from decode_monitor.engine.fused.prefill_graphs import FRESH
 from decode_monitor.engine.fused.quant import QuantWeight
 
 FINE_STEP, COARSE_STEP, FINE_UP_TO = 16, 64, 2048
+ATTENTION_FINE_STEP, ATTENTION_COARSE_STEP, ATTENTION_FINE_UP_TO = 256, 512, 4096
 CAPTURED_UP_TO = FRESH[-1]  # the longest prompt a captured prefill serves
 
 
-def attention(start, rows):
-    """The SDPA backends an eager prefill of `rows` written at `start` may use: from position 0
-    (SDPA's own causal mask) and past the captured lengths (CAPTURED_UP_TO), those compiled
-    ahead of time, whatever the length. Up to the captured lengths SDPA's own choice, as in the
-    captured graphs, so that an eager decoder and a graph decoder prefill a prompt with the same
-    kernels and give the same tokens (an eager decoder pays cuDNN's plan at a new length there);
-    after a cached prefix (a mask by position, which flash attention does not take) SDPA's own
-    choice. Only the enabled flags change, and they are restored on exit: SDPA's priority
-    order is left alone."""
-    if start != 0 or rows <= CAPTURED_UP_TO:
-        return nullcontext()
+def attention_rows(rows):
+    """The bucket a fresh eager prefill of `rows` pads its attention to (cuDNN plans once per
+    bucket): a multiple of 256 up to 4096, of 512 beyond. The padding costs the causal
+    attention at most (1 + 256 / rows)^2 of its time, less than flash's margin over cuDNN."""
+    step = ATTENTION_FINE_STEP if rows <= ATTENTION_FINE_UP_TO else ATTENTION_COARSE_STEP
+    return -(-rows // step) * step
+
+
+def attention_buckets(max_context):
+    """Every bucket a fresh eager prefill past the captured lengths can pad to."""
+    return sorted({attention_rows(r) for r in range(CAPTURED_UP_TO + 1, max_context + 1)})
+
+
+def padded_attention(q, k, v, scale, bucket, backends):
+    """Causal GQA attention of q (1, Hq, T, D) over k, v (1, Hk, T, D) run at `bucket` >= T
+    rows: zeros after the T real ones, which no real query sees (causal), and the real rows
+    of the output kept: exact. `backends`: the SDPA backends it may use."""
+    from torch.nn.attention import sdpa_kernel
+    t = q.shape[2]
+
+    def padded(x):
+        out = x.new_zeros((1, x.shape[1], bucket, x.shape[3]))
+        out[:, :, :t].copy_(x)
+        return out
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                             scale=scale, enable_gqa=True)
+    return out[:, :, :t]
+
+
+def _ahead_of_time(q, k, v, scale):
+    """Causal attention by the SDPA backends compiled ahead of time (flash first)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=True)
+
+
+def attention(start, rows, planned):
+    """How an eager prefill of `rows` written at `start` attends: None for SDPA's own choice
+    (after a cached prefix, and up to the captured lengths, as the captured graphs do, so
+    that an eager and a graph decoder prefill a prompt with the same kernels and give the
+    same tokens); else a function (q, k, v, scale) -> out: cuDNN at its bucket where
+    start-up planned it (`planned`, from warm_attention), flash attention otherwise."""
+    if start != 0 or rows <= CAPTURED_UP_TO:
+        return None
+    bucket = attention_rows(rows)
+    if bucket not in planned:
+        return _ahead_of_time
+    from torch.nn.attention import SDPBackend
+    return partial(padded_attention, bucket=bucket, backends=[SDPBackend.CUDNN_ATTENTION])
+
+
+@torch.no_grad()
+def warm_attention(backend):
+    """Plan cuDNN's attention at every bucket of attention_buckets(backend.max_context), on
+    zeros of the prefill's shapes; the buckets planned (none where cuDNN's attention does not
+    run: those prefills take flash attention)."""
+    if backend.device.type != 'cuda':
+        return frozenset()
+    from torch.nn.attention import SDPBackend
+    planned = set()
+    for bucket in attention_buckets(backend.max_context):
+        q = torch.zeros((1, backend.q_heads, bucket, backend.head_dim), dtype=backend.dtype,
+                        device=backend.device)
+        k = q[:, :backend.kv_heads]
+        try:
+            padded_attention(q, k, k, backend.scale, bucket, [SDPBackend.CUDNN_ATTENTION])
+        except RuntimeError:  # no cuDNN attention for these shapes or on this GPU
+            break
+        planned.add(bucket)
+    return frozenset(planned)
 
 
 def rows(n, start, max_context):
