@@ -73,33 +73,35 @@ def test_warming_runs_every_row_count_and_changes_nothing(tiny, weights):
     assert short.warm_prefill_shapes() == []
 
 
-@pytest.mark.parametrize('t, bucket', [(37, 37), (37, 64), (300, 512)])
-def test_attention_padded_to_its_bucket_is_causal_attention(t, bucket):
+@pytest.mark.parametrize('use_triton', [False, True])
+@pytest.mark.parametrize('n, rows', [(37, 37), (37, 64), (200, 256)])
+def test_attention_at_a_bucket_of_rows_is_causal_attention(tiny, use_triton, n, rows):
+    """The bucket's queries written head-major (rope's kernel on the Triton path), its keys
+    the cache's first rows, stale past the prompt: the logits of SDPA's own attention."""
     from torch.nn.attention import SDPBackend
-    gen = torch.Generator().manual_seed(t)
-    q = torch.randn(1, 6, t, 16, generator=gen)
-    k, v = torch.randn(2, 1, 2, t, 16, generator=gen)  # GQA: 3 query heads a key head
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
-    got = prefill_shapes.padded_attention(q, k, v, 0.3, bucket, [SDPBackend.MATH])
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    backend = FusedBackend(tiny.model, 256, use_triton=use_triton)
+    ids = torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(n))
+    expected = backend.prefill(ids, 0).clone()
+    stale = torch.randint(0, 512, (1, 256), generator=torch.Generator().manual_seed(1))
+    backend.prefill(stale, 0)  # keys and values past n from another prompt
+    got = backend._torch_forward(ids, 0, attend=prefill_shapes.Bucket(rows, (SDPBackend.MATH,)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('max_context', [513, 600, 2113, 4097, 8256])
 def test_every_long_fresh_prefill_has_a_bucket_that_start_up_plans(max_context):
     buckets = prefill_shapes.attention_buckets(max_context)
-    assert buckets == sorted(set(buckets))
+    assert buckets == sorted(set(buckets)) and buckets[-1] <= max_context
     for rows in range(prefill_shapes.CAPTURED_UP_TO + 1, max_context + 1):
-        bucket = prefill_shapes.attention_rows(rows)
+        bucket = prefill_shapes.attention_rows(rows, max_context)
         step = 256 if rows <= 4096 else 512
         assert bucket in buckets and rows <= bucket < rows + step
 
 
 def test_which_attention_a_prefill_takes():
-    planned = frozenset({768, 2048})
-    assert prefill_shapes.attention(0, 512, planned) is None  # as the captured graphs
-    assert prefill_shapes.attention(100, 2048, planned) is None  # masked by position
-    assert prefill_shapes.attention(0, 1000, planned) is prefill_shapes._ahead_of_time
-    chosen = prefill_shapes.attention(0, 2000, planned)
-    assert chosen.func is prefill_shapes.padded_attention and chosen.keywords['bucket'] == 2048
+    planned = frozenset({768, 2048, 2113})
+    assert prefill_shapes.attention(0, 512, 2113, planned) is None  # as the captured graphs
+    assert prefill_shapes.attention(100, 2000, 2113, planned) is None  # masked by position
+    assert prefill_shapes.attention(0, 1000, 2113, planned) is prefill_shapes._ahead_of_time
+    assert prefill_shapes.attention(0, 2000, 2113, planned).rows == 2048
+    assert prefill_shapes.attention(0, 2100, 2113, planned).rows == 2113  # the whole cache

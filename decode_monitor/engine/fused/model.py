@@ -317,7 +317,8 @@ class FusedBackend:
         if rows > n:
             ids = torch.cat([ids, ids.new_zeros((1, rows - n))], dim=1)
             last = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-        attend = prefill_shapes.attention(start_pos, rows, self.attention_buckets)
+        attend = prefill_shapes.attention(start_pos, rows, self.max_context,
+                                          self.attention_buckets)
         return self._torch_forward(ids, start_pos, last=last, attend=attend)
 
     def warm_prefill_shapes(self):

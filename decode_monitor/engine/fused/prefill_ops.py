@@ -61,8 +61,8 @@ def rms_norm(x, weight, eps):
 
 
 @triton.jit
-def _rope(X, COS, SIN, OUT, stride_t, HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
-          HALF: tl.constexpr):
+def _rope(X, COS, SIN, OUT, stride_t, out_stride_t, out_stride_h, HEADS: tl.constexpr,
+          HEADS_P2: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, HEADS_P2)[:, None]
     offs = tl.arange(0, HALF)[None, :]
@@ -72,18 +72,24 @@ def _rope(X, COS, SIN, OUT, stride_t, HEADS: tl.constexpr, HEADS_P2: tl.constexp
     x2 = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
     c = tl.load(COS + t * HALF + offs)
     s = tl.load(SIN + t * HALF + offs)
-    dst = OUT + t * (HEADS * 2 * HALF) + heads * (2 * HALF) + offs
+    dst = OUT + t * out_stride_t + heads * out_stride_h + offs
     tl.store(dst, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=inside)
     tl.store(dst + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=inside)
 
 
-def apply_rope(x, cos, sin, heads):
+def apply_rope(x, cos, sin, heads, out=None):
     """prefill.apply_rope of x (T, heads x D) (rows may be strided: a slice of q/k/v), cos and
-    sin (T, D / 2) float32 -> (T, heads, D) contiguous."""
+    sin (T, D / 2) float32 -> (T, heads, D) contiguous; or written head-major into the first
+    T rows of `out` (heads, R >= T, D), which is returned."""
     t = x.shape[0]
     half = cos.shape[1]
-    out = x.new_empty((t, heads, 2 * half))
-    _rope[(t,)](x, cos, sin, out, x.stride(0), heads, triton.next_power_of_2(heads), half)
+    if out is None:
+        out = x.new_empty((t, heads, 2 * half))
+        strides = out.stride(0), out.stride(1)
+    else:
+        strides = out.stride(1), out.stride(0)
+    _rope[(t,)](x, cos, sin, out, x.stride(0), *strides, heads, triton.next_power_of_2(heads),
+                half)
     return out
 
 

@@ -5,9 +5,9 @@ than the next one at that length, and a robot's prompts seldom repeat a length. 
 - attention: cuDNN's attention, SDPA's choice on an H200, builds an execution plan the first
   time it sees a sequence length (tens of ms), and once planned it is the fastest (about
   twice flash attention's speed at 2048-8192 tokens on an H200). So an eager prefill from
-  position 0 longer than the captured short prefills pads its queries and keys with zeros to
-  a bucket (`attention_rows()`: a multiple of 256 up to 4096 tokens, of 512 beyond), each
-  bucket planned once at start-up (`warm_attention()`), and keeps the bucket's first rows.
+  position 0 longer than the captured short prefills attends at a bucket of rows (`Bucket`,
+  `attention_rows()`: a multiple of 256 up to 4096 tokens, of 512 beyond), each bucket
+  planned once at start-up (`warm_attention()`), and keeps the real rows.
   Where cuDNN cannot run (another GPU, no cuDNN attention) such prefills take flash
   attention, which is compiled ahead and takes any length at once. The captured short
   prefills (prefill_graphs.py), whose lengths are fixed, and eager prefills of those lengths
@@ -30,7 +30,7 @@ prompt, at positions that no query reads before a decode step writes them again;
 are the last real token's. Rows that would run past max_context are not padded.
 Measurements: benchmarks/NOTES.md ("H200: time to first token").
 """
-from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,34 +44,42 @@ ATTENTION_FINE_STEP, ATTENTION_COARSE_STEP, ATTENTION_FINE_UP_TO = 256, 512, 409
 CAPTURED_UP_TO = FRESH[-1]  # the longest prompt a captured prefill serves
 
 
-def attention_rows(rows):
-    """The bucket a fresh eager prefill of `rows` pads its attention to (cuDNN plans once per
-    bucket): a multiple of 256 up to 4096, of 512 beyond. The padding costs the causal
-    attention at most (1 + 256 / rows)^2 of its time, less than flash's margin over cuDNN."""
+def attention_rows(rows, max_context):
+    """The bucket a fresh eager prefill of `rows` attends at (cuDNN plans once per bucket): a
+    multiple of 256 up to 4096, of 512 beyond, or max_context where that is less. The padding
+    costs the causal attention at most (1 + 256 / rows)^2 of its time, less than flash's
+    margin over cuDNN."""
     step = ATTENTION_FINE_STEP if rows <= ATTENTION_FINE_UP_TO else ATTENTION_COARSE_STEP
-    return -(-rows // step) * step
+    return min(-(-rows // step) * step, max_context)
 
 
 def attention_buckets(max_context):
-    """Every bucket a fresh eager prefill past the captured lengths can pad to."""
-    return sorted({attention_rows(r) for r in range(CAPTURED_UP_TO + 1, max_context + 1)})
+    """Every bucket a fresh eager prefill past the captured lengths can attend at."""
+    return sorted({attention_rows(r, max_context)
+                   for r in range(CAPTURED_UP_TO + 1, max_context + 1)})
 
 
-def padded_attention(q, k, v, scale, bucket, backends):
-    """Causal GQA attention of q (1, Hq, T, D) over k, v (1, Hk, T, D) run at `bucket` >= T
-    rows: zeros after the T real ones, which no real query sees (causal), and the real rows
-    of the output kept: exact. `backends`: the SDPA backends it may use."""
-    from torch.nn.attention import sdpa_kernel
-    t = q.shape[2]
+class Bucket(NamedTuple):
+    """Causal GQA attention at `rows` query and key rows, by the given SDPA backends.
 
-    def padded(x):
-        out = x.new_zeros((1, x.shape[1], bucket, x.shape[3]))
-        out[:, :, :t].copy_(x)
-        return out
-    with sdpa_kernel(backends):
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
-                                             scale=scale, enable_gqa=True)
-    return out[:, :, :t]
+    prefill.torch_forward writes a prompt's T queries head-major into the first T rows of a
+    (1, Hq, rows, D) buffer and passes the cache's first `rows` keys and values: those past
+    T are stale or zero, and no real query sees them (causal); the other rows of the output
+    are dropped. So a bucket's shapes and strides are the same for every prompt it serves,
+    and cuDNN's plan for them is made once."""
+    rows: int
+    backends: tuple
+
+    def __call__(self, q, k, v, scale):
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(list(self.backends)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
+
+
+def _cudnn(rows):
+    from torch.nn.attention import SDPBackend
+    return Bucket(rows, (SDPBackend.CUDNN_ATTENTION,))
 
 
 def _ahead_of_time(q, k, v, scale):
@@ -83,39 +91,35 @@ def _ahead_of_time(q, k, v, scale):
                                               enable_gqa=True)
 
 
-def attention(start, rows, planned):
+def attention(start, rows, max_context, planned):
     """How an eager prefill of `rows` written at `start` attends: None for SDPA's own choice
     (after a cached prefix, and up to the captured lengths, as the captured graphs do, so
     that an eager and a graph decoder prefill a prompt with the same kernels and give the
-    same tokens); else a function (q, k, v, scale) -> out: cuDNN at its bucket where
-    start-up planned it (`planned`, from warm_attention), flash attention otherwise."""
+    same tokens); else cuDNN at its bucket where start-up planned it (`planned`, from
+    warm_attention), flash attention otherwise."""
     if start != 0 or rows <= CAPTURED_UP_TO:
         return None
-    bucket = attention_rows(rows)
-    if bucket not in planned:
-        return _ahead_of_time
-    from torch.nn.attention import SDPBackend
-    return partial(padded_attention, bucket=bucket, backends=[SDPBackend.CUDNN_ATTENTION])
+    bucket = attention_rows(rows, max_context)
+    return _cudnn(bucket) if bucket in planned else _ahead_of_time
 
 
 @torch.no_grad()
 def warm_attention(backend):
-    """Plan cuDNN's attention at every bucket of attention_buckets(backend.max_context), on
-    zeros of the prefill's shapes; the buckets planned (none where cuDNN's attention does not
-    run: those prefills take flash attention)."""
+    """Plan cuDNN's attention at every bucket of attention_buckets(backend.max_context), with
+    the prefill's shapes and strides (the cache's own keys); the buckets planned (none where
+    cuDNN's attention does not run: those prefills take flash attention)."""
     if backend.device.type != 'cuda':
         return frozenset()
-    from torch.nn.attention import SDPBackend
     planned = set()
-    for bucket in attention_buckets(backend.max_context):
-        q = torch.zeros((1, backend.q_heads, bucket, backend.head_dim), dtype=backend.dtype,
+    for rows in attention_buckets(backend.max_context):
+        q = torch.zeros((1, backend.q_heads, rows, backend.head_dim), dtype=backend.dtype,
                         device=backend.device)
-        k = q[:, :backend.kv_heads]
+        keys, values = backend.k_cache[0, None, :, :rows], backend.v_cache[0, None, :, :rows]
         try:
-            padded_attention(q, k, k, backend.scale, bucket, [SDPBackend.CUDNN_ATTENTION])
+            _cudnn(rows)(q, keys, values, backend.scale)
         except RuntimeError:  # no cuDNN attention for these shapes or on this GPU
             break
-        planned.add(bucket)
+        planned.add(rows)
     return frozenset(planned)
 
 
