@@ -73,6 +73,15 @@ VARIANTS = {  # name -> PersistentConfig; layout-rows x BLOCK_K-stages[-tickets]
     'split-4x512-s4-t4-a-tail.25': C(layout='split', block_n=4, block_k=512, num_stages=4,
                                      ticket_blocks=4, ahead=True, tail=0.25),
 }
+D = PersistentConfig()._replace  # the shipped default, for quantised weights' chunks
+VARIANTS.update({  # more weights a chunk for int8 / int4 codes: rows x BLOCK_K
+    'q-default': D(),
+    'q-8x512': D(block_n=8), 'q-16x512': D(block_n=16), 'q-32x512': D(block_n=32),
+    'q-4x1024': D(block_k=1024), 'q-8x1024': D(block_n=8, block_k=1024),
+    'q-16x1024': D(block_n=16, block_k=1024), 'q-4x2048': D(block_k=2048),
+    'q-8x2048': D(block_n=8, block_k=2048), 'q-16x512-t1': D(block_n=16, ticket_blocks=1),
+    'q-16x512-s2': D(block_n=16, num_stages=2),
+})
 
 
 def rel(a, b):
@@ -114,6 +123,7 @@ def main():
     p.add_argument('--ctx', type=int, default=2048)
     p.add_argument('--variants', nargs='+', default=list(VARIANTS))
     p.add_argument('--no-tuned', action='store_true', help='skip fused with its tuned table')
+    p.add_argument('--weights', default='bf16', help='bf16, int8 or int4')
     p.add_argument('--out', default='.')
     p.add_argument('--peak-gbs', type=float, default=None,
                    help='NVML peak bandwidth in GB/s, for a %% of floor column')
@@ -123,14 +133,16 @@ def main():
     model = build_preset(args.model, device='cuda')
     token = torch.tensor([[1234]], device='cuda')
     pos = torch.tensor([args.ctx - 1], device='cuda')
-    reference = FusedBackend(model, args.ctx, kernel_configs='defaults')
+    reference = FusedBackend(model, args.ctx, kernel_configs='defaults',
+                             weights=args.weights)
     reference.randomize_cache()
     k_cache, v_cache = reference.k_cache, reference.v_cache
     ref_logits = reference.forward_one(token, pos).clone()
     torch.cuda.synchronize()
     step_bytes = reference.floor_model().bytes_per_step(args.ctx - 1)
-    rows = {'model': args.model, 'ctx': args.ctx, 'gpu': torch.cuda.get_device_name(),
-            'step_bytes': step_bytes, 'build_s': round(time.time() - t0, 1), 'cells': []}
+    rows = {'model': args.model, 'ctx': args.ctx, 'weights': args.weights,
+            'gpu': torch.cuda.get_device_name(), 'step_bytes': step_bytes,
+            'build_s': round(time.time() - t0, 1), 'cells': []}
     props = torch.cuda.get_device_properties(0)
     rows['props'] = {k: getattr(props, k, None) for k in (
         'multi_processor_count', 'regs_per_multiprocessor', 'max_threads_per_multi_processor',
@@ -139,10 +151,10 @@ def main():
     print(f'built in {rows["build_s"]} s; bytes a step {step_bytes / 1e9:.3f} GB', flush=True)
     backends = {'fused-defaults': lambda: reference}
     if not args.no_tuned:
-        backends['fused-tuned'] = lambda: FusedBackend(model, args.ctx)
+        backends['fused-tuned'] = lambda: FusedBackend(model, args.ctx, weights=args.weights)
     for name in args.variants:
-        backends[name] = lambda cfg=VARIANTS[name]: PersistentBackend(model, args.ctx,
-                                                                      persistent_config=cfg)
+        backends[name] = lambda cfg=VARIANTS[name]: PersistentBackend(
+            model, args.ctx, weights=args.weights, persistent_config=cfg)
     for name, make in backends.items():
         t1 = time.time()
         cell = {'backend': name}
@@ -184,7 +196,8 @@ def main():
         cell['wall_s'] = round(time.time() - t1, 1)
         rows['cells'].append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != 'times'}), flush=True)
-        with open(os.path.join(args.out, f'persistent_probe_{args.model}.json'), 'w') as f:
+        path = os.path.join(args.out, f'persistent_probe_{args.model}_{args.weights}.json')
+        with open(path, 'w') as f:
             json.dump(rows, f, indent=1)
     floor = step_bytes / (args.peak_gbs * 1e6) if args.peak_gbs else None
     print(f'\n{"backend":24} {"ms":>7} {"GB/s":>6} {"floor%":>6} {"rel":>9} {"bits":>5} '

@@ -53,7 +53,21 @@ def gaps(prof, wall_ms):
                 longest_gaps=[(round(t, 3), x, y) for t, x, y in holes[::-1][:8]])
 
 
-def profile(decoder, ids):
+def timeline(prof, count=70):
+    """The first `count` top-level host ops and kernels of a profile, in order, with their start
+    (us from the first host op) and duration: where the host keeps the GPU waiting."""
+    from torch.autograd import DeviceType
+    events = list(prof.events())
+    host = sorted((e.time_range.start, e.time_range.elapsed_us(), 'host', e.name) for e in events
+                  if e.device_type == DeviceType.CPU and e.cpu_parent is None)
+    kern = sorted((e.time_range.start, e.time_range.elapsed_us(), 'gpu', e.name) for e in events
+                  if e.device_type == DeviceType.CUDA)
+    t0 = host[0][0] if host else 0
+    rows = sorted(host[:count] + kern[:count])[:2 * count]
+    return [(round(t - t0, 1), round(d, 1), who, name[:60]) for t, d, who, name in rows]
+
+
+def profile(decoder, ids, show_timeline=False):
     from torch.profiler import profile as prof_ctx, ProfilerActivity
     with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = first_token_ms(decoder, ids)
@@ -66,6 +80,9 @@ def profile(decoder, ids):
         groups[g] = groups.get(g, 0.0) + t
         kernels[e.key[:90]] = (round(t, 3), e.count)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]
+    if show_timeline:
+        for row in timeline(prof):
+            print('    timeline', *row, flush=True)
     return ({k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}, top,
             gaps(prof, wall))
 
@@ -115,6 +132,8 @@ def main():
     parser.add_argument('--max-context', type=int, default=4096)
     parser.add_argument('--sdpa', type=int, nargs='*', default=[],
                         help='also time causal SDPA, flash and cuDNN, at these lengths')
+    parser.add_argument('--timeline', action='store_true',
+                        help='print the first host ops and kernels of each profile in order')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     loaded = load_model(args.model, device='cuda', dtype=torch.bfloat16)
@@ -129,7 +148,7 @@ def main():
             ids = [rng.randrange(vocab) for _ in range(n)]
             first_token_ms(decoder, ids)
             times = [first_token_ms(decoder, ids) for _ in range(5)]
-            groups, top, holes = profile(decoder, ids)
+            groups, top, holes = profile(decoder, ids, args.timeline)
             row = dict(weights=weights, prompt_tokens=n, ttft_ms=round(statistics.median(times),
                        3), times=[round(t, 3) for t in times], device_ms=groups,
                        device_total_ms=round(sum(groups.values()), 3), top_kernels=top,
