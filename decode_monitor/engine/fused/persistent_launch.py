@@ -56,6 +56,9 @@ class PersistentConfig(NamedTuple):
 
 # The interpreter runs programs one by one, in ticket order: every wait is met at its first poll.
 INTERPRETER = PersistentConfig(64, 256, 4, 1, 2, spin=64, layout='one', ticket_blocks=1)
+# Codes: more weights a chunk. A chunk of 4 x 512 int4 codes is a quarter of a bf16 chunk's
+# bytes, and with so few bytes in flight the matrices' loops wait on memory.
+CODES = {1: PersistentConfig(block_n=16), 2: PersistentConfig(block_n=16, block_k=1024)}
 
 
 def resident_programs(compiled, device):
@@ -104,7 +107,10 @@ class PersistentLayers:
         b = self.backend = backend
         device = b.device
         self.on_cpu = device.type == 'cpu'
-        c = self.config = config or (INTERPRETER if self.on_cpu else PersistentConfig())
+        weights = [_weight_args(getattr(b.layers[0], name)) for name in MATRICES]
+        fmt = weights[0][6]  # FMT: 0 dense, 1 int8, 2 int4 (the same for every matrix)
+        c = self.config = config or (INTERPRETER if self.on_cpu
+                                     else CODES.get(fmt, PersistentConfig()))
         if c.layout not in LAYOUTS:
             raise ValueError(f'layout {c.layout!r}: one of {sorted(LAYOUTS)}')
         if int(ATT_DONE) + b.kv_heads > self.COUNTERS:
@@ -121,8 +127,6 @@ class PersistentLayers:
         self.inter = b.layers[0].wd.shape[1]
         half = b.head_dim // 2
         self._layer_args = None  # (before pos, after pos) a layer: `_args`
-        weights = [_weight_args(getattr(b.layers[0], name)) for name in MATRICES]
-        fmt = weights[0][6]  # FMT: 0 dense, 1 int8, 2 int4 (the same for every matrix)
         groups = [w[7] for w in weights]
         block_k = max(min(c.block_k, triton.next_power_of_2(self.hidden)), *groups)
         self.blocks = dict(QKV=triton.cdiv((b.q_heads + 2 * b.kv_heads) * half, c.block_n),
