@@ -43,8 +43,9 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
     back: tokens padded after it only write K/V that nothing reads before it is rewritten.
     `attend(q, k, v, scale)` (each (1, heads, T, D)), when given, replaces SDPA's own
     causal attention of a fresh prefill (prefill_shapes.attention); one with `rows` attends at
-    that many rows (keys the cache's first `rows`, past the prompt's end unread by its
-    queries) and keeps the first T."""
+    that many rows (queries token-major, so that the output is too, as cuDNN allocates it like
+    the queries; keys the cache's first `rows`, past the prompt's end unread by its queries)
+    and keeps the first T."""
     n = ids.shape[1]
     fresh = not isinstance(start, torch.Tensor) and start == 0
     if isinstance(start, torch.Tensor):
@@ -67,25 +68,29 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
     norm = ops.rms_norm if ops else rms_norm
     add_norm = ops.add_rms_norm if ops else add_rms_norm
     layers = backend._dense_layers if backend._keep_dense else backend.layers
-    # attention at a bucket of rows (prefill_shapes.Bucket): the queries written head-major
+    # attention at a bucket of rows (prefill_shapes.Bucket): the queries written token-major
     # into its first n rows (the rest are never read by a real query)
     rows = getattr(attend, 'rows', None)
     bucket = None if rows is None else backend.embed.new_empty(
-        (backend.q_heads, rows, backend.head_dim))
+        (rows, backend.q_heads, backend.head_dim))
     h = F.embedding(ids[0], backend.embed)  # (T, H)
     normed = norm(h, layers[0].ln1, backend.eps)
     for i, layer in enumerate(layers):
         qkv = linear(normed, layer.wqkv, layer.bqkv)
         q, k, v = qkv.split([qd, kd, kd], dim=-1)
+        # a start known here: rope writes k into the cache's positions itself
+        k_at = None if isinstance(start, torch.Tensor) else (
+            backend.k_cache[i].transpose(0, 1)[start:end])
         if ops:
-            q = ops.apply_rope(q, cos, sin, backend.q_heads, out=bucket)
-            k = ops.apply_rope(k, cos, sin, backend.kv_heads)
+            q = ops.apply_rope(q, cos, sin, backend.q_heads, out=bucket)[:n]
+            k = ops.apply_rope(k, cos, sin, backend.kv_heads, out=k_at)
         else:
             q = apply_rope(q.view(n, backend.q_heads, backend.head_dim), cos, sin)
             if bucket is not None:
-                bucket[:, :n].copy_(q.transpose(0, 1))
-            k = apply_rope(k.view(n, backend.kv_heads, backend.head_dim), cos, sin)
-        backend.k_cache[i].index_copy_(1, positions, k.transpose(0, 1))
+                q = bucket[:n].copy_(q)
+            k, k_at = apply_rope(k.view(n, backend.kv_heads, backend.head_dim), cos, sin), None
+        if k_at is None:
+            backend.k_cache[i].index_copy_(1, positions, k.transpose(0, 1))
         v = v.view(n, backend.kv_heads, -1)
         backend.v_cache[i].index_copy_(1, positions, v.transpose(0, 1))
         if attend is None:
@@ -97,7 +102,7 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
             att = attend(q.transpose(0, 1)[None], backend.k_cache[i, None, :, :end],
                          backend.v_cache[i, None, :, :end], backend.scale)
         else:  # the bucket's rows: queries past n unwritten, keys past n stale, all causal
-            att = attend(bucket[None], backend.k_cache[i, None, :, :rows],
+            att = attend(bucket.transpose(0, 1)[None], backend.k_cache[i, None, :, :rows],
                          backend.v_cache[i, None, :, :rows], backend.scale)[:, :, :n]
         h, normed = add_norm(h, linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo),
                              layer.ln2, backend.eps)

@@ -79,17 +79,15 @@ def _rope(X, COS, SIN, OUT, stride_t, out_stride_t, out_stride_h, HEADS: tl.cons
 
 def apply_rope(x, cos, sin, heads, out=None):
     """prefill.apply_rope of x (T, heads x D) (rows may be strided: a slice of q/k/v), cos and
-    sin (T, D / 2) float32 -> (T, heads, D) contiguous; or written head-major into the first
-    T rows of `out` (heads, R >= T, D), which is returned."""
+    sin (T, D / 2) float32 -> (T, heads, D) contiguous; or written into the first T rows of
+    `out`, a (R >= T, heads, D) view of any strides (a bucket, or the K cache's positions),
+    which is returned."""
     t = x.shape[0]
     half = cos.shape[1]
     if out is None:
         out = x.new_empty((t, heads, 2 * half))
-        strides = out.stride(0), out.stride(1)
-    else:
-        strides = out.stride(1), out.stride(0)
-    _rope[(t,)](x, cos, sin, out, x.stride(0), *strides, heads, triton.next_power_of_2(heads),
-                half)
+    _rope[(t,)](x, cos, sin, out, x.stride(0), out.stride(0), out.stride(1), heads,
+                triton.next_power_of_2(heads), half)
     return out
 
 

@@ -62,11 +62,11 @@ def attention_buckets(max_context):
 class Bucket(NamedTuple):
     """Causal GQA attention at `rows` query and key rows, by the given SDPA backends.
 
-    prefill.torch_forward writes a prompt's T queries head-major into the first T rows of a
-    (1, Hq, rows, D) buffer and passes the cache's first `rows` keys and values: those past
-    T are stale or zero, and no real query sees them (causal); the other rows of the output
-    are dropped. So a bucket's shapes and strides are the same for every prompt it serves,
-    and cuDNN's plan for them is made once."""
+    prefill.torch_forward writes a prompt's T queries into the first T rows of a token-major
+    (rows, Hq, D) buffer, passed as its (1, Hq, rows, D) view, and the cache's first `rows`
+    keys and values: those past T are stale or zero, and no real query sees them (causal);
+    the other rows of the output are dropped. So a bucket's shapes and strides are the same
+    for every prompt it serves, and cuDNN's plan for them is made once."""
     rows: int
     backends: tuple
 
@@ -112,8 +112,8 @@ def warm_attention(backend):
         return frozenset()
     planned = set()
     for rows in attention_buckets(backend.max_context):
-        q = torch.zeros((1, backend.q_heads, rows, backend.head_dim), dtype=backend.dtype,
-                        device=backend.device)
+        q = torch.zeros((rows, backend.q_heads, backend.head_dim), dtype=backend.dtype,
+                        device=backend.device).transpose(0, 1)[None]
         keys, values = backend.k_cache[0, None, :, :rows], backend.v_cache[0, None, :, :rows]
         try:
             _cudnn(rows)(q, keys, values, backend.scale)
