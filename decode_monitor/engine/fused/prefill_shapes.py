@@ -21,8 +21,9 @@ than the next one at that length, and a robot's prompts seldom repeat a length. 
   the GEMM on their codes (qgemm.py), a Triton kernel compiled per tile config: warming runs it
   too, so the first eager prompt of 17-128 tokens compiles nothing.
 The caching allocator's growth and CUDA's lazy module loading were measured too: neither costs.
-Warming (this and the decoder's WARM_PREFILL prefills) takes about 0.8 s on an H200 for
-qwen2.5-7b at max_context 8256, less for a shorter cache (the GEMMs scale with M).
+Warming the GEMMs (and the decoder's WARM_PREFILL prefills) takes about 0.8 s on an H200 for
+qwen2.5-7b at max_context 8256, less for a shorter cache (the GEMMs scale with M); each of
+cuDNN's plans adds tens of ms, one per attention bucket up to max_context.
 
 The padding is exact: the padded tokens come after the prompt, so no real token attends to them
 (causal from position 0; masked by position after a cached prefix); they write K/V past the
