@@ -76,14 +76,16 @@ def test_warming_runs_every_row_count_and_changes_nothing(tiny, weights):
 @pytest.mark.parametrize('use_triton', [False, True])
 @pytest.mark.parametrize('n, rows', [(37, 37), (37, 64), (200, 256)])
 def test_attention_at_a_bucket_of_rows_is_causal_attention(tiny, use_triton, n, rows):
-    """The bucket's queries written head-major (rope's kernel on the Triton path), its keys
-    the cache's first rows, stale past the prompt: the logits of SDPA's own attention."""
+    """The bucket's queries written token-major (rope's kernel on the Triton path), its keys
+    the cache's first rows, another prompt's (or inf) past this one: the logits of SDPA's own
+    attention."""
     from torch.nn.attention import SDPBackend
     backend = FusedBackend(tiny.model, 256, use_triton=use_triton)
     ids = torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(n))
     expected = backend.prefill(ids, 0).clone()
     stale = torch.randint(0, 512, (1, 256), generator=torch.Generator().manual_seed(1))
     backend.prefill(stale, 0)  # keys and values past n from another prompt
+    backend.v_cache[:, :, n:].fill_(float('inf'))  # even non-finite ones do not reach it
     got = backend._torch_forward(ids, 0, attend=prefill_shapes.Bucket(rows, (SDPBackend.MATH,)))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -44,8 +44,8 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
     `attend(q, k, v, scale)` (each (1, heads, T, D)), when given, replaces SDPA's own
     causal attention of a fresh prefill (prefill_shapes.attention); one with `rows` attends at
     that many rows (queries token-major, so that the output is too, as cuDNN allocates it like
-    the queries; keys the cache's first `rows`, past the prompt's end unread by its queries)
-    and keeps the first T."""
+    the queries; keys the cache's first `rows`, zeroed past the prompt's end, which its queries
+    do not see) and keeps the first T."""
     n = ids.shape[1]
     fresh = not isinstance(start, torch.Tensor) and start == 0
     if isinstance(start, torch.Tensor):
@@ -69,10 +69,15 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
     add_norm = ops.add_rms_norm if ops else add_rms_norm
     layers = backend._dense_layers if backend._keep_dense else backend.layers
     # attention at a bucket of rows (prefill_shapes.Bucket): the queries written token-major
-    # into its first n rows (the rest are never read by a real query)
+    # into its first n rows (the rest are never read by a real query); the cache's rows past
+    # the prompt zeroed, as a non-finite value left there would reach real rows through the
+    # masked products (0 x inf)
     rows = getattr(attend, 'rows', None)
-    bucket = None if rows is None else backend.embed.new_empty(
-        (rows, backend.q_heads, backend.head_dim))
+    bucket = None
+    if rows is not None:
+        bucket = backend.embed.new_empty((rows, backend.q_heads, backend.head_dim))
+        backend.k_cache[:, :, end:rows].zero_()
+        backend.v_cache[:, :, end:rows].zero_()
     h = F.embedding(ids[0], backend.embed)  # (T, H)
     normed = norm(h, layers[0].ln1, backend.eps)
     for i, layer in enumerate(layers):
@@ -101,7 +106,7 @@ def torch_forward(backend, ids, start, last_only=True, last=None, keys=None, att
         elif bucket is None:
             att = attend(q.transpose(0, 1)[None], backend.k_cache[i, None, :, :end],
                          backend.v_cache[i, None, :, :end], backend.scale)
-        else:  # the bucket's rows: queries past n unwritten, keys past n stale, all causal
+        else:  # the bucket's rows: queries past n unwritten, keys past n zero, all causal
             att = attend(bucket.transpose(0, 1)[None], backend.k_cache[i, None, :, :rows],
                          backend.v_cache[i, None, :, :rows], backend.scale)[:, :, :n]
         h, normed = add_norm(h, linear(att[0].transpose(0, 1).reshape(n, qd), layer.wo),

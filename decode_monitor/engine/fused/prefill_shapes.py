@@ -65,8 +65,8 @@ class Bucket(NamedTuple):
 
     prefill.torch_forward writes a prompt's T queries into the first T rows of a token-major
     (rows, Hq, D) buffer, passed as its (1, Hq, rows, D) view, and the cache's first `rows`
-    keys and values: those past T are stale or zero, and no real query sees them (causal);
-    the other rows of the output are dropped. So a bucket's shapes and strides are the same
+    keys and values: those past T zeroed, and no real query sees them (causal); the other
+    rows of the output are dropped. So a bucket's shapes and strides are the same
     for every prompt it serves, and cuDNN's plan for them is made once."""
     rows: int
     backends: tuple
