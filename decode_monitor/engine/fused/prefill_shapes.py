@@ -73,10 +73,15 @@ class Bucket(NamedTuple):
     backends: tuple
 
     def __call__(self, q, k, v, scale):
-        from torch.nn.attention import sdpa_kernel
-        with sdpa_kernel(list(self.backends)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=True)
+        return _causal(q, k, v, scale, self.backends)
+
+
+def _causal(q, k, v, scale, backends):
+    """Causal GQA attention by the given SDPA backends only."""
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(list(backends)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=True)
 
 
 def _cudnn(rows):
@@ -86,11 +91,9 @@ def _cudnn(rows):
 
 def _ahead_of_time(q, k, v, scale):
     """Causal attention by the SDPA backends compiled ahead of time (flash first)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=True)
+    from torch.nn.attention import SDPBackend
+    return _causal(q, k, v, scale, (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                    SDPBackend.MATH))
 
 
 def attention(start, rows, max_context, planned):
@@ -112,10 +115,14 @@ def warm_attention(backend):
     cuDNN's attention does not run: those prefills take flash attention)."""
     if backend.device.type != 'cuda':
         return frozenset()
-    planned = set()
-    for rows in attention_buckets(backend.max_context):
-        q = torch.zeros((rows, backend.q_heads, backend.head_dim), dtype=backend.dtype,
-                        device=backend.device).transpose(0, 1)[None]
+    planned, buckets = set(), attention_buckets(backend.max_context)
+    if not buckets:
+        return frozenset()
+    # token-major queries: a slice of the largest bucket has every bucket's strides
+    queries = torch.zeros((buckets[-1], backend.q_heads, backend.head_dim), dtype=backend.dtype,
+                          device=backend.device)
+    for rows in buckets:
+        q = queries[:rows].transpose(0, 1)[None]
         keys, values = backend.k_cache[0, None, :, :rows], backend.v_cache[0, None, :, :rows]
         try:
             _cudnn(rows)(q, keys, values, backend.scale)
