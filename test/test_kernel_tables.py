@@ -111,7 +111,8 @@ def test_shipped_tables_name_their_gpu_and_provenance():
 
 
 def test_every_tune_candidate_is_a_valid_table_row(tmp_path):
-    """What `bench tune` may write must load; `wide` is `small` with more quantised configs."""
+    """What `bench tune` may write must load; `wide` and `waves` are `small` with more
+    quantised configs."""
     from decode_monitor.bench.tune_candidates import CANDIDATES
     for name, sets in CANDIDATES.items():
         configs = [(fmt, c) for fmt, by_kind in sets['gemv'].items()
@@ -123,8 +124,12 @@ def test_every_tune_candidate_is_a_valid_table_row(tmp_path):
         assert list(table.attention_rows.values()) == [AttentionConfig(*c)
                                                        for c in sets['attention']]
     for fmt in ('bf16', 'int8', 'int4'):
-        small, wide = (CANDIDATES[s]['gemv'][fmt]['*'] for s in ('small', 'wide'))
+        small, wide, waves = (CANDIDATES[s]['gemv'][fmt]['*']
+                              for s in ('small', 'wide', 'waves'))
         assert set(small) <= set(wide) and (fmt == 'bf16' or len(wide) > len(small))
+        added = set(waves) - set(small)  # `waves` adds split-K counts to `small`
+        assert set(small) <= set(waves) and all(GemvConfig(*c).split_k > 1 for c in added)
+        assert fmt == 'bf16' or added
 
 
 def test_provenance_of_this_machine():
@@ -161,7 +166,7 @@ def test_a_register_cap_is_kept_by_the_file_and_reaches_the_launch(tmp_path):
     table = DEFAULTS.with_gemv(('gated', 'int4', 18944, 3584), capped).with_gemv(
         ('gemv', 'bf16', 3584, 3584), plain)
     data = tables.to_dict(table, {'gpu_name': 'cpu'})
-    assert [row['config'] for row in data['gemv']] == [list(capped), [4, 512, 4, 1, 1]]
+    assert [row['config'] for row in data['gemv']] == [[64, 256, 4, 2, 7, 96], [4, 512, 4, 1, 1]]
     path = tmp_path / 't.json'
     tables.save(str(path), data)
     loaded = tables.load(str(path))
@@ -170,3 +175,25 @@ def test_a_register_cap_is_kept_by_the_file_and_reaches_the_launch(tmp_path):
     assert G._register_cap(capped) == {'maxnreg': 96}
     assert G._register_cap(plain) == {} and G._register_cap((8, 64, 4, 1, 2)) == {}
     assert G._split_config(capped, 3584, 128) == (64, 256, 4, 2, 7)
+
+
+def test_a_staged_row_is_kept_by_the_file_and_a_bad_flag_refused(tmp_path):
+    """`staged` (the int4 gate/up kernel of staged.py) is written only where it is set, comes
+    back as a bool, and a table whose flag is not a bool is refused with the row named."""
+    staged = GemvConfig(16, 512, 8, 1, 1, None, True)
+    capped_staged = GemvConfig(16, 512, 8, 1, 1, 96, True)
+    table = DEFAULTS.with_gemv(('gated', 'int4', 18944, 3584), staged).with_gemv(
+        ('gated', 'int4', 14336, 4096), capped_staged)
+    data = tables.to_dict(table, {'gpu_name': 'cpu'})
+    assert [row['config'] for row in data['gemv']] == [[16, 512, 8, 1, 1, None, True],
+                                                       [16, 512, 8, 1, 1, 96, True]]
+    path = tmp_path / 't.json'
+    tables.save(str(path), data)
+    loaded = tables.load(str(path))
+    assert loaded.gemv('gated', 18944, 3584, 'int4').staged is True
+    assert loaded.gemv('gated', 14336, 4096, 'int4') == capped_staged
+    assert loaded.gemv('gemv', 3584, 3584, 'int4').staged is False  # a default
+    data['gemv'][0]['config'][-1] = 1
+    tables.save(str(path), data)
+    with pytest.raises(tables.TableError, match=r'gemv\[0\].*staged'):
+        tables.load(str(path))

@@ -142,6 +142,29 @@ def test_quant_gated(fmt, config):
     assert rel(out, F.silu(gate) * up) < 1e-5
 
 
+# The staged int4 gate/up kernel (staged.py) on a GPU; elsewhere these configs must fall back to
+# the Triton kernel at the same rows, chunk and warps. Tail rows (N not a multiple of BLOCK_N),
+# one and several chunks, 1-4 rows a thread, K of 3 and 4 groups.
+STAGED = [((16, 256, 4, 1, 1, None, True), 40, 256), ((16, 512, 8, 1, 1, None, True), 72, 1024),
+          ((64, 256, 4, 1, 1, None, True), 64, 768), ((32, 512, 4, 1, 1, None, True), 50, 512)]
+
+
+@pytest.mark.parametrize('config,n,k', STAGED)
+def test_staged_int4_gated(config, n, k):
+    from decode_monitor.engine.fused.configs import GemvConfig
+    config = GemvConfig(*config)
+    qw = quantize(randn(2 * n, k, seed=n + k), 'int4')
+    x, g = randn(k, seed=9), randn(k, seed=10).abs() + 0.5
+    gate, up = F.linear(x * torch.rsqrt(x.pow(2).mean() + 1e-5) * g, qw.dequantize()).chunk(2)
+    out = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, out, norm_weight=g, gated=True, eps=1e-5, config=config)
+    assert rel(out, F.silu(gate) * up) < 1e-5
+    again = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, again, norm_weight=g, gated=True, eps=1e-5, config=config)
+    assert torch.equal(out, again)  # the same bits run to run
+    assert G._staged(config, x, n, k, qw.group) == (DEV == 'cuda')
+
+
 @pytest.mark.parametrize('magnitude', [2.0 ** 25, 2.0 ** -60])
 def test_int4_kernel_over_the_x_range_it_documents(magnitude):
     """int4 products go through denormals scaled by 2^-48: exact for |x| in [2^-78, 2^26]."""
@@ -344,3 +367,43 @@ def test_the_prefill_unpack_kernel_is_dequantize(fmt, k, group):
         out = dense_into(w, buffer, Int4Blocks(rows=8, groups=8, num_warps=2))
         torch.testing.assert_close(out, w.dequantize(torch.bfloat16), rtol=2 ** -7, atol=0)
         assert (buffer[6 * k:] == 7.0).all()
+
+
+_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from decode_monitor.engine.fused.staged import staged_gated_int4_kernel as fn
+block_n, block_k, warps, k = (int(a) for a in sys.argv[1:])
+types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'Y': '*bf16',
+         'N': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
+consts = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k,
+              CH2=triton.next_power_of_2(k // block_k), WARPS=warps, PDL=True)
+names = fn.arg_names
+src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
+                     {(names.index(c),): v for c, v in consts.items()},
+                     {(names.index(a),): [['tt.divisibility', 16]]
+                      for a in ('W', 'S', 'Z', 'X', 'NW', 'Y', 'stride_w')})
+out = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': warps})
+print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx']),
+      out.metadata.shared)
+"""
+
+
+@pytest.mark.parametrize('block_n,block_k,warps', [(16, 512, 8), (16, 256, 4)])
+def test_staged_kernel_compiles_for_hopper_without_spills(block_n, block_k, warps):
+    """What a machine without a GPU can check of the GPU-only kernel: it builds for sm_90
+    (ptxas) with the PDL wait, nothing spilled to local memory, x' of all of K in shared
+    memory. In a process of its own: here Triton runs its interpreter, which compiles nothing."""
+    import subprocess
+    import sys
+    pytest.importorskip('triton.experimental.gluon')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    k = 3584
+    run = subprocess.run([sys.executable, '-c', _COMPILE, str(block_n), str(block_k),
+                          str(warps), str(k)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    pdl_wait, local, shared = (int(v) for v in run.stdout.split())
+    assert pdl_wait == 1 and local == 0
+    assert shared >= (1 << (k // block_k - 1).bit_length()) * block_k * 4

@@ -1,7 +1,7 @@
 """`bench tune`: measure the fused kernels' launch configs on this GPU and write them as a table.
 
     bench tune MODEL... [--weights bf16 int8 int4] [--context 2048] [--budget-s S]
-               [--candidates small|full|tiny] [-o FILE] [--restart]
+               [--candidates small|full|wide|waves|tiny] [-o FILE] [--restart]
 
 A kernel timed alone pays a launch and an idle GPU around it; inside the graphed step it
 follows another kernel, and what counts is how the step's time moves. So every candidate is

@@ -6,8 +6,9 @@ what won on some shape of the study models on an H100 or an H200 and its neighbo
 a 7B model in three formats); `full` adds a wider sweep; `wide` is `small` with more rows a
 program, longer chunks, more warps and pipeline stages for int8 and int4 (a GPU with more
 bandwidth per SM needs more bytes in flight per SM to stream at its rate), for re-tuning the
-quantised formats of one model; `tiny` is one candidate a shape, for tests under Triton's
-interpreter, where programs, not bytes, cost time.
+quantised formats of one model; `waves` is `small` with split-K counts for int8 and int4 that
+bring a shape's programs near a whole number of waves of resident programs; `tiny` is one
+candidate a shape, for tests under Triton's interpreter, where programs, not bytes, cost time.
 """
 from decode_monitor.engine.fused.configs import AttentionConfig as A, GemvConfig as G
 
@@ -40,18 +41,39 @@ _INT4_WIDE = [G(64, 256, 4, 3), G(64, 256, 4, 4), G(128, 256, 4, 2), G(128, 256,
               G(64, 256, 8, 1), G(64, 256, 8, 2), G(128, 256, 8, 1), G(32, 512, 4, 1),
               G(32, 512, 4, 2), G(32, 256, 4, 1, 4), G(64, 256, 4, 3, 7), G(32, 256, 4, 1, 7)]
 
+# Split-K counts that fill whole waves: a shape whose row blocks alone leave most SMs with fewer
+# programs than fit (o_proj, down, q/k/v), or a last wave half empty (int4 gate/up at 2 splits),
+# split K further, so that programs = row blocks x splits comes near a whole number of waves.
+_INT8_WAVES = [G(4, 1024, 4, 3, 2), G(4, 1024, 4, 3, 4), G(4, 512, 4, 2, 7), G(8, 512, 4, 2, 7),
+               G(4, 512, 4, 2, 2), G(16, 512, 4, 2, 2), G(8, 1024, 4, 3, 2)]
+_INT4_WAVES = [G(64, 256, 4, 1, 4), G(64, 256, 4, 1, 7), G(32, 256, 4, 1, 2),
+               G(64, 256, 4, 2, 9), G(64, 256, 4, 2, 14), G(64, 256, 4, 2, 19),
+               G(32, 256, 4, 2, 7), G(32, 256, 4, 2, 9)]
+
+# int4 gate/up through the kernel that stages x' in shared memory (engine/fused/staged.py);
+# (BLOCK_N, BLOCK_K, warps) fix its thread layout (32 / (BLOCK_K / 32) threads on rows).
+_INT4_STAGED = [G(16, 512, 8, 1, 1, None, True), G(16, 512, 4, 1, 1, None, True),
+                G(32, 512, 4, 1, 1, None, True), G(8, 512, 4, 1, 1, None, True),
+                G(16, 256, 4, 1, 1, None, True)]
+
 # set -> {'gemv': {weights: {kind or '*': [configs]}}, 'attention': [configs]}
 CANDIDATES = {
     'small': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL},
-                       'int4': {'*': _INT4_SMALL}},
+                       'int4': {'*': _INT4_SMALL, 'gated': _INT4_SMALL + _INT4_STAGED}},
               'attention': _ATTENTION_SMALL},
     'full': {'gemv': {'bf16': {'*': _BF16_SMALL + _BF16_MORE},
                       'int8': {'*': _INT8_SMALL + _INT8_MORE},
-                      'int4': {'*': _INT4_SMALL + _INT4_MORE}},
+                      'int4': {'*': _INT4_SMALL + _INT4_MORE,
+                               'gated': _INT4_SMALL + _INT4_MORE + _INT4_STAGED}},
              'attention': _ATTENTION_SMALL + _ATTENTION_MORE},
     'wide': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL + _INT8_WIDE},
-                      'int4': {'*': _INT4_SMALL + _INT4_WIDE}},
+                      'int4': {'*': _INT4_SMALL + _INT4_WIDE,
+                               'gated': _INT4_SMALL + _INT4_WIDE + _INT4_STAGED}},
              'attention': _ATTENTION_SMALL},
+    'waves': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL + _INT8_WAVES},
+                       'int4': {'*': _INT4_SMALL + _INT4_WAVES,
+                                'gated': _INT4_SMALL + _INT4_WAVES + _INT4_STAGED}},
+              'attention': _ATTENTION_SMALL},
     'tiny': {'gemv': {fmt: {'*': [G(32, 128, 4, 1)]} for fmt in ('bf16', 'int8', 'int4')},
              'attention': [A(32, 2, 4, 1)]},
 }

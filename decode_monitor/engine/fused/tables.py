@@ -118,6 +118,10 @@ def _checked(config, where):
     for name, value in config._asdict().items():
         if value is None and name in ('n_splits', 'max_registers'):
             continue
+        if name == 'staged':
+            if not isinstance(value, bool):
+                raise ValueError(f'{where}: staged must be true or false, not {value!r}')
+            continue
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{where}: {name} must be a positive integer, not {value!r}')
     for name in ('block_n', 'block_k', 'block_t', 'num_warps'):
@@ -158,9 +162,14 @@ def to_dict(configs, provenance=None, measured=None):
 
 
 def _listed(config):
-    """A GEMV config as a list, without a register cap it does not have."""
+    """A GEMV config as a list, without the trailing fields it leaves at their defaults (no
+    register cap, not staged)."""
     row = list(config)
-    return row[:-1] if row[-1] is None else row
+    if not row[-1]:
+        row = row[:-1]
+        if row[-1] is None:
+            row = row[:-1]
+    return row
 
 
 def save(path, data):
