@@ -142,18 +142,20 @@ def test_quant_gated(fmt, config):
     assert rel(out, F.silu(gate) * up) < 1e-5
 
 
-# The staged int4 gate/up kernel (staged.py) on a GPU; elsewhere these configs must fall back to
-# the Triton kernel at the same rows, chunk and warps. Tail rows (N not a multiple of BLOCK_N),
-# one and several chunks, 1-4 rows a thread, K of 3 and 4 groups.
-STAGED = [((16, 256, 4, 1, 1, None, True), 40, 256), ((16, 512, 8, 1, 1, None, True), 72, 1024),
-          ((64, 256, 4, 1, 1, None, True), 64, 768), ((32, 512, 4, 1, 1, None, True), 50, 512)]
+# The staged gate/up kernel (staged.py) on a GPU; elsewhere these configs must fall back to the
+# Triton kernel at the same rows, chunk and warps. Tail rows (N not a multiple of BLOCK_N), one
+# and several chunks, 1-4 rows a thread, K of 1-8 groups.
+STAGED = [('int4', (16, 256, 4), 40, 256), ('int4', (16, 512, 8), 72, 1024),
+          ('int4', (64, 256, 4), 64, 768), ('int4', (32, 512, 4), 50, 512),
+          ('int8', (16, 256, 4), 40, 256), ('int8', (8, 512, 8), 72, 1024),
+          ('int8', (16, 128, 4), 64, 384), ('int8', (32, 256, 4), 50, 512)]
 
 
-@pytest.mark.parametrize('config,n,k', STAGED)
-def test_staged_int4_gated(config, n, k):
+@pytest.mark.parametrize('fmt,config,n,k', STAGED)
+def test_staged_gated(fmt, config, n, k):
     from decode_monitor.engine.fused.configs import GemvConfig
-    config = GemvConfig(*config)
-    qw = quantize(randn(2 * n, k, seed=n + k), 'int4')
+    config = GemvConfig(*config, 1, 1, None, True)
+    qw = quantize(randn(2 * n, k, seed=n + k), fmt)
     x, g = randn(k, seed=9), randn(k, seed=10).abs() + 0.5
     gate, up = F.linear(x * torch.rsqrt(x.pow(2).mean() + 1e-5) * g, qw.dequantize()).chunk(2)
     out = torch.full((n,), float('nan'), device=DEV)
@@ -162,7 +164,7 @@ def test_staged_int4_gated(config, n, k):
     again = torch.full((n,), float('nan'), device=DEV)
     G.gemv(qw, x, again, norm_weight=g, gated=True, eps=1e-5, config=config)
     assert torch.equal(out, again)  # the same bits run to run
-    assert G._staged(config, x, n, k, qw.group) == (DEV == 'cuda')
+    assert G._staged(config, x, fmt, n, k, qw.group) == (DEV == 'cuda')
 
 
 @pytest.mark.parametrize('magnitude', [2.0 ** 25, 2.0 ** -60])
@@ -373,11 +375,11 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from decode_monitor.engine.fused.staged import staged_gated_int4_kernel as fn
-block_n, block_k, warps, k = (int(a) for a in sys.argv[1:])
+from decode_monitor.engine.fused.staged import staged_gated_kernel as fn
+block_n, block_k, warps, k, int4 = (int(a) for a in sys.argv[1:])
 types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'Y': '*bf16',
          'N': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
-consts = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k,
+consts = dict(K=k, INT4=bool(int4), GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k,
               CH2=triton.next_power_of_2(k // block_k), WARPS=warps, PDL=True)
 names = fn.arg_names
 src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
@@ -390,8 +392,9 @@ print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx
 """
 
 
-@pytest.mark.parametrize('block_n,block_k,warps', [(16, 512, 8), (16, 256, 4)])
-def test_staged_kernel_compiles_for_hopper_without_spills(block_n, block_k, warps):
+@pytest.mark.parametrize('fmt,block_n,block_k,warps', [('int4', 16, 512, 8), ('int4', 16, 256, 4),
+                                                       ('int8', 16, 256, 8), ('int8', 8, 512, 8)])
+def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k, warps):
     """What a machine without a GPU can check of the GPU-only kernel: it builds for sm_90
     (ptxas) with the PDL wait, nothing spilled to local memory, x' of all of K in shared
     memory. In a process of its own: here Triton runs its interpreter, which compiles nothing."""
@@ -401,8 +404,8 @@ def test_staged_kernel_compiles_for_hopper_without_spills(block_n, block_k, warp
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     k = 3584
     run = subprocess.run([sys.executable, '-c', _COMPILE, str(block_n), str(block_k),
-                          str(warps), str(k)], env=env, capture_output=True, text=True,
-                         timeout=300)
+                          str(warps), str(k), str(int(fmt == 'int4'))], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     pdl_wait, local, shared = (int(v) for v in run.stdout.split())
     assert pdl_wait == 1 and local == 0

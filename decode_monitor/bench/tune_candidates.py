@@ -50,27 +50,37 @@ _INT4_WAVES = [G(64, 256, 4, 1, 4), G(64, 256, 4, 1, 7), G(32, 256, 4, 1, 2),
                G(64, 256, 4, 2, 9), G(64, 256, 4, 2, 14), G(64, 256, 4, 2, 19),
                G(32, 256, 4, 2, 7), G(32, 256, 4, 2, 9)]
 
-# int4 gate/up through the kernel that stages x' in shared memory (engine/fused/staged.py);
-# (BLOCK_N, BLOCK_K, warps) fix its thread layout (32 / (BLOCK_K / 32) threads on rows).
+# int8 / int4 gate/up through the kernel that stages x' in shared memory
+# (engine/fused/staged.py); (BLOCK_N, BLOCK_K, warps) fix its thread layout: 32 / NSUB threads
+# of a warp on rows, NSUB = BLOCK_K / 16 (int8) or / 32 (int4) on sub-blocks.
+_INT8_STAGED = [G(16, 256, 4, 1, 1, None, True), G(32, 256, 8, 1, 1, None, True),
+                G(16, 512, 8, 1, 1, None, True), G(8, 512, 8, 1, 1, None, True),
+                G(16, 256, 8, 1, 1, None, True), G(8, 256, 4, 1, 1, None, True)]
 _INT4_STAGED = [G(16, 512, 8, 1, 1, None, True), G(16, 512, 4, 1, 1, None, True),
                 G(32, 512, 4, 1, 1, None, True), G(8, 512, 4, 1, 1, None, True),
                 G(16, 256, 4, 1, 1, None, True)]
 
 # set -> {'gemv': {weights: {kind or '*': [configs]}}, 'attention': [configs]}
 CANDIDATES = {
-    'small': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL},
+    'small': {'gemv': {'bf16': {'*': _BF16_SMALL},
+                       'int8': {'*': _INT8_SMALL, 'gated': _INT8_SMALL + _INT8_STAGED},
                        'int4': {'*': _INT4_SMALL, 'gated': _INT4_SMALL + _INT4_STAGED}},
               'attention': _ATTENTION_SMALL},
     'full': {'gemv': {'bf16': {'*': _BF16_SMALL + _BF16_MORE},
-                      'int8': {'*': _INT8_SMALL + _INT8_MORE},
+                      'int8': {'*': _INT8_SMALL + _INT8_MORE,
+                               'gated': _INT8_SMALL + _INT8_MORE + _INT8_STAGED},
                       'int4': {'*': _INT4_SMALL + _INT4_MORE,
                                'gated': _INT4_SMALL + _INT4_MORE + _INT4_STAGED}},
              'attention': _ATTENTION_SMALL + _ATTENTION_MORE},
-    'wide': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL + _INT8_WIDE},
+    'wide': {'gemv': {'bf16': {'*': _BF16_SMALL},
+                      'int8': {'*': _INT8_SMALL + _INT8_WIDE,
+                               'gated': _INT8_SMALL + _INT8_WIDE + _INT8_STAGED},
                       'int4': {'*': _INT4_SMALL + _INT4_WIDE,
                                'gated': _INT4_SMALL + _INT4_WIDE + _INT4_STAGED}},
              'attention': _ATTENTION_SMALL},
-    'waves': {'gemv': {'bf16': {'*': _BF16_SMALL}, 'int8': {'*': _INT8_SMALL + _INT8_WAVES},
+    'waves': {'gemv': {'bf16': {'*': _BF16_SMALL},
+                       'int8': {'*': _INT8_SMALL + _INT8_WAVES,
+                                'gated': _INT8_SMALL + _INT8_WAVES + _INT8_STAGED},
                        'int4': {'*': _INT4_SMALL + _INT4_WAVES,
                                 'gated': _INT4_SMALL + _INT4_WAVES + _INT4_STAGED}},
               'attention': _ATTENTION_SMALL},

@@ -300,7 +300,7 @@ def _split_scratch(device, rows, blocks, split):
     return acc, ssq, cnt
 
 
-def _staged(config, x, n, k, group):
+def _staged(config, x, fmt, n, k, group):
     """Whether a `staged` config runs the kernel of staged.py here: on a GPU (Gluon compiles
     for CUDA only, not under the interpreter), for a shape it fits; else the Triton kernel."""
     if not getattr(config, 'staged', False) or not x.is_cuda or not _ptx():
@@ -309,7 +309,7 @@ def _staged(config, x, n, k, group):
         from decode_monitor.engine.fused import staged
     except ImportError:  # a Triton without Gluon
         return False
-    return staged.fits(config, n, k, group)
+    return staged.fits(config, fmt, n, k, group)
 
 
 def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
@@ -323,9 +323,10 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     kind = kind or ('gated' if gated else 'gemv')
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
     config = config or DEFAULTS.gemv(kind, n, k, fmt, x.device.type == 'cpu')
-    if gated and fmt == 'int4' and norm_weight is not None and _staged(config, x, n, k, group):
+    if gated and fmt != 'bf16' and norm_weight is not None and _staged(config, x, fmt, n, k,
+                                                                       group):
         from decode_monitor.engine.fused import staged
-        return staged.gated_int4(w, x, out, norm_weight, eps, config)
+        return staged.gated(w, x, out, norm_weight, eps, config)
     block_n, block_k, warps, stages, split = _split_config(config, k, group)
     norm = norm_weight is not None
     res = residual is not None
