@@ -7,8 +7,10 @@ a 7B model in three formats); `full` adds a wider sweep; `wide` is `small` with 
 program, longer chunks, more warps and pipeline stages for int8 and int4 (a GPU with more
 bandwidth per SM needs more bytes in flight per SM to stream at its rate), for re-tuning the
 quantised formats of one model; `waves` is `small` with split-K counts for int8 and int4 that
-bring a shape's programs near a whole number of waves of resident programs; `tiny` is one
-candidate a shape, for tests under Triton's interpreter, where programs, not bytes, cost time.
+bring a shape's programs near a whole number of waves of resident programs. Every set but
+`tiny` also offers the staged kernel (engine/fused/staged.py) for int8 / int4 gate/up. `tiny`
+is one candidate a shape, for tests under Triton's interpreter, where programs, not bytes, cost
+time.
 """
 from decode_monitor.engine.fused.configs import AttentionConfig as A, GemvConfig as G
 
