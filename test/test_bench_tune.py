@@ -62,6 +62,9 @@ def test_interrupted_run_keeps_its_shapes_and_the_rerun_resumes(tuned):
         assert rows2[key] == row
     timed_again = [line for line in second.stderr.splitlines() if 'ms/step' in line]
     assert len(timed_again) == SHAPES - len(rows)
+    each = [line for line in second.stderr.splitlines()  # every candidate's own median
+            if line.startswith('  (') and line.endswith(' ms')]
+    assert len(each) == 2 * len(timed_again)
 
 
 def test_table_has_provenance_and_a_measurement_per_shape(tuned):

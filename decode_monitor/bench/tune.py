@@ -147,6 +147,8 @@ def tune_unit(backend, timer, table, kind, key, candidates, share, deadline, log
     if not tried:
         raise RuntimeError(f'no config of {kind} {tuple(key)} ran, not even the default')
     times = timer.median_ms(runs)
+    for config, ms in zip(tried, times):  # what each candidate did, for whoever reads the log
+        log(f'  {tuple(config)}: {ms:.4f} ms')
     best = min(range(len(tried)), key=times.__getitem__)
     default_ms, tuned_ms = times[0], times[best]
     if best:  # confirm against the default, the winner of many draws being flattered
