@@ -167,6 +167,23 @@ def test_staged_gated(fmt, config, n, k):
     assert G._staged(config, x, fmt, n, k, qw.group) == (DEV == 'cuda')
 
 
+def test_staged_kernel_takes_only_the_shapes_it_fits():
+    """`fits` decides which launches reach the GPU-only kernel: whole chunks on group
+    boundaries, whole rows of threads, x' of all of K within 64 KB of shared memory."""
+    from decode_monitor.engine.fused.configs import GemvConfig
+    from decode_monitor.engine.fused.staged import fits
+
+    def staged(block_n, block_k, warps):
+        return GemvConfig(block_n, block_k, warps, 1, 1, None, True)
+    assert fits(staged(16, 512, 8), 'int4', 18944, 3584, 128)  # qwen2.5-7b's gate/up
+    assert fits(staged(16, 256, 4), 'int8', 14336, 4096, 128)  # llama-3-8b's
+    assert not fits(staged(16, 512, 8), 'int4', 3584, 18944, 128)  # 128 KB of x'
+    assert not fits(staged(16, 1024, 8), 'int4', 18944, 3584, 128)  # 3.5 chunks
+    assert not fits(staged(8, 256, 4), 'int4', 18944, 3584, 128)  # 16 threads on rows
+    assert not fits(staged(16, 1024, 8), 'int8', 18944, 4096, 128)  # 64 sub-blocks a chunk
+    assert not fits(staged(16, 64, 4), 'int8', 40, 256, 128)  # a chunk inside a group
+
+
 @pytest.mark.parametrize('magnitude', [2.0 ** 25, 2.0 ** -60])
 def test_int4_kernel_over_the_x_range_it_documents(magnitude):
     """int4 products go through denormals scaled by 2^-48: exact for |x| in [2^-78, 2^26]."""
