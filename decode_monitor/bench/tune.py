@@ -176,7 +176,8 @@ def _parser():
                    help='stop after about this many seconds; shapes left keep the defaults')
     p.add_argument('--candidates', choices=sorted(CANDIDATES), default='small',
                    help='candidate set per shape: small (minutes), full (more), wide (small '
-                   'with more for int8 and int4), tiny (tests)')
+                   'with more for int8 and int4), waves (small with split-K counts for int8 and '
+                   'int4), tiny (tests)')
     p.add_argument('-o', '--output', help='table file (default: the user cache for this GPU '
                    'and Triton version, which the decoder then finds by itself)')
     p.add_argument('--restart', action='store_true',
