@@ -78,6 +78,14 @@ def compile_call(fn, args, kwargs, keep=False, **overrides):
             raise TypeError(f'{name}: {type(value).__name__}')
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                               options=options)
+    out = _resources(compiled)
+    if keep:
+        out['compiled'] = compiled
+    return out
+
+
+def _resources(compiled):
+    """Registers, local memory (spills) and shared memory of a compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(compiled.asm['cubin'])
         f.flush()
@@ -87,11 +95,26 @@ def compile_call(fn, args, kwargs, keep=False, **overrides):
                                check=True).stdout
     line = next(ln for ln in usage.splitlines() if 'REG:' in ln)
     fields = dict(part.split(':') for part in line.split() if ':' in part)
-    out = {'regs': int(fields['REG']), 'local': int(fields['LOCAL']),
-           'shared': compiled.metadata.shared}
-    if keep:
-        out['compiled'] = compiled
-    return out
+    return {'regs': int(fields['REG']), 'local': int(fields['LOCAL']),
+            'shared': compiled.metadata.shared}
+
+
+def compile_staged(config, weights, k, group):
+    """Resources of staged.py's gate/up kernel at a table row (Gluon, so its own source type)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from decode_monitor.engine.fused.staged import staged_gated_kernel as fn
+    types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16',
+             'Y': '*bf16', 'N': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
+    consts = dict(K=k, INT4=weights == 'int4', GROUP=group, BLOCK_N=config.block_n,
+                  BLOCK_K=config.block_k, CH2=triton.next_power_of_2(k // config.block_k),
+                  WARPS=config.num_warps, PDL=True)
+    names = fn.arg_names
+    src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
+                         {(names.index(c),): v for c, v in consts.items()},
+                         {(names.index(a),): [['tt.divisibility', 16]]
+                          for a in ('W', 'S', 'Z', 'X', 'NW', 'Y', 'stride_w')})
+    compiled = triton.compile(src, target=TARGET, options={'num_warps': config.num_warps})
+    return _resources(compiled)
 
 
 def gpu_settings(kwargs):
@@ -137,7 +160,11 @@ def main(argv):
             cfg_d = table.gemv('gemv', x.shape[0], inter, weights)
             gemv.gemv(layer.wd, act, x.clone(), residual=x, eps=1e-6, config=cfg_d)
         for (fn, args, kwargs), what in zip(rec.calls, ('gate/up', 'down')):
-            res = compile_call(fn, args, kwargs, **gpu_settings(kwargs))
+            if what == 'gate/up' and cfg.staged:  # on a GPU this row runs staged.py's kernel
+                res = compile_staged(cfg, weights, x.shape[0], layer.wgu.group)
+                what += ' (staged)'
+            else:
+                res = compile_call(fn, args, kwargs, **gpu_settings(kwargs))
             rows.append((f'fused GEMV {weights} {what}', res))
             print(rows[-1], flush=True)
         layers = PersistentLayers(backend, PersistentConfig())
