@@ -28,7 +28,6 @@ from triton.experimental.gluon import language as gl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from decode_monitor.engine.fused import gemv as G, pdl  # noqa: E402
 from decode_monitor.engine.fused.configs import GemvConfig  # noqa: E402
-from decode_monitor.engine.fused.staged import _pdl_allow, _pdl_wait  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize, weight_nbytes  # noqa: E402
 from kernels_in_graph import graph_us  # noqa: E402
 
@@ -89,7 +88,7 @@ def gluon_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_s
     ss = gl.zeros([NSUB, 4], gl.float32, LX)
     wa, sa, ma = _load_chunk(W, S, Z, wa_off, sa_off, 0, GROUP, NSUB)
     wb, sb, mb = _load_chunk(W, S, Z, wb_off, sb_off, 0, GROUP, NSUB)
-    _pdl_wait(PDL)
+    pdl.wait_for_previous_kernel(PDL)
     CHUNKS: gl.constexpr = K // BLOCK_K
     for c in range(CHUNKS):
         k0 = c * BLOCK_K
@@ -122,7 +121,7 @@ def gluon_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_s
         acc_b += gl.sum(pb, axis=2) * (sb.to(gl.float32) * scale) + mb.to(gl.float32) * xs2
         wa, sa, ma = na, nsa, nma
         wb, sb, mb = nb, nsb, nmb
-    _pdl_allow(PDL)
+    pdl.allow_next_kernel(PDL)
     rstd = gl.rsqrt(gl.sum(gl.sum(ss, axis=1), axis=0) / K + eps)
     ga = gl.sum(acc_a, axis=1) * rstd
     up = gl.sum(acc_b, axis=1) * rstd

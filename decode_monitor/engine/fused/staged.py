@@ -36,20 +36,6 @@ DOT_EXP = gl.constexpr(48)  # dequant.DOT_EXP: products are x q 2^-DOT_EXP
 
 
 @gluon.jit
-def _pdl_wait(PDL: gl.constexpr):
-    if PDL:
-        gl.inline_asm_elementwise('griddepcontrol.wait; // dummy $0', '=r', [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-
-
-@gluon.jit
-def _pdl_allow(PDL: gl.constexpr):
-    if PDL:
-        gl.inline_asm_elementwise('griddepcontrol.launch_dependents; // dummy $0', '=r', [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _chunk(W, S, Z, w_off, s_off, k0, INT4: gl.constexpr, GROUP: gl.constexpr):
     """Code words (BLOCK_N, NSUB, 4) of the chunk at k0, its sub-blocks' scales and offsets
     (int8 has none: its scales again, unused)."""
@@ -188,7 +174,7 @@ def staged_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_
     sb_off = (r2 + N) * stride_s + gl.expand_dims(subs // SPG, 0)
     wa, sa, ma = _chunk(W, S, Z, wa_off, sa_off, 0, INT4, GROUP)
     wb, sb, mb = _chunk(W, S, Z, wb_off, sb_off, 0, INT4, GROUP)
-    _pdl_wait(PDL)
+    pdl.wait_for_previous_kernel(PDL)
     xs, sums, sum_sq = _stage_x(X, NW, K, INT4, GROUP, BLOCK_K, CH2, NSUB, WARPS)
     acc_a = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
     acc_b = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
@@ -208,7 +194,7 @@ def staged_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_
             acc_b += sb.to(gl.float32) * (db * scale - 128.0 * x_sum)
         wa, sa, ma = na, nsa, nma
         wb, sb, mb = nb, nsb, nmb
-    _pdl_allow(PDL)
+    pdl.allow_next_kernel(PDL)
     rstd = gl.rsqrt(sum_sq / K + eps)
     g = gl.sum(acc_a, axis=1) * rstd
     u = gl.sum(acc_b, axis=1) * rstd
