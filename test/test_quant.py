@@ -167,6 +167,31 @@ def test_staged_gated(fmt, config, n, k):
     assert G._staged(config, x, fmt, n, k, qw.group) == (DEV == 'cuda')
 
 
+# The same kernel as a plain GEMV with the residual added (o_proj, down_proj), K split into
+# shares that are whole chunks, the last share shorter where the split does not divide them.
+STAGED_PLAIN = [('int8', (16, 512, 4, 2), 40, 4608), ('int8', (8, 256, 4, 3), 72, 1792),
+                ('int8', (8, 512, 4, 1), 72, 1024), ('int4', (16, 512, 4, 2), 50, 1536),
+                ('int4', (16, 256, 4, 1), 50, 768), ('int4', (32, 512, 8, 4), 64, 2048)]
+
+
+@pytest.mark.parametrize('fmt,config,n,k', STAGED_PLAIN)
+def test_staged_plain(fmt, config, n, k):
+    from decode_monitor.engine.fused.configs import GemvConfig
+    block_n, block_k, warps, split = config
+    config = GemvConfig(block_n, block_k, warps, 1, split, None, True)
+    qw = quantize(randn(n, k, seed=n + k), fmt)
+    x, r = randn(k, seed=11), randn(n, seed=12)
+    want = F.linear(x, qw.dequantize()) + r
+    runs = []
+    for _ in range(2):  # the second launch finds the split tickets reset by the first
+        out = r.clone()
+        G.gemv(qw, x, out, residual=out, config=config)  # in place, as the model adds it
+        runs.append(out)
+    assert rel(runs[0], want) < 1e-5
+    assert torch.equal(runs[0], runs[1])  # the same bits run to run
+    assert G._staged(config, x, fmt, n, k, qw.group, plain=True) == (DEV == 'cuda')
+
+
 def test_staged_kernel_takes_only_the_shapes_it_fits():
     """`fits` decides which launches reach the GPU-only kernel: whole chunks on group
     boundaries, whole rows of threads, x' of all of K within 64 KB of shared memory."""
@@ -182,6 +207,13 @@ def test_staged_kernel_takes_only_the_shapes_it_fits():
     assert not fits(staged(8, 256, 4), 'int4', 18944, 3584, 128)  # 16 threads on rows
     assert not fits(staged(16, 1024, 8), 'int8', 18944, 4096, 128)  # 64 sub-blocks a chunk
     assert not fits(staged(16, 64, 4), 'int8', 40, 256, 128)  # a chunk inside a group
+
+    def split(block_n, block_k, warps, shares):
+        return GemvConfig(block_n, block_k, warps, 1, shares, None, True)
+    assert fits(split(16, 512, 4, 8), 'int8', 3584, 18944, 128, plain=True)  # 37 chunks: 5 a share
+    assert not fits(split(16, 512, 4, 8), 'int8', 3584, 18944, 128)  # norm or gate: all of K
+    assert not fits(split(16, 512, 4, 1), 'int8', 3584, 18944, 128, plain=True)  # 128 KB of x'
+    assert not fits(split(16, 512, 4, 8), 'int8', 3584, 3584, 128, plain=True)  # a share empty
 
 
 @pytest.mark.parametrize('magnitude', [2.0 ** 25, 2.0 ** -60])
@@ -392,38 +424,46 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from decode_monitor.engine.fused.staged import staged_gated_kernel as fn
-block_n, block_k, warps, k, int4 = (int(a) for a in sys.argv[1:])
-types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'Y': '*bf16',
-         'N': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
-consts = dict(K=k, INT4=bool(int4), GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k,
-              CH2=triton.next_power_of_2(k // block_k), WARPS=warps, PDL=True)
+from decode_monitor.engine.fused.staged import staged_kernel as fn
+block_n, block_k, warps, k, int4, split, ahead = (int(a) for a in sys.argv[1:])
+types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'R': '*bf16',
+         'Y': '*bf16', 'ACC': '*fp32', 'CNT': '*i32', 'N': 'i32', 'stride_w': 'i32',
+         'stride_s': 'i32', 'eps': 'fp32'}
+per = -(-(k // block_k) // split)
+consts = dict(K=k, GATED=split == 1, NORM=split == 1, RESIDUAL=split > 1, INT4=bool(int4),
+              GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, CH2=triton.next_power_of_2(per),
+              SPLIT=split, AHEAD=ahead, WARPS=warps, PDL=True)
 names = fn.arg_names
 src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
                      {(names.index(c),): v for c, v in consts.items()},
                      {(names.index(a),): [['tt.divisibility', 16]]
-                      for a in ('W', 'S', 'Z', 'X', 'NW', 'Y', 'stride_w')})
+                      for a in ('W', 'S', 'Z', 'X', 'NW', 'R', 'Y', 'ACC', 'CNT', 'stride_w')})
 out = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': warps})
 print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx']),
       out.metadata.shared)
 """
 
 
-@pytest.mark.parametrize('fmt,block_n,block_k,warps', [('int4', 16, 512, 8), ('int4', 16, 256, 4),
-                                                       ('int8', 16, 256, 8), ('int8', 8, 512, 8)])
-def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k, warps):
+@pytest.mark.parametrize('fmt,block_n,block_k,warps,k,split,ahead', [
+    ('int4', 16, 512, 8, 3584, 1, 1), ('int4', 16, 256, 4, 3584, 1, 2),
+    ('int8', 16, 256, 8, 3584, 1, 1), ('int8', 8, 512, 8, 3584, 1, 2),
+    ('int8', 32, 512, 8, 18944, 8, 2), ('int4', 16, 512, 4, 18944, 4, 1)])
+def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k, warps, k, split,
+                                                          ahead):
     """What a machine without a GPU can check of the GPU-only kernel: it builds for sm_90
-    (ptxas) with the PDL wait, nothing spilled to local memory, x' of all of K in shared
-    memory. In a process of its own: here Triton runs its interpreter, which compiles nothing."""
+    (ptxas) with the PDL wait, nothing spilled to local memory, x' of a program's share of K in
+    shared memory (gate/up with RMSNorm, or a split plain GEMV with its residual). In a process
+    of its own: here Triton runs its interpreter, which compiles nothing."""
     import subprocess
     import sys
     pytest.importorskip('triton.experimental.gluon')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    k = 3584
     run = subprocess.run([sys.executable, '-c', _COMPILE, str(block_n), str(block_k),
-                          str(warps), str(k), str(int(fmt == 'int4'))], env=env,
+                          str(warps), str(k), str(int(fmt == 'int4')), str(split),
+                          str(ahead)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     pdl_wait, local, shared = (int(v) for v in run.stdout.split())
     assert pdl_wait == 1 and local == 0
-    assert shared >= (1 << (k // block_k - 1).bit_length()) * block_k * 4
+    per = -(-(k // block_k) // split)
+    assert shared >= (1 << (per - 1).bit_length()) * block_k * 4

@@ -9,7 +9,12 @@ contiguous run of memory: the same bytes, reordered). Matrix: qwen2.5-7b's gate/
 (37888), 2048 bytes a row (1792 there, so that every pattern divides it); 28 distinct ones
 captured in one graph, as kernels_in_graph.py does.
 
-    python benchmarks/experiments/access_pattern_probe.py [--out DIR]
+`--shape down` reads int8 down_proj's shape instead (3584 rows of 18944 bytes), row-major with
+the rows packed (as stored) and with each row padded by `--pad` bytes (the same bytes read, the
+row stride no longer a multiple of 4 KB's neighbours): whether that shape's stride, not the
+kernel, holds its GEMVs to ~2.7 TB/s.
+
+    python benchmarks/experiments/access_pattern_probe.py [--shape down] [--out DIR]
 """
 import argparse
 import json
@@ -24,6 +29,9 @@ from kernels_in_graph import graph_us
 LAYERS = 28
 ROWS, ROW_WORDS = 37888, 512  # qwen2.5-7b's int4 gate/up rows, 2 KB a row (1792 there)
 # (rows a program, words a row a chunk, warps, stages); tiled or row-major
+DOWN_ROWS, DOWN_WORDS = 3584, 4736  # qwen2.5-7b's int8 down_proj: 18944 bytes a row
+DOWN_PATTERNS = [(4, 256, 4, 3), (4, 256, 4, 2), (32, 128, 8, 2), (16, 128, 4, 2),
+                 (8, 128, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2)]
 PATTERNS = [(64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 128, 4, 2),
             (8, 256, 4, 2), (4, 512, 4, 1), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 8, 3)]
 
@@ -49,30 +57,41 @@ def touch_kernel(W, OUT, stride, ROW_WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
 def main():
     p = argparse.ArgumentParser()
     p.add_argument('--out', default=None)
+    p.add_argument('--shape', choices=('gate_up', 'down'), default='gate_up')
+    p.add_argument('--pad', type=int, nargs='+', default=[0, 128, 512],
+                   help='bytes of padding a row (down)')
     args = p.parse_args()
-    mats = [torch.randint(-2 ** 31, 2 ** 31 - 1, (ROWS, ROW_WORDS), dtype=torch.int32,
-                          device='cuda') for _ in range(LAYERS)]
-    nbytes = mats[0].numel() * 4
+    down = args.shape == 'down'
+    n_rows, row_words = (DOWN_ROWS, DOWN_WORDS) if down else (ROWS, ROW_WORDS)
     rows = []
-    for block_n, words, warps, stages in PATTERNS:
-        grid = ROWS // block_n
-        out = torch.empty(LAYERS, grid, dtype=torch.int32, device='cuda')
-        for tiled in (False, True):
-            calls = [lambda i=i: touch_kernel[(grid,)](
-                mats[i], out[i], ROW_WORDS, ROW_WORDS=ROW_WORDS, BLOCK_N=block_n, WORDS=words,
-                TILED=tiled, STAGES=stages, num_warps=warps) for i in range(LAYERS)]
-            us = graph_us(calls)
-            row = {'rows': block_n, 'bytes_a_row_a_chunk': words * 4, 'warps': warps,
-                   'stages': stages, 'tiled': tiled, 'us': us, 'tb_s': nbytes / us / 1e6}
-            rows.append(row)
-            print(f"{block_n:4} x {words * 4:5} B  w{warps} s{stages}  "
-                  f"{'tiled' if tiled else 'rows ':5}  {us:7.2f} us  {row['tb_s']:5.2f} TB/s",
-                  flush=True)
+    for pad in (args.pad if down else [0]):
+        stride = row_words + pad // 4
+        mats = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n_rows, stride), dtype=torch.int32,
+                              device='cuda') for _ in range(LAYERS)]
+        nbytes = n_rows * row_words * 4
+        for block_n, words, warps, stages in (DOWN_PATTERNS if down else PATTERNS):
+            grid = n_rows // block_n
+            out = torch.empty(LAYERS, grid, dtype=torch.int32, device='cuda')
+            for tiled in ((False,) if down else (False, True)):
+                calls = [lambda i=i: touch_kernel[(grid,)](
+                    mats[i], out[i], stride, ROW_WORDS=row_words, BLOCK_N=block_n,
+                    WORDS=words, TILED=tiled, STAGES=stages, num_warps=warps)
+                    for i in range(LAYERS)]
+                us = graph_us(calls)
+                row = {'rows': block_n, 'bytes_a_row_a_chunk': words * 4, 'warps': warps,
+                       'stages': stages, 'tiled': tiled, 'pad': pad, 'us': us,
+                       'tb_s': nbytes / us / 1e6}
+                rows.append(row)
+                print(f"{block_n:4} x {words * 4:5} B  w{warps} s{stages}  pad {pad:4}  "
+                      f"{'tiled' if tiled else 'rows ':5}  {us:7.2f} us  {row['tb_s']:5.2f} TB/s",
+                      flush=True)
+        mats = None  # the next padding's matrices
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, 'access_pattern_probe.json'), 'w') as f:
+        name = 'access_pattern_probe' + ('_down' if down else '') + '.json'
+        with open(os.path.join(args.out, name), 'w') as f:
             json.dump({'device': torch.cuda.get_device_name(), 'layers': LAYERS,
-                       'rows': ROWS, 'row_bytes': ROW_WORDS * 4, 'cells': rows}, f, indent=1)
+                       'rows': n_rows, 'row_bytes': row_words * 4, 'cells': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

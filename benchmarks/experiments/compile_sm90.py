@@ -99,20 +99,25 @@ def _resources(compiled):
             'shared': compiled.metadata.shared}
 
 
-def compile_staged(config, weights, k, group):
-    """Resources of staged.py's gate/up kernel at a table row (Gluon, so its own source type)."""
+def compile_staged(config, weights, k, group, gated=True):
+    """Resources of staged.py's kernel at a table row (Gluon, so its own source type): gate/up
+    with RMSNorm, or a plain GEMV with its residual (down_proj, o_proj)."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    from decode_monitor.engine.fused.staged import staged_gated_kernel as fn
-    types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16',
-             'Y': '*bf16', 'N': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
-    consts = dict(K=k, INT4=weights == 'int4', GROUP=group, BLOCK_N=config.block_n,
-                  BLOCK_K=config.block_k, CH2=triton.next_power_of_2(k // config.block_k),
-                  WARPS=config.num_warps, PDL=True)
+    from decode_monitor.engine.fused.staged import ahead, staged_kernel as fn
+    types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'R': '*bf16',
+             'Y': '*bf16', 'ACC': '*fp32', 'CNT': '*i32', 'N': 'i32', 'stride_w': 'i32',
+             'stride_s': 'i32', 'eps': 'fp32'}
+    per = -(-(k // config.block_k) // config.split_k)
+    consts = dict(K=k, GATED=gated, NORM=gated, RESIDUAL=not gated, INT4=weights == 'int4',
+                  GROUP=group, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                  CH2=triton.next_power_of_2(per), SPLIT=config.split_k,
+                  AHEAD=ahead(config), WARPS=config.num_warps, PDL=True)
     names = fn.arg_names
     src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
                          {(names.index(c),): v for c, v in consts.items()},
                          {(names.index(a),): [['tt.divisibility', 16]]
-                          for a in ('W', 'S', 'Z', 'X', 'NW', 'Y', 'stride_w')})
+                          for a in ('W', 'S', 'Z', 'X', 'NW', 'R', 'Y', 'ACC', 'CNT',
+                                    'stride_w')})
     compiled = triton.compile(src, target=TARGET, options={'num_warps': config.num_warps})
     return _resources(compiled)
 
@@ -160,8 +165,10 @@ def main(argv):
             cfg_d = table.gemv('gemv', x.shape[0], inter, weights)
             gemv.gemv(layer.wd, act, x.clone(), residual=x, eps=1e-6, config=cfg_d)
         for (fn, args, kwargs), what in zip(rec.calls, ('gate/up', 'down')):
-            if what == 'gate/up' and cfg.staged:  # on a GPU this row runs staged.py's kernel
-                res = compile_staged(cfg, weights, x.shape[0], layer.wgu.group)
+            row = cfg if what == 'gate/up' else cfg_d
+            if row.staged:  # on a GPU this row runs staged.py's kernel
+                res = compile_staged(row, weights, kwargs['K'], kwargs['GROUP'],
+                                     what == 'gate/up')
                 what += ' (staged)'
             else:
                 res = compile_call(fn, args, kwargs, **gpu_settings(kwargs))

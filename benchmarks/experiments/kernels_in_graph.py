@@ -57,6 +57,42 @@ GEMV = {
 }
 
 
+def _staged_sweep(fmt, n, k, shapes, splits, base):
+    """`base` (the shipped Triton configs) and staged configs of (rows, chunk, warps) x chunks
+    ahead (1, 2) x splits that staged.fits takes for this shape (group 128)."""
+    from decode_monitor.engine.fused.configs import GemvConfig
+    from decode_monitor.engine.fused.staged import fits
+    out = [GemvConfig(*c) for c in base]
+    for bn, bk, warps in shapes:
+        for ahead in (1, 2):
+            for split in splits:
+                c = GemvConfig(bn, bk, warps, ahead, split, None, True)
+                if fits(c, fmt, n, k, 128, plain=True):
+                    out.append(c)
+    return out
+
+
+# (format, kind, N, K): qwen2.5-7b's int8 / int4 o_proj, down_proj and gate/up: the shipped
+# Triton config first, then the staged kernel (engine/fused/staged.py) at chunks ahead 1-2
+STAGED = {
+    ('int8', 'gemv', 3584, 18944): _staged_sweep(
+        'int8', 3584, 18944, [(8, 512, 4), (16, 512, 4), (32, 512, 8), (64, 512, 8),
+                              (16, 256, 4)], (4, 5, 6, 8), [(4, 1024, 4, 3)]),
+    ('int8', 'gemv', 3584, 3584): _staged_sweep(
+        'int8', 3584, 3584, [(4, 512, 4), (8, 512, 4), (16, 512, 4), (8, 256, 4)], (1, 2, 3),
+        [(8, 512, 4, 2)]),
+    ('int4', 'gemv', 3584, 18944): _staged_sweep(
+        'int4', 3584, 18944, [(16, 512, 4), (32, 512, 8), (64, 512, 8), (16, 256, 4)],
+        (4, 8), [(64, 256, 4, 2, 7)]),
+    ('int4', 'gemv', 3584, 3584): _staged_sweep(
+        'int4', 3584, 3584, [(16, 512, 4), (32, 512, 4), (16, 256, 4)], (1, 2, 3),
+        [(64, 256, 4, 2, 7)]),
+    ('int8', 'gated', 18944, 3584): [
+        (16, 512, 4, 2), (16, 512, 8, 1, 1, None, True), (16, 512, 8, 2, 1, None, True),
+        (16, 256, 4, 2, 1, None, True), (32, 256, 8, 2, 1, None, True)],
+}
+
+
 def graph_us(calls, reps=30):
     """Median us per call of `calls` captured in order into one graph."""
     side = torch.cuda.Stream()
@@ -185,7 +221,7 @@ def fit_rows(paths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'sizes', 'fit'])
+                    choices=['attention', 'gemv', 'staged', 'sizes', 'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
                     help='fit: kernels_in_graph.json files')
@@ -199,6 +235,10 @@ def main():
             torch.cuda.empty_cache()
     if 'gemv' in args.what:
         for (fmt, kind, n, k), configs in GEMV.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+            torch.cuda.empty_cache()
+    if 'staged' in args.what:
+        for (fmt, kind, n, k), configs in STAGED.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
             torch.cuda.empty_cache()
     if 'sizes' in args.what:

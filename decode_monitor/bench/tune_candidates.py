@@ -8,7 +8,8 @@ program, longer chunks, more warps and pipeline stages for int8 and int4 (a GPU 
 bandwidth per SM needs more bytes in flight per SM to stream at its rate), for re-tuning the
 quantised formats of one model; `waves` is `small` with split-K counts for int8 and int4 that
 bring a shape's programs near a whole number of waves of resident programs. Every set but
-`tiny` also offers the staged kernel (engine/fused/staged.py) for int8 / int4 gate/up. `tiny`
+`tiny` also offers the staged kernel (engine/fused/staged.py) for int8 / int4 gate/up, o_proj
+and down_proj. `tiny`
 is one candidate a shape, for tests under Triton's interpreter, where programs, not bytes, cost
 time.
 """
@@ -57,34 +58,47 @@ _INT4_WAVES = [G(64, 256, 4, 1, 4), G(64, 256, 4, 1, 7), G(32, 256, 4, 1, 2),
 # of a warp on rows, NSUB = BLOCK_K / 16 (int8) or / 32 (int4) on sub-blocks.
 _INT8_STAGED = [G(16, 256, 4, 1, 1, None, True), G(32, 256, 8, 1, 1, None, True),
                 G(16, 512, 8, 1, 1, None, True), G(8, 512, 8, 1, 1, None, True),
-                G(16, 256, 8, 1, 1, None, True), G(8, 256, 4, 1, 1, None, True)]
+                G(16, 256, 8, 1, 1, None, True), G(8, 256, 4, 1, 1, None, True),
+                G(16, 512, 8, 2, 1, None, True)]
 _INT4_STAGED = [G(16, 512, 8, 1, 1, None, True), G(16, 512, 4, 1, 1, None, True),
                 G(32, 512, 4, 1, 1, None, True), G(8, 512, 4, 1, 1, None, True),
-                G(16, 256, 4, 1, 1, None, True)]
+                G(16, 256, 4, 1, 1, None, True), G(16, 512, 8, 2, 1, None, True)]
+
+# int8 / int4 o_proj and down_proj (kind gemv: no norm, no gate) through the same kernel, K split
+# so that a share's x' fits (down_proj's K is 5x the hidden size); num_stages is the chunks of
+# codes requested ahead (1, 2). A split that leaves a share empty, or a chunk that does not fit
+# the shape, runs the Triton kernel at those settings.
+_INT8_STAGED_PLAIN = [G(64, 512, 8, 1, 4, None, True), G(32, 512, 8, 1, 5, None, True),
+                      G(32, 512, 8, 1, 8, None, True), G(16, 512, 4, 2, 6, None, True),
+                      G(16, 512, 4, 1, 1, None, True), G(16, 512, 4, 2, 1, None, True),
+                      G(8, 256, 4, 2, 1, None, True)]
+_INT4_STAGED_PLAIN = [G(32, 512, 8, 1, 8, None, True), G(32, 512, 8, 1, 4, None, True),
+                      G(64, 512, 8, 2, 4, None, True), G(16, 512, 4, 1, 8, None, True),
+                      G(16, 512, 4, 1, 1, None, True), G(32, 512, 4, 1, 3, None, True),
+                      G(16, 512, 4, 2, 1, None, True)]
+
+
+def _formats(base8, base4):
+    """{weights: {kind or '*': configs}} of a set: the staged kernel offered for gate/up and for
+    the plain GEMVs of the quantised formats besides the set's own configs."""
+    return {'int8': {'*': base8, 'gated': base8 + _INT8_STAGED,
+                     'gemv': base8 + _INT8_STAGED_PLAIN},
+            'int4': {'*': base4, 'gated': base4 + _INT4_STAGED,
+                     'gemv': base4 + _INT4_STAGED_PLAIN}}
+
 
 # set -> {'gemv': {weights: {kind or '*': [configs]}}, 'attention': [configs]}
 CANDIDATES = {
-    'small': {'gemv': {'bf16': {'*': _BF16_SMALL},
-                       'int8': {'*': _INT8_SMALL, 'gated': _INT8_SMALL + _INT8_STAGED},
-                       'int4': {'*': _INT4_SMALL, 'gated': _INT4_SMALL + _INT4_STAGED}},
+    'small': {'gemv': {'bf16': {'*': _BF16_SMALL}, **_formats(_INT8_SMALL, _INT4_SMALL)},
               'attention': _ATTENTION_SMALL},
     'full': {'gemv': {'bf16': {'*': _BF16_SMALL + _BF16_MORE},
-                      'int8': {'*': _INT8_SMALL + _INT8_MORE,
-                               'gated': _INT8_SMALL + _INT8_MORE + _INT8_STAGED},
-                      'int4': {'*': _INT4_SMALL + _INT4_MORE,
-                               'gated': _INT4_SMALL + _INT4_MORE + _INT4_STAGED}},
+                      **_formats(_INT8_SMALL + _INT8_MORE, _INT4_SMALL + _INT4_MORE)},
              'attention': _ATTENTION_SMALL + _ATTENTION_MORE},
     'wide': {'gemv': {'bf16': {'*': _BF16_SMALL},
-                      'int8': {'*': _INT8_SMALL + _INT8_WIDE,
-                               'gated': _INT8_SMALL + _INT8_WIDE + _INT8_STAGED},
-                      'int4': {'*': _INT4_SMALL + _INT4_WIDE,
-                               'gated': _INT4_SMALL + _INT4_WIDE + _INT4_STAGED}},
+                      **_formats(_INT8_SMALL + _INT8_WIDE, _INT4_SMALL + _INT4_WIDE)},
              'attention': _ATTENTION_SMALL},
     'waves': {'gemv': {'bf16': {'*': _BF16_SMALL},
-                       'int8': {'*': _INT8_SMALL + _INT8_WAVES,
-                                'gated': _INT8_SMALL + _INT8_WAVES + _INT8_STAGED},
-                       'int4': {'*': _INT4_SMALL + _INT4_WAVES,
-                                'gated': _INT4_SMALL + _INT4_WAVES + _INT4_STAGED}},
+                       **_formats(_INT8_SMALL + _INT8_WAVES, _INT4_SMALL + _INT4_WAVES)},
               'attention': _ATTENTION_SMALL},
     'tiny': {'gemv': {fmt: {'*': [G(32, 128, 4, 1)]} for fmt in ('bf16', 'int8', 'int4')},
              'attention': [A(32, 2, 4, 1)]},

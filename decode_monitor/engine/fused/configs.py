@@ -20,9 +20,10 @@ class GemvConfig(NamedTuple):
     flight per SM), except the quantised formats' 2, which loads the next chunk into registers
     (dequant.quant_dot); a split_k of S runs S programs per row block, each over 1/S of K;
     max_registers caps a thread's registers (ptxas .maxnreg): more programs fit on an SM, at
-    the price of spills (None: the compiler's choice); staged: int8/int4 gate/up through the kernel
-    that stages x' in shared memory (staged.py; CUDA only, num_stages and split_k unused), the
-    Triton kernel at the same rows, chunk and warps elsewhere."""
+    the price of spills (None: the compiler's choice); staged: int8/int4 through the kernel
+    that stages x' in shared memory (staged.py; CUDA only; num_stages 1 or 2: chunks requested
+    ahead; split_k for a GEMV without norm or gate), the Triton kernel at the same rows,
+    chunk, warps and split elsewhere."""
     block_n: int
     block_k: int
     num_warps: int

@@ -300,16 +300,17 @@ def _split_scratch(device, rows, blocks, split):
     return acc, ssq, cnt
 
 
-def _staged(config, x, fmt, n, k, group):
-    """Whether a `staged` config runs the kernel of staged.py here: on a GPU (Gluon compiles
-    for CUDA only, not under the interpreter), for a shape it fits; else the Triton kernel."""
-    if not getattr(config, 'staged', False) or not x.is_cuda or not _ptx():
+def _staged(config, x, fmt, n, k, group, plain=False):
+    """Whether a `staged` config runs the kernel of staged.py here: int8 or int4 on a GPU
+    (Gluon compiles for CUDA only, not under the interpreter), for a shape it fits; else the
+    Triton kernel."""
+    if not getattr(config, 'staged', False) or fmt == 'bf16' or not x.is_cuda or not _ptx():
         return False
     try:
         from decode_monitor.engine.fused import staged
     except ImportError:  # a Triton without Gluon
         return False
-    return staged.fits(config, fmt, n, k, group)
+    return staged.fits(config, fmt, n, k, group, plain)
 
 
 def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
@@ -323,12 +324,13 @@ def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, confi
     kind = kind or ('gated' if gated else 'gemv')
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
     config = config or DEFAULTS.gemv(kind, n, k, fmt, x.device.type == 'cpu')
-    if gated and fmt != 'bf16' and norm_weight is not None and _staged(config, x, fmt, n, k,
-                                                                       group):
-        from decode_monitor.engine.fused import staged
-        return staged.gated(w, x, out, norm_weight, eps, config)
-    block_n, block_k, warps, stages, split = _split_config(config, k, group)
     norm = norm_weight is not None
+    if _staged(config, x, fmt, n, k, group, not (norm or gated)):
+        from decode_monitor.engine.fused import staged
+        acc, _, cnt = _split_scratch(x.device, n, triton.cdiv(n, config.block_n),
+                                     config.split_k) if config.split_k > 1 else (None,) * 3
+        return staged.gemv(w, x, out, norm_weight, residual, gated, eps, config, acc, cnt)
+    block_n, block_k, warps, stages, split = _split_config(config, k, group)
     res = residual is not None
     grid = (triton.cdiv(n, block_n), split)
     acc, ssq, cnt = _split_scratch(x.device, (2 if gated else 1) * n, grid[0], split) \

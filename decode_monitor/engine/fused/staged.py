@@ -60,16 +60,17 @@ def _x_cols(c, i, s, t, INT4: gl.constexpr, GROUP: gl.constexpr, BLOCK_K: gl.con
 
 
 @gluon.jit
-def _stage_x(X, NW, K: gl.constexpr, INT4: gl.constexpr, GROUP: gl.constexpr,
-             BLOCK_K: gl.constexpr, CH2: gl.constexpr, NSUB: gl.constexpr, WARPS: gl.constexpr):
-    """x' for the whole of K in shared memory, (CH2 * LANES, NSUB, 4): [c * LANES + i, s, t] is
-    the x g that lane i of word t of sub-block s of chunk c meets, scaled for that lane's
-    denormals (2^(149 - DOT_EXP) over the lane's place in its word); each sub-block's sum of
-    x g, (CH2, NSUB); and sum(x^2). CH2: the chunks, to a power of 2. Lanes: int4 codes 0-7
+def _stage_x(X, NW, c0, CHUNKS: gl.constexpr, NORM: gl.constexpr, INT4: gl.constexpr,
+             GROUP: gl.constexpr, BLOCK_K: gl.constexpr, CH2: gl.constexpr, NSUB: gl.constexpr,
+             WARPS: gl.constexpr):
+    """x' for chunks c0 .. c0 + CH2 of K (those past CHUNKS, the last chunk of K, are zeros) in
+    shared memory, (CH2 * LANES, NSUB, 4): [c * LANES + i, s, t] is the x g (NORM; else x) that
+    lane i of word t of sub-block s of chunk c0 + c meets, scaled for that lane's denormals
+    (2^(149 - DOT_EXP) over the lane's place in its word); each sub-block's sum of x g,
+    (CH2, NSUB); and sum(x^2) over those chunks. CH2 a power of 2. Lanes: int4 codes 0-7
     (nibbles; 4-7 shifted down by 16 bits), int8 bytes 0-3 (2 and 3 shifted down by 16)."""
     LANES: gl.constexpr = 8 if INT4 else 4
     SUBW: gl.constexpr = 32 if INT4 else 16  # weights a sub-block
-    CHUNKS: gl.constexpr = K // BLOCK_K
     P3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
     q = gl.expand_dims(gl.expand_dims(
         gl.arange(0, CH2 * LANES, layout=gl.SliceLayout(1, gl.SliceLayout(2, P3))), 1), 2)
@@ -77,11 +78,13 @@ def _stage_x(X, NW, K: gl.constexpr, INT4: gl.constexpr, GROUP: gl.constexpr,
         gl.arange(0, NSUB, layout=gl.SliceLayout(0, gl.SliceLayout(2, P3))), 0), 2)
     t = gl.expand_dims(gl.expand_dims(
         gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, P3))), 0), 1)
-    cols = _x_cols(q // LANES, q % LANES, s, t, INT4, GROUP, BLOCK_K)
-    valid = (q // LANES < CHUNKS) & (s >= 0) & (t >= 0)
+    cols = _x_cols(c0 + q // LANES, q % LANES, s, t, INT4, GROUP, BLOCK_K)
+    valid = (c0 + q // LANES < CHUNKS) & (s >= 0) & (t >= 0)
     x = gl.load(X + cols, mask=valid, other=0.0).to(gl.float32)
     sum_sq = gl.sum(gl.sum(gl.sum(x * x, axis=2), axis=1), axis=0)
-    xg = x * gl.load(NW + cols, mask=valid, other=0.0).to(gl.float32)
+    xg = x
+    if NORM:
+        xg = x * gl.load(NW + cols, mask=valid, other=0.0).to(gl.float32)
     if INT4:
         place = 4 * (q % 4)  # bit of the nibble's lowest place within its half word
     else:
@@ -100,10 +103,11 @@ def _stage_x(X, NW, K: gl.constexpr, INT4: gl.constexpr, GROUP: gl.constexpr,
         gl.arange(0, NSUB, layout=gl.SliceLayout(0, gl.SliceLayout(2, Q3))), 0), 2)
     p2 = gl.expand_dims(gl.expand_dims(
         gl.arange(0, SUBW, layout=gl.SliceLayout(0, gl.SliceLayout(1, Q3))), 0), 1)
-    cols2 = _x_cols(c2, p2 // 4, s2, p2 % 4, INT4, GROUP, BLOCK_K)
-    valid2 = (c2 < CHUNKS) & (s2 >= 0) & (p2 >= 0)
-    xg2 = (gl.load(X + cols2, mask=valid2, other=0.0).to(gl.float32)
-           * gl.load(NW + cols2, mask=valid2, other=0.0).to(gl.float32))
+    cols2 = _x_cols(c0 + c2, p2 // 4, s2, p2 % 4, INT4, GROUP, BLOCK_K)
+    valid2 = (c0 + c2 < CHUNKS) & (s2 >= 0) & (p2 >= 0)
+    xg2 = gl.load(X + cols2, mask=valid2, other=0.0).to(gl.float32)
+    if NORM:
+        xg2 = xg2 * gl.load(NW + cols2, mask=valid2, other=0.0).to(gl.float32)
     sums = gl.allocate_shared_memory(
         gl.float32, [CH2, NSUB], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
         gl.sum(xg2, axis=2))._reinterpret(gl.float32, [CH2, NSUB],
@@ -144,21 +148,61 @@ def _dots(words, xs, c, INT4: gl.constexpr, L3: gl.constexpr, LX: gl.constexpr):
 
 
 @gluon.jit
-def staged_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_s, eps,
-                        INT4: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, CH2: gl.constexpr, WARPS: gl.constexpr,
-                        PDL: gl.constexpr):
-    """Y = silu(g) * u, [g; u] = W rmsnorm(x); W code words (2N, K / 8 or K / 4), S the scales
-    and (int4) Z the offsets, (2N, K / GROUP). Threads: 32 / NSUB on the rows of a warp, NSUB
-    on the sub-blocks; BLOCK_N / (that times WARPS) rows a thread."""
+def _accumulate(acc, words, scales, offsets, xs, sums, c, INT4: gl.constexpr, L3: gl.constexpr,
+                LX: gl.constexpr, LD: gl.constexpr):
+    """acc (BLOCK_N, NSUB) plus chunk c's scaled sub-block dots."""
+    d = _dots(words, xs, c, INT4, L3, LX)
+    x_sum = gl.expand_dims(sums.index(c).load(gl.SliceLayout(0, LD)), 0)
+    scale: gl.constexpr = 2.0 ** DOT_EXP
+    if INT4:  # s sum q x' + m sum x'
+        acc += d * (scales.to(gl.float32) * scale) + offsets.to(gl.float32) * x_sum
+    else:  # s (sum (q + 128) x' - 128 sum x')
+        acc += scales.to(gl.float32) * (d * scale - 128.0 * x_sum)
+    return acc
+
+
+@gluon.jit
+def _combine(ACC, CNT, rows, row_mask, y, N, SPLIT: gl.constexpr):
+    """Split-K: store this program's partial sums; the last of the row block's SPLIT programs
+    to arrive (a ticket) adds all SPLIT partials in split order (gemv._combine_splits' rule:
+    the same bits every run) and resets the ticket. Returns (y, whether this program stores)."""
+    block = gl.program_id(0)
+    gl.store(ACC + gl.program_id(1) * N + rows, y, mask=row_mask)
+    gl.thread_barrier()  # every thread's partial is stored before the ticket is taken
+    last = gl.atomic_add(CNT + block, 1, sem='acq_rel') == SPLIT - 1
+    if last:
+        y = gl.load(ACC + rows, mask=row_mask, other=0.0, cache_modifier='.cg')
+        for i in gl.static_range(1, SPLIT):
+            y += gl.load(ACC + i * N + rows, mask=row_mask, other=0.0, cache_modifier='.cg')
+        gl.atomic_xchg(CNT + block, 0)
+    return y, row_mask & last
+
+
+@gluon.jit
+def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, stride_s, eps,
+                  GATED: gl.constexpr, NORM: gl.constexpr, RESIDUAL: gl.constexpr,
+                  INT4: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, CH2: gl.constexpr, SPLIT: gl.constexpr,
+                  AHEAD: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr):
+    """Y = W rmsnorm(x) (NORM; else W x) (+ R); GATED: W is [gate; up], Y = silu(g) * u. W code
+    words (N or 2N, K / 8 or K / 4), S the scales and (int4) Z the offsets, (N or 2N, K / GROUP).
+    Grid (row blocks, SPLIT): program (b, j) takes chunks j P .. j P + P - 1 of K, P = CHUNKS /
+    SPLIT rounded up (the last share may be shorter); SPLIT > 1 only without NORM (its sum of
+    squares is over all of K), partials combined through ACC and CNT (_combine). Threads:
+    32 / NSUB on the rows of a warp, NSUB on the sub-blocks; BLOCK_N / (that times WARPS) rows a
+    thread. AHEAD (1 or 2): chunks of codes in registers ahead of the one multiplied. Y may
+    alias R: each program reads and writes only its own rows."""
     NSUB: gl.constexpr = BLOCK_K // (32 if INT4 else 16)
     TR: gl.constexpr = 32 // NSUB
-    R: gl.constexpr = BLOCK_N // (TR * WARPS)
+    RT: gl.constexpr = BLOCK_N // (TR * WARPS)
     SPG: gl.constexpr = GROUP // (32 if INT4 else 16)  # sub-blocks a group
-    L3: gl.constexpr = gl.BlockedLayout([R, 1, 4], [TR, NSUB, 1], [WARPS, 1, 1], [2, 1, 0])
+    CHUNKS: gl.constexpr = K // BLOCK_K
+    PER: gl.constexpr = (CHUNKS + SPLIT - 1) // SPLIT
+    L3: gl.constexpr = gl.BlockedLayout([RT, 1, 4], [TR, NSUB, 1], [WARPS, 1, 1], [2, 1, 0])
     LD: gl.constexpr = gl.SliceLayout(2, L3)  # (BLOCK_N, NSUB): dots, scales, accumulators
     LX: gl.constexpr = gl.SliceLayout(0, L3)  # (NSUB, 4): one lane's x' of a chunk
     pid = gl.program_id(0)
+    c0 = gl.program_id(1) * PER  # this program's first chunk
     rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD))
     row_mask = rows < N
     rows = gl.minimum(rows, N - 1)  # tail rows load valid memory; their store is masked
@@ -172,54 +216,95 @@ def staged_gated_kernel(W, S, Z, X, NW, Y, N, K: gl.constexpr, stride_w, stride_
     r2 = gl.expand_dims(rows, 1).to(gl.int64)
     sa_off = r2 * stride_s + gl.expand_dims(subs // SPG, 0)
     sb_off = (r2 + N) * stride_s + gl.expand_dims(subs // SPG, 0)
-    wa, sa, ma = _chunk(W, S, Z, wa_off, sa_off, 0, INT4, GROUP)
-    wb, sb, mb = _chunk(W, S, Z, wb_off, sb_off, 0, INT4, GROUP)
+    if SPLIT == 1:
+        mine = CHUNKS
+    else:
+        mine = gl.minimum(CHUNKS - c0, PER)
+    wa, sa, ma = _chunk(W, S, Z, wa_off, sa_off, c0 * BLOCK_K, INT4, GROUP)
+    wb, sb, mb = wa, sa, ma
+    if GATED:
+        wb, sb, mb = _chunk(W, S, Z, wb_off, sb_off, c0 * BLOCK_K, INT4, GROUP)
+    if AHEAD == 2:  # the second chunk requested before the wait too
+        second = (c0 + gl.minimum(1, mine - 1)) * BLOCK_K
+        wa2, sa2, ma2 = _chunk(W, S, Z, wa_off, sa_off, second, INT4, GROUP)
+        wb2, sb2, mb2 = wa2, sa2, ma2
+        if GATED:
+            wb2, sb2, mb2 = _chunk(W, S, Z, wb_off, sb_off, second, INT4, GROUP)
     pdl.wait_for_previous_kernel(PDL)
-    xs, sums, sum_sq = _stage_x(X, NW, K, INT4, GROUP, BLOCK_K, CH2, NSUB, WARPS)
+    xs, sums, sum_sq = _stage_x(X, NW, c0, CHUNKS, NORM, INT4, GROUP, BLOCK_K, CH2, NSUB,
+                                WARPS)
     acc_a = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
     acc_b = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
-    for c in range(K // BLOCK_K):
-        nxt = gl.minimum((c + 1) * BLOCK_K, K - BLOCK_K)  # the last chunk reloads itself
+    for c in range(mine):
+        # AHEAD chunks past this one are requested before it is multiplied; past the share's
+        # end the last chunk reloads itself
+        nxt = (c0 + gl.minimum(c + AHEAD, mine - 1)) * BLOCK_K
         na, nsa, nma = _chunk(W, S, Z, wa_off, sa_off, nxt, INT4, GROUP)
-        nb, nsb, nmb = _chunk(W, S, Z, wb_off, sb_off, nxt, INT4, GROUP)
-        da = _dots(wa, xs, c, INT4, L3, LX)
-        db = _dots(wb, xs, c, INT4, L3, LX)
-        x_sum = gl.expand_dims(sums.index(c).load(gl.SliceLayout(0, LD)), 0)
-        scale: gl.constexpr = 2.0 ** DOT_EXP
-        if INT4:  # s sum q x' + m sum x'
-            acc_a += da * (sa.to(gl.float32) * scale) + ma.to(gl.float32) * x_sum
-            acc_b += db * (sb.to(gl.float32) * scale) + mb.to(gl.float32) * x_sum
-        else:  # s (sum (q + 128) x' - 128 sum x')
-            acc_a += sa.to(gl.float32) * (da * scale - 128.0 * x_sum)
-            acc_b += sb.to(gl.float32) * (db * scale - 128.0 * x_sum)
-        wa, sa, ma = na, nsa, nma
-        wb, sb, mb = nb, nsb, nmb
+        if GATED:
+            nb, nsb, nmb = _chunk(W, S, Z, wb_off, sb_off, nxt, INT4, GROUP)
+        acc_a = _accumulate(acc_a, wa, sa, ma, xs, sums, c, INT4, L3, LX, LD)
+        if GATED:
+            acc_b = _accumulate(acc_b, wb, sb, mb, xs, sums, c, INT4, L3, LX, LD)
+        if AHEAD == 2:
+            wa, sa, ma, wb, sb, mb = wa2, sa2, ma2, wb2, sb2, mb2
+            wa2, sa2, ma2 = na, nsa, nma
+            if GATED:
+                wb2, sb2, mb2 = nb, nsb, nmb
+        else:
+            wa, sa, ma = na, nsa, nma
+            if GATED:
+                wb, sb, mb = nb, nsb, nmb
     pdl.allow_next_kernel(PDL)
     rstd = gl.rsqrt(sum_sq / K + eps)
-    g = gl.sum(acc_a, axis=1) * rstd
-    u = gl.sum(acc_b, axis=1) * rstd
-    y = g / (1.0 + gl.exp(-g)) * u
-    gl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+    y = gl.sum(acc_a, axis=1)
+    store = row_mask
+    if SPLIT > 1:
+        y, store = _combine(ACC, CNT, rows, row_mask, y, N, SPLIT)
+    if NORM:
+        y = y * rstd
+    if GATED:
+        u = gl.sum(acc_b, axis=1) * rstd
+        y = y / (1.0 + gl.exp(-y)) * u
+    if RESIDUAL:
+        y += gl.load(R + rows, mask=row_mask, other=0.0).to(gl.float32)
+    gl.store(Y + rows, y.to(Y.dtype.element_ty), mask=store)
 
 
-def fits(config, fmt, n, k, group):
-    """Whether this kernel runs a gate/up of N rows each and K columns at `config`: whole
-    chunks of K starting on group boundaries, a power-of-2 thread layout, and x' of all of K
-    in shared memory (at most 64 KB)."""
+def fits(config, fmt, n, k, group, plain=False):
+    """Whether this kernel runs a GEMV of N rows (each, for gate/up) and K columns at `config`:
+    whole chunks of K starting on group boundaries, a power-of-2 thread layout, every split's
+    share of K non-empty, split K only for a plain GEMV (no RMSNorm, whose sum of squares is
+    over all of K, and no gate), and x' of a share within 64 KB of shared memory."""
     nsub = config.block_k // (32 if fmt == 'int4' else 16)
-    return (config.block_k % group == 0 and group % 32 == 0 and k % config.block_k == 0
-            and 1 <= nsub <= 32 and config.block_n % ((32 // nsub) * config.num_warps) == 0
-            and triton.next_power_of_2(k // config.block_k) * config.block_k * 4 <= 65536)
+    if config.block_k % group or group % 32 or k % config.block_k or not 1 <= nsub <= 32 \
+            or config.block_n % ((32 // nsub) * config.num_warps):
+        return False
+    chunks, split = k // config.block_k, config.split_k
+    per = -(-chunks // split)
+    return (split == 1 or plain) and (split - 1) * per < chunks \
+        and triton.next_power_of_2(per) * config.block_k * 4 <= 65536
 
 
-def gated(w, x, out, norm_weight, eps, config):
-    """out (N,) = silu(g) * u, [g; u] = W (2N, K) rmsnorm(x); w an int8 or int4 QuantWeight."""
+def ahead(config):
+    """Chunks of codes a program keeps requested ahead: the config's num_stages, 1 or 2."""
+    return min(max(config.num_stages, 1), 2)
+
+
+def gemv(w, x, out, norm_weight, residual, gated, eps, config, acc=None, cnt=None):
+    """out (N,) = W rmsnorm(x) (or W x without norm_weight) [+ residual], or gated: silu(g) * u,
+    [g; u] = W (2N, K) rmsnorm(x); w an int8 or int4 QuantWeight. acc, cnt: split-K scratch
+    (config.split_k x N fp32 slots, a zeroed ticket a row block; gemv._split_scratch)."""
     codes = w.q.view(torch.int32)
     n, k = out.shape[0], x.shape[0]
-    staged_gated_kernel[(triton.cdiv(n, config.block_n),)](
-        codes, w.scale, w.offset if w.offset is not None else w.scale, x, norm_weight, out, n,
-        k, codes.stride(0), w.scale.stride(0), eps, INT4=w.fmt == 'int4', GROUP=w.group,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, CH2=triton.next_power_of_2(k // config.block_k),
+    split = config.split_k
+    per = -(-(k // config.block_k) // split)
+    staged_kernel[(triton.cdiv(n, config.block_n), split)](
+        codes, w.scale, w.offset if w.offset is not None else w.scale, x,
+        norm_weight if norm_weight is not None else x,
+        residual if residual is not None else out, out, acc if acc is not None else out,
+        cnt if cnt is not None else out, n, k, codes.stride(0), w.scale.stride(0), eps,
+        GATED=gated, NORM=norm_weight is not None, RESIDUAL=residual is not None,
+        INT4=w.fmt == 'int4', GROUP=w.group, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        CH2=triton.next_power_of_2(per), SPLIT=split, AHEAD=ahead(config),
         WARPS=config.num_warps, num_warps=config.num_warps, **pdl.launch_args(x.device))
     return out
