@@ -1,29 +1,32 @@
-"""int8 / int4 gate/up GEMV with x' staged in shared memory and every layout set by hand (Gluon).
+"""int8 / int4 GEMVs with x' staged in shared memory and every layout set by hand (Gluon).
 
-The same product as gemv.gemv_kernel's GATED quantised case (RMSNorm of x, [gate; up] = W x',
-silu(gate) * up), with the int4 arithmetic of dequant.py for both formats: a code masked in
+The products of gemv.gemv_kernel's quantised cases: gate/up (RMSNorm of x, [gate; up] = W x',
+silu(gate) * up) and a plain GEMV, its residual added or its RMSNorm applied (o_proj,
+down_proj, lm_head), with the int4 arithmetic of dequant.py for both formats: a code masked in
 place in its word is an fp32 denormal, x' is scaled for each lane's place, and a sub-block's
 dot is scaled once: s sum q x' + m sum x' (int4), s (sum (q + 128) x' - 128 sum x') (int8,
 whose bytes become q + 128 by one XOR a word; the shipped Triton kernel makes each byte a
 float by a permute and an exact subtract instead). Organised so that no value moves between
 threads inside the K loop:
 
-- Once a program, after the PDL wait, x' = x g is computed for all of K, scaled for each lane's
-  denormals, and stored in shared memory in the order the loop reads it, with each sub-block's
-  sum of x g beside it; sum(x^2) for the norm is taken there too.
+- Once a program, after the PDL wait, x' (x g with RMSNorm, else x) is computed for the
+  program's share of K, scaled for each lane's denormals, and stored in shared memory in the
+  order the loop reads it, with each sub-block's sum of x' beside it; sum(x^2) for the norm is
+  taken there too. A plain GEMV may split K (down_proj's K is 5x the hidden size: all of its
+  x' would not fit), its partial sums combined in split order by the row block's last program.
 - The code words are a (BLOCK_N, NSUB, 4) tile, four consecutive words (one 16-byte load, a
   sub-block: 32 int4 or 16 int8 codes) of a row a thread; a thread reads the x' of its own
   sub-block from shared memory (one 16-byte read a lane), the scales and offsets in the layout
-  of the sub-block dots, and sums its dots itself. The next chunk's words, scales and offsets
-  are loaded before the current chunk is multiplied, the first chunk before the PDL wait (the
-  weights are constant).
+  of the sub-block dots, and sums its dots itself. The next one or two chunks' words, scales
+  and offsets are loaded before the current chunk is multiplied, the first before the PDL wait
+  (the weights are constant).
 
 Written in Triton's language, the loop recomputes x' from global memory in every iteration
 and moves it, and the dots, between layouts through shared memory (a dozen barriers a chunk,
 benchmarks/NOTES.md); Triton's layout assignment leaves a kernel no way around that. Gluon
 takes the layouts as given. It compiles for CUDA only: gemv.gemv runs this kernel where a
 config asks for it (`GemvConfig.staged`) on a GPU that has Gluon's targets, and the Triton
-kernel everywhere else (CPU, the interpreter, bf16 and the other kinds).
+kernel everywhere else (CPU, the interpreter, bf16, and q/k/v with its RoPE epilogue).
 """
 import torch
 import triton
