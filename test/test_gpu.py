@@ -201,6 +201,49 @@ def test_out_of_memory_is_an_error_and_the_running_decoder_keeps_serving(loaded,
     assert tokens(again) == before
 
 
+# Staged rows (engine/fused/staged.py) for SmolLM2's quantised matrices: gate/up (N 1536, K 576,
+# groups of 64), o_proj (576 x 576), down_proj (576 x 1536, K split in 3) and lm_head (49152 x
+# 576, with the final norm); int4's sub-blocks take twice the columns, so twice the rows a row
+# of threads.
+STAGED_ROWS = {'int8': {'wgu': (32, 64, 4, 1, 1), 'wo': (32, 64, 4, 2, 1),
+                        'wd': (16, 128, 4, 2, 3), 'lm_head': (32, 64, 4, 1, 1)},
+               'int4': {'wgu': (64, 64, 4, 2, 1), 'wo': (64, 64, 4, 1, 1),
+                        'wd': (32, 128, 4, 1, 3), 'lm_head': (64, 64, 4, 2, 1)}}
+
+
+@pytest.mark.parametrize('weights', ['int8', 'int4'])
+def test_staged_rows_serve_generate_tokens(loaded, weights):
+    """A table that sends the quantised gate/up, o_proj, down_proj (split K) and lm_head to the
+    staged kernel: the GPU takes it for every one of them, graph and eager serve the same
+    tokens, and they are transformers' generate() on the dequantised model."""
+    from decode_monitor.engine.fused import gemv as G
+    from decode_monitor.engine.fused.configs import GemvConfig, KernelConfigs
+    plain = Decoder(loaded, mode='eager', backend='fused', max_context=CONTEXT, weights=weights)
+    keys = plain.backend.gemv_keys()
+    table = KernelConfigs()
+    for name, row in STAGED_ROWS[weights].items():
+        table = table.with_gemv(keys[name], GemvConfig(*row, None, True))
+    graph = Decoder(loaded, mode='graph', backend='fused', max_context=CONTEXT,
+                    weights=weights, kernel_configs=table)
+    assert graph.mode == 'graph', graph.fallback_reason
+    backend = graph.backend
+    x = torch.empty(1, device='cuda')
+    for name in STAGED_ROWS[weights]:
+        key, w = keys[name], getattr(backend, name, None) or getattr(backend.layers[0], name)
+        assert G._staged(backend.launch_configs[name], x, weights, key.n, key.k, w.group,
+                         plain=name == 'wo' or name == 'wd'), name
+    eager = Decoder(loaded, mode='eager', backend='fused', max_context=CONTEXT,
+                    weights=weights, kernel_configs=table)
+    ours = tokens(graph)
+    assert tokens(eager) == ours
+    model = dequantised_model(loaded.model, backend)
+    expected = reference(model)
+    if loaded.model.dtype == torch.float32:
+        assert ours == expected
+    else:
+        assert_equal_up_to_ties(model, ours, expected, BF16_TIE)
+
+
 def test_split_k_repeats_bit_for_bit():
     """The last program adds the partial sums in split order, so the same input gives the same
     bits on every launch, though the splits finish in an order that varies between launches (a

@@ -91,6 +91,10 @@ STAGED = {
         (16, 512, 4, 2), (16, 512, 8, 1, 1, None, True), (16, 512, 8, 2, 1, None, True),
         (16, 256, 4, 2, 1, None, True), (32, 256, 8, 2, 1, None, True)],
 }
+# int8 down_proj through the Triton kernel: more rows a program with K split, deeper stages
+TRITON_DOWN = {('int8', 'gemv', 3584, 18944): [
+    (bn, bk, 4, st, sp) for bn in (4, 8, 16) for bk in (512, 1024) for st in (2, 3, 4)
+    for sp in (1, 2, 4)]}
 
 
 def graph_us(calls, reps=30):
@@ -221,7 +225,7 @@ def fit_rows(paths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'staged', 'sizes', 'fit'])
+                    choices=['attention', 'gemv', 'staged', 'triton_down', 'sizes', 'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
                     help='fit: kernels_in_graph.json files')
@@ -241,6 +245,9 @@ def main():
         for (fmt, kind, n, k), configs in STAGED.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
             torch.cuda.empty_cache()
+    if 'triton_down' in args.what:
+        for (fmt, kind, n, k), configs in TRITON_DOWN.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
     if 'sizes' in args.what:
         rows += size_rows()
     print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
