@@ -168,17 +168,18 @@ def test_staged_gated(fmt, config, n, k):
 
 
 # The same kernel as a plain GEMV with the residual added (o_proj, down_proj), K split into
-# shares that are whole chunks, the last share shorter where the split does not divide them.
-STAGED_PLAIN = [('int8', (16, 512, 4, 2), 40, 4608), ('int8', (8, 256, 4, 3), 72, 1792),
-                ('int8', (8, 512, 4, 1), 72, 1024), ('int4', (16, 512, 4, 2), 50, 1536),
-                ('int4', (16, 256, 4, 1), 50, 768), ('int4', (32, 512, 8, 4), 64, 2048)]
+# shares that are whole chunks, the last share shorter where the split does not divide them
+# (shares of 5 + 4, 3 + 3 + 1, 2 + 1, 1 x 4 chunks), one or two chunks of codes in flight.
+STAGED_PLAIN = [('int8', (16, 512, 4, 1, 2), 40, 4608), ('int8', (8, 256, 4, 2, 3), 72, 1792),
+                ('int8', (8, 512, 4, 2, 1), 72, 1024), ('int4', (16, 512, 4, 2, 2), 50, 1536),
+                ('int4', (16, 256, 4, 1, 1), 50, 768), ('int4', (32, 512, 8, 2, 4), 64, 2048),
+                ('int8', (16, 512, 4, 2, 2), 40, 4608)]
 
 
 @pytest.mark.parametrize('fmt,config,n,k', STAGED_PLAIN)
 def test_staged_plain(fmt, config, n, k):
     from decode_monitor.engine.fused.configs import GemvConfig
-    block_n, block_k, warps, split = config
-    config = GemvConfig(block_n, block_k, warps, 1, split, None, True)
+    config = GemvConfig(*config[:3], config[3], config[4], None, True)
     qw = quantize(randn(n, k, seed=n + k), fmt)
     x, r = randn(k, seed=11), randn(n, seed=12)
     want = F.linear(x, qw.dequantize()) + r
@@ -192,9 +193,25 @@ def test_staged_plain(fmt, config, n, k):
     assert G._staged(config, x, fmt, n, k, qw.group, plain=True) == (DEV == 'cuda')
 
 
+@pytest.mark.parametrize('fmt,config', [('int8', (32, 256, 4, 2)), ('int4', (64, 256, 4, 1))])
+def test_staged_head(fmt, config):
+    """lm_head through the staged kernel: RMSNorm over all of K, no gate, fp32 logits."""
+    from decode_monitor.engine.fused.configs import GemvConfig
+    n, k = 300, 768
+    config = GemvConfig(*config, 1, None, True)
+    qw = quantize(randn(n, k, seed=5), fmt)
+    x, g = randn(k, seed=6), randn(k, seed=7).abs() + 0.5
+    want = F.linear(x * torch.rsqrt(x.pow(2).mean() + 1e-5) * g, qw.dequantize())
+    out = torch.full((n,), float('nan'), device=DEV)
+    G.gemv(qw, x, out, norm_weight=g, eps=1e-5, config=config, kind='head')
+    assert rel(out, want) < 1e-5
+    assert G._staged(config, x, fmt, n, k, qw.group) == (DEV == 'cuda')
+
+
 def test_staged_kernel_takes_only_the_shapes_it_fits():
     """`fits` decides which launches reach the GPU-only kernel: whole chunks on group
-    boundaries, whole rows of threads, x' of all of K within 64 KB of shared memory."""
+    boundaries, whole rows of threads, x' of a program's share of K within 64 KB of shared
+    memory, every share non-empty, and split K only for a plain GEMV."""
     from decode_monitor.engine.fused.configs import GemvConfig
     from decode_monitor.engine.fused.staged import fits
 
@@ -425,12 +442,14 @@ import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from decode_monitor.engine.fused.staged import staged_kernel as fn
-block_n, block_k, warps, k, int4, split, ahead = (int(a) for a in sys.argv[1:])
+block_n, block_k, warps, k, int4, split, ahead = (int(a) for a in sys.argv[1:8])
+kind = sys.argv[8]  # gated (RMSNorm, gate), plain (residual) or head (RMSNorm)
 types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'X': '*bf16', 'NW': '*bf16', 'R': '*bf16',
          'Y': '*bf16', 'ACC': '*fp32', 'CNT': '*i32', 'N': 'i32', 'stride_w': 'i32',
          'stride_s': 'i32', 'eps': 'fp32'}
 per = -(-(k // block_k) // split)
-consts = dict(K=k, GATED=split == 1, NORM=split == 1, RESIDUAL=split > 1, INT4=bool(int4),
+consts = dict(K=k, GATED=kind == 'gated', NORM=kind != 'plain', RESIDUAL=kind == 'plain',
+              INT4=bool(int4),
               GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, CH2=triton.next_power_of_2(per),
               SPLIT=split, AHEAD=ahead, WARPS=warps, PDL=True)
 names = fn.arg_names
@@ -444,15 +463,17 @@ print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx
 """
 
 
-@pytest.mark.parametrize('fmt,block_n,block_k,warps,k,split,ahead', [
-    ('int4', 16, 512, 8, 3584, 1, 1), ('int4', 16, 256, 4, 3584, 1, 2),
-    ('int8', 16, 256, 8, 3584, 1, 1), ('int8', 8, 512, 8, 3584, 1, 2),
-    ('int8', 32, 512, 8, 18944, 8, 2), ('int4', 16, 512, 4, 18944, 4, 1)])
+@pytest.mark.parametrize('fmt,block_n,block_k,warps,k,split,ahead,kind', [
+    ('int4', 16, 512, 8, 3584, 1, 1, 'gated'), ('int4', 16, 256, 4, 3584, 1, 2, 'gated'),
+    ('int8', 16, 256, 8, 3584, 1, 1, 'gated'), ('int8', 8, 512, 8, 3584, 1, 2, 'gated'),
+    ('int8', 32, 512, 8, 18944, 8, 2, 'plain'), ('int4', 16, 512, 4, 18944, 4, 1, 'plain'),
+    ('int8', 16, 512, 4, 3584, 1, 1, 'plain'), ('int4', 32, 512, 4, 3584, 1, 1, 'head')])
 def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k, warps, k, split,
-                                                          ahead):
+                                                          ahead, kind):
     """What a machine without a GPU can check of the GPU-only kernel: it builds for sm_90
     (ptxas) with the PDL wait, nothing spilled to local memory, x' of a program's share of K in
-    shared memory (gate/up with RMSNorm, or a split plain GEMV with its residual). In a process
+    shared memory (gate/up with RMSNorm, a plain GEMV with its residual, split or not, and
+    lm_head's RMSNorm without a gate). In a process
     of its own: here Triton runs its interpreter, which compiles nothing."""
     import subprocess
     import sys
@@ -460,7 +481,7 @@ def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k,
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     run = subprocess.run([sys.executable, '-c', _COMPILE, str(block_n), str(block_k),
                           str(warps), str(k), str(int(fmt == 'int4')), str(split),
-                          str(ahead)], env=env,
+                          str(ahead), kind], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     pdl_wait, local, shared = (int(v) for v in run.stdout.split())

@@ -145,6 +145,7 @@ def one_layer(preset):
 
 def main(argv):
     from decode_monitor.engine.fused import gemv, qgemm, tables
+    from decode_monitor.engine.fused.staged import fits
     from decode_monitor.engine.fused.persistent import layer_kernel
     from decode_monitor.engine.fused.persistent_launch import PersistentConfig, PersistentLayers
     from decode_monitor.engine.fused.persistent_model import PersistentBackend
@@ -166,7 +167,9 @@ def main(argv):
             gemv.gemv(layer.wd, act, x.clone(), residual=x, eps=1e-6, config=cfg_d)
         for (fn, args, kwargs), what in zip(rec.calls, ('gate/up', 'down')):
             row = cfg if what == 'gate/up' else cfg_d
-            if row.staged:  # on a GPU this row runs staged.py's kernel
+            n = inter if what == 'gate/up' else x.shape[0]
+            if row.staged and fits(row, weights, n, kwargs['K'], kwargs['GROUP'],
+                                   plain=what == 'down'):  # on a GPU: staged.py's kernel
                 res = compile_staged(row, weights, kwargs['K'], kwargs['GROUP'],
                                      what == 'gate/up')
                 what += ' (staged)'

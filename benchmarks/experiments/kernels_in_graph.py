@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from decode_monitor.engine.fused import gemv as G  # noqa: E402
 from decode_monitor.engine.fused.attention import DecodeAttention  # noqa: E402
+from decode_monitor.engine.fused.configs import GemvConfig  # noqa: E402
 from decode_monitor.engine.fused.quant import quantize, weight_nbytes  # noqa: E402
 from decode_monitor.engine.fused.tables import resolve  # noqa: E402
 
@@ -87,9 +88,11 @@ STAGED = {
     ('int4', 'gemv', 3584, 3584): _staged_sweep(
         'int4', 3584, 3584, [(16, 512, 4), (32, 512, 4), (16, 256, 4)], (1, 2, 3),
         [(64, 256, 4, 2, 7)]),
-    ('int8', 'gated', 18944, 3584): [
+    # (the first record of this sweep gave these as plain tuples, which gemv._staged does not
+    # take for staged rows: they ran the Triton kernel at those settings)
+    ('int8', 'gated', 18944, 3584): [GemvConfig(*c) for c in (
         (16, 512, 4, 2), (16, 512, 8, 1, 1, None, True), (16, 512, 8, 2, 1, None, True),
-        (16, 256, 4, 2, 1, None, True), (32, 256, 8, 2, 1, None, True)],
+        (16, 256, 4, 2, 1, None, True), (32, 256, 8, 2, 1, None, True))],
 }
 # int8 down_proj through the Triton kernel: more rows a program with K split, deeper stages
 TRITON_DOWN = {('int8', 'gemv', 3584, 18944): [

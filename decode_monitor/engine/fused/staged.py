@@ -66,7 +66,7 @@ def _x_cols(c, i, s, t, INT4: gl.constexpr, GROUP: gl.constexpr, BLOCK_K: gl.con
 def _stage_x(X, NW, c0, CHUNKS: gl.constexpr, NORM: gl.constexpr, INT4: gl.constexpr,
              GROUP: gl.constexpr, BLOCK_K: gl.constexpr, CH2: gl.constexpr, NSUB: gl.constexpr,
              WARPS: gl.constexpr):
-    """x' for chunks c0 .. c0 + CH2 of K (those past CHUNKS, the last chunk of K, are zeros) in
+    """x' for chunks c0 .. c0 + CH2 of K (those from CHUNKS on, past K's end, are zeros) in
     shared memory, (CH2 * LANES, NSUB, 4): [c * LANES + i, s, t] is the x g (NORM; else x) that
     lane i of word t of sub-block s of chunk c0 + c meets, scaled for that lane's denormals
     (2^(149 - DOT_EXP) over the lane's place in its word); each sub-block's sum of x g,
@@ -194,7 +194,8 @@ def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, 
     squares is over all of K), partials combined through ACC and CNT (_combine). Threads:
     32 / NSUB on the rows of a warp, NSUB on the sub-blocks; BLOCK_N / (that times WARPS) rows a
     thread. AHEAD (1 or 2): chunks of codes in registers ahead of the one multiplied. Y may
-    alias R: each program reads and writes only its own rows."""
+    alias R: a row is read and written only by its row block's program, or with SPLIT > 1 by
+    the last of its programs."""
     NSUB: gl.constexpr = BLOCK_K // (32 if INT4 else 16)
     TR: gl.constexpr = 32 // NSUB
     RT: gl.constexpr = BLOCK_N // (TR * WARPS)
@@ -266,10 +267,12 @@ def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, 
     if NORM:
         y = y * rstd
     if GATED:
-        u = gl.sum(acc_b, axis=1) * rstd
+        u = gl.sum(acc_b, axis=1)
+        if NORM:
+            u = u * rstd
         y = y / (1.0 + gl.exp(-y)) * u
     if RESIDUAL:
-        y += gl.load(R + rows, mask=row_mask, other=0.0).to(gl.float32)
+        y += gl.load(R + rows, mask=store, other=0.0).to(gl.float32)
     gl.store(Y + rows, y.to(Y.dtype.element_ty), mask=store)
 
 
@@ -277,7 +280,8 @@ def fits(config, fmt, n, k, group, plain=False):
     """Whether this kernel runs a GEMV of N rows (each, for gate/up) and K columns at `config`:
     whole chunks of K starting on group boundaries, a power-of-2 thread layout, every split's
     share of K non-empty, split K only for a plain GEMV (no RMSNorm, whose sum of squares is
-    over all of K, and no gate), and x' of a share within 64 KB of shared memory."""
+    over all of K, and no gate), and x' of a share within 64 KB of shared memory (its
+    sub-block sums take 1/16 of that again for int8, 1/32 for int4)."""
     nsub = config.block_k // (32 if fmt == 'int4' else 16)
     if config.block_k % group or group % 32 or k % config.block_k or not 1 <= nsub <= 32 \
             or config.block_n % ((32 // nsub) * config.num_warps):

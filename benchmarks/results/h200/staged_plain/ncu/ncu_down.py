@@ -2,9 +2,9 @@
 import sys
 import torch
 sys.path.insert(0, '.')
-from decode_monitor.engine.fused import gemv as G
-from decode_monitor.engine.fused.configs import GemvConfig
-from decode_monitor.engine.fused.quant import quantize
+from decode_monitor.engine.fused import gemv as G  # noqa: E402
+from decode_monitor.engine.fused.configs import GemvConfig  # noqa: E402
+from decode_monitor.engine.fused.quant import quantize  # noqa: E402
 w = quantize(torch.randn(3584, 18944, device='cuda', dtype=torch.bfloat16) * 0.01, 'int8')
 x = torch.randn(18944, device='cuda', dtype=torch.bfloat16)
 y = torch.zeros(3584, device='cuda', dtype=torch.bfloat16)
