@@ -194,8 +194,8 @@ def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, 
     squares is over all of K), partials combined through ACC and CNT (_combine). Threads:
     32 / NSUB on the rows of a warp, NSUB on the sub-blocks; BLOCK_N / (that times WARPS) rows a
     thread. AHEAD (1 or 2): chunks of codes in registers ahead of the one multiplied. Y may
-    alias R: a row is read and written only by its row block's program, or with SPLIT > 1 by
-    the last of its programs."""
+    alias R: a row is written only by its row block's program, with SPLIT > 1 the last of them
+    (the others' reads of R, maybe after that write, go into sums they do not store)."""
     NSUB: gl.constexpr = BLOCK_K // (32 if INT4 else 16)
     TR: gl.constexpr = 32 // NSUB
     RT: gl.constexpr = BLOCK_N // (TR * WARPS)
@@ -272,7 +272,7 @@ def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, 
             u = u * rstd
         y = y / (1.0 + gl.exp(-y)) * u
     if RESIDUAL:
-        y += gl.load(R + rows, mask=store, other=0.0).to(gl.float32)
+        y += gl.load(R + rows, mask=row_mask, other=0.0).to(gl.float32)
     gl.store(Y + rows, y.to(Y.dtype.element_ty), mask=store)
 
 
