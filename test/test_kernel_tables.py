@@ -197,3 +197,21 @@ def test_a_staged_row_is_kept_by_the_file_and_a_bad_flag_refused(tmp_path):
     tables.save(str(path), data)
     with pytest.raises(tables.TableError, match=r'gemv\[0\].*staged'):
         tables.load(str(path))
+
+
+def test_tune_offers_staged_candidates_only_where_the_kernel_takes_the_shape():
+    """A staged candidate the kernel cannot take (a split that leaves a share empty, x' of a
+    share past 64 KB) would time the Triton kernel again under a row marked staged: dropped."""
+    pytest.importorskip('triton.experimental.gluon')
+    from decode_monitor.bench.tune import _candidates
+    from decode_monitor.engine.fused.configs import GemvKey
+    o_proj = _candidates('gemv', GemvKey('gemv', 'int8', 3584, 3584), False, 'small')
+    down = _candidates('gemv', GemvKey('gemv', 'int8', 3584, 18944), False, 'small')
+    gate_up = _candidates('gemv', GemvKey('gated', 'int4', 18944, 3584), False, 'small')
+    for listed in (o_proj, down, gate_up):
+        assert any(c.staged for c in listed) and any(not c.staged for c in listed)
+    # 7 chunks of 512: splits of 5, 6 and 8 leave a share empty; 4 does not
+    assert {c.split_k for c in o_proj if c.staged} == {1, 4}
+    # 37 chunks: all of K's x' (128 KB) does not fit, a split's share does
+    assert all(c.split_k > 1 for c in down if c.staged)
+    assert all(c.split_k == 1 for c in gate_up if c.staged)  # RMSNorm needs all of K
