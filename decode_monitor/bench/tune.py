@@ -110,20 +110,15 @@ def _candidates(kind, key, on_cpu, name):
     the staged kernel takes the shape (elsewhere they would time the Triton kernel again under
     a row that says staged)."""
     from decode_monitor.engine.fused.configs import ATTENTION_DEFAULT, gemv_default
+    from decode_monitor.engine.fused.gemv import staged_fits
     from decode_monitor.engine.fused.quant import group_size_for
     sets = CANDIDATES[name]
     if kind == 'attention':
         return list(dict.fromkeys([ATTENTION_DEFAULT] + list(sets['attention'])))
-    try:
-        from decode_monitor.engine.fused.staged import fits
-    except ImportError:  # a Triton without Gluon runs no staged row
-
-        def fits(*_, **__):
-            return False
     by_kind = sets['gemv'][key.weights]
     listed = [c for c in by_kind.get(key.kind, by_kind['*'])
-              if not c.staged or fits(c, key.weights, key.n, key.k, group_size_for(key.k),
-                                      plain=key.kind == 'gemv')]
+              if not c.staged or staged_fits(c, key.weights, key.n, key.k,
+                                             group_size_for(key.k), plain=key.kind == 'gemv')]
     return list(dict.fromkeys([gemv_default(key.kind, key.weights, on_cpu)] + listed))
 
 

@@ -300,17 +300,22 @@ def _split_scratch(device, rows, blocks, split):
     return acc, ssq, cnt
 
 
-def _staged(config, x, fmt, n, k, group, plain=False):
-    """Whether a `staged` config runs the kernel of staged.py here: int8 or int4 on a GPU
-    (Gluon compiles for CUDA only, not under the interpreter), for a shape it fits; else the
-    Triton kernel."""
-    if not getattr(config, 'staged', False) or fmt == 'bf16' or not x.is_cuda or not _ptx():
+def staged_fits(config, fmt, n, k, group, plain=False):
+    """Whether staged.py's kernel takes this shape at `config`: a `staged` int8 or int4 row, a
+    Triton with Gluon, a shape it fits (plain: no RMSNorm and no gate, so K may be split)."""
+    if not getattr(config, 'staged', False) or fmt == 'bf16':
         return False
     try:
         from decode_monitor.engine.fused import staged
     except ImportError:  # a Triton without Gluon
         return False
     return staged.fits(config, fmt, n, k, group, plain)
+
+
+def _staged(config, x, fmt, n, k, group, plain=False):
+    """Whether a `staged` config runs the kernel of staged.py here: on a GPU (Gluon compiles
+    for CUDA only, not under the interpreter) for a shape it takes; else the Triton kernel."""
+    return x.is_cuda and _ptx() and staged_fits(config, fmt, n, k, group, plain)
 
 
 def gemv(w, x, out, norm_weight=None, residual=None, gated=False, eps=0.0, config=None,
