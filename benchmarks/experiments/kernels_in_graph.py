@@ -99,6 +99,27 @@ TRITON_DOWN = {('int8', 'gemv', 3584, 18944): [
     (bn, bk, 4, st, sp) for bn in (4, 8, 16) for bk in (512, 1024) for st in (2, 3, 4)
     for sp in (1, 2, 4)]}
 
+# down_proj (K = 18944 = 37 x 512) in equal shares: 37 splits of one 512-chunk or two 256-chunks,
+# so that many short programs, each the same length, fill the waves evenly
+_EVEN = [(64, 512, 8, 1, 37), (32, 512, 8, 1, 37), (128, 512, 8, 1, 37), (64, 256, 8, 1, 37),
+         (64, 256, 8, 2, 37), (128, 256, 8, 2, 37), (32, 512, 4, 1, 37)]
+EVEN_DOWN = {
+    ('int8', 'gemv', 3584, 18944): [GemvConfig(*c) for c in (
+        (32, 512, 8, 1, 5, None, True), (4, 1024, 4, 3), (16, 512, 4, 1, 37),
+        (32, 512, 4, 1, 37), (64, 512, 8, 1, 37), (16, 512, 4, 2, 37))]
+    + [GemvConfig(*c, None, True) for c in _EVEN],
+    ('int4', 'gemv', 3584, 18944): [GemvConfig(*c) for c in (
+        (32, 512, 8, 1, 8, None, True), (64, 256, 4, 2, 7), (32, 512, 4, 1, 37),
+        (64, 512, 8, 1, 37))]
+    + [GemvConfig(*c, None, True) for c in _EVEN],
+}
+
+# int8 down_proj through the staged kernel in two or three long shares (x' of a share 25-37 KB)
+FEW_SHARES_DOWN = {('int8', 'gemv', 3584, 18944): [GemvConfig(*c) for c in (
+    (32, 512, 8, 1, 5, None, True), (4, 1024, 4, 3))] + [
+    GemvConfig(bn, 512, w, ahead, split, None, True)
+    for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8)) for ahead in (1, 2) for split in (2, 3)]}
+
 
 def graph_us(calls, reps=30):
     """Median us per call of `calls` captured in order into one graph."""
@@ -228,7 +249,9 @@ def fit_rows(paths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'staged', 'triton_down', 'sizes', 'fit'])
+                    choices=['attention', 'gemv', 'staged', 'triton_down', 'even_down',
+                             'few_shares_down', 'sizes',
+                             'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
                     help='fit: kernels_in_graph.json files')
@@ -250,6 +273,13 @@ def main():
             torch.cuda.empty_cache()
     if 'triton_down' in args.what:
         for (fmt, kind, n, k), configs in TRITON_DOWN.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+    if 'even_down' in args.what:
+        for (fmt, kind, n, k), configs in EVEN_DOWN.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+            torch.cuda.empty_cache()
+    if 'few_shares_down' in args.what:
+        for (fmt, kind, n, k), configs in FEW_SHARES_DOWN.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
     if 'sizes' in args.what:
         rows += size_rows()
