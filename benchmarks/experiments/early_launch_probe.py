@@ -12,6 +12,9 @@ the model's real step (bench tune's Timer), timed in alternating rounds:
 - `early <config>`: early, and o_proj at `config`.
 
 Each variant's logits are compared with `shipped`'s (early alone must be bit for bit).
+The early launch was a constexpr `EARLY` of the two attention kernels, set from
+`DecodeAttention.early`; it lost (benchmarks/NOTES.md, row 55) and was removed: run this at
+commit 4808543, which has it.
 
     python benchmarks/experiments/early_launch_probe.py --models qwen2.5-7b \
         --weights int8 int4 --out early.json

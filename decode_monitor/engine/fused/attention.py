@@ -50,12 +50,9 @@ def attention_split_kernel(Q, KC, VC, POS, PART_O, PART_M, PART_L, cache_head_st
                            scale_log2, N_SPLITS: tl.constexpr, G: tl.constexpr,
                            G_P2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                            BLOCK_T: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
-                           WHILE_LOOP: tl.constexpr, PDL: tl.constexpr,
-                           EARLY: tl.constexpr = False):
+                           WHILE_LOOP: tl.constexpr, PDL: tl.constexpr):
     """Pass 1, grid (kv_heads, N_SPLITS): the unnormalised partial (acc, max, sum) of the G
     query heads of KV head h over split s of the valid prefix."""
-    if EARLY:
-        pdl.allow_next_kernel(PDL)
     pdl.await_previous_kernel(PDL)
     h = tl.program_id(0)
     sid = tl.program_id(1)
@@ -93,11 +90,8 @@ def attention_split_kernel(Q, KC, VC, POS, PART_O, PART_M, PART_L, cache_head_st
 @triton.jit
 def attention_merge_kernel(PART_O, PART_M, PART_L, OUT, N_SPLITS: tl.constexpr,
                            S_P2: tl.constexpr, S_BLOCK: tl.constexpr, G: tl.constexpr,
-                           G_P2: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                           EARLY: tl.constexpr = False):
+                           G_P2: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """Pass 2, grid (q_heads,): softmax-weighted sum of query head (h, r)'s partials."""
-    if EARLY:
-        pdl.allow_next_kernel(PDL)
     pdl.await_previous_kernel(PDL)
     qh = tl.program_id(0)
     first = (qh // G) * N_SPLITS  # the partials of its KV head
@@ -146,7 +140,6 @@ class DecodeAttention:
         self.part_m = torch.empty(parts, dtype=torch.float32, device=device)
         self.part_l = torch.empty(parts, dtype=torch.float32, device=device)
         self.s_p2 = triton.next_power_of_2(self.n_splits)
-        self.early = False
 
     def __call__(self, q, k_cache, v_cache, pos, out):
         """q (q_heads D,); k_cache, v_cache (kv_heads, T, D); pos (1,) -> out (q_heads D,)."""
@@ -156,12 +149,11 @@ class DecodeAttention:
             k_cache.stride(0), self.scale * _LOG2E, N_SPLITS=self.n_splits, G=self.group,
             G_P2=self.g_p2, G_PAD=self.g_pad, D=self.head_dim, BLOCK_T=self.block_t,
             STAGES=self.num_stages, IEEE=q.dtype == torch.float32,
-            WHILE_LOOP=q.device.type == 'cpu', num_warps=self.num_warps, EARLY=self.early,
-            **launch)
+            WHILE_LOOP=q.device.type == 'cpu', num_warps=self.num_warps, **launch)
         attention_merge_kernel[(self.q_heads,)](
             self.part_o, self.part_m, self.part_l, out, N_SPLITS=self.n_splits, S_P2=self.s_p2,
             S_BLOCK=min(self.s_p2, self.MERGE_BLOCK), G=self.group, G_P2=self.g_p2,
-            D=self.head_dim, num_warps=4, EARLY=self.early, **launch)
+            D=self.head_dim, num_warps=4, **launch)
         return out
 
 
