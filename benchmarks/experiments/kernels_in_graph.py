@@ -120,6 +120,14 @@ FEW_SHARES_DOWN = {('int8', 'gemv', 3584, 18944): [GemvConfig(*c) for c in (
     GemvConfig(bn, 512, w, ahead, split, None, True)
     for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8)) for ahead in (1, 2) for split in (2, 3)]}
 
+# int8 gate/up (qwen2.5-7b) through the staged kernel at one and two chunks of codes ahead,
+# beside the shipped Triton config
+GATED_INT8 = {('int8', 'gated', 18944, 3584): [GemvConfig(16, 512, 4, 2)] + [
+    GemvConfig(bn, bk, w, ahead, 1, None, True)
+    for bn, bk, w in ((8, 512, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8), (8, 256, 4),
+                      (16, 256, 4), (16, 256, 8), (32, 256, 8))
+    for ahead in (1, 2)]}
+
 
 def graph_us(calls, reps=30):
     """Median us per call of `calls` captured in order into one graph."""
@@ -250,7 +258,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
                     choices=['attention', 'gemv', 'staged', 'triton_down', 'even_down',
-                             'few_shares_down', 'sizes',
+                             'few_shares_down', 'gated_int8', 'sizes',
                              'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
@@ -280,6 +288,9 @@ def main():
             torch.cuda.empty_cache()
     if 'few_shares_down' in args.what:
         for (fmt, kind, n, k), configs in FEW_SHARES_DOWN.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+    if 'gated_int8' in args.what:
+        for (fmt, kind, n, k), configs in GATED_INT8.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
     if 'sizes' in args.what:
         rows += size_rows()
