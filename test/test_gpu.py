@@ -205,17 +205,20 @@ def test_out_of_memory_is_an_error_and_the_running_decoder_keeps_serving(loaded,
 # groups of 64), o_proj (576 x 576), down_proj (576 x 1536, K split in 3) and lm_head (49152 x
 # 576, with the final norm); int4's sub-blocks take twice the columns, so twice the rows a row
 # of threads.
-STAGED_ROWS = {'int8': {'wgu': (32, 64, 4, 1, 1), 'wo': (32, 64, 4, 2, 1),
-                        'wd': (16, 128, 4, 2, 3), 'lm_head': (32, 64, 4, 1, 1)},
-               'int4': {'wgu': (64, 64, 4, 2, 1), 'wo': (64, 64, 4, 1, 1),
-                        'wd': (32, 128, 4, 1, 3), 'lm_head': (64, 64, 4, 2, 1)}}
+STAGED_ROWS = {'int8': {'wqkv': (32, 64, 4, 2, 1), 'wgu': (32, 64, 4, 1, 1),
+                        'wo': (32, 64, 4, 2, 1), 'wd': (16, 128, 4, 2, 3),
+                        'lm_head': (32, 64, 4, 1, 1)},
+               'int4': {'wqkv': (64, 64, 4, 1, 1), 'wgu': (64, 64, 4, 2, 1),
+                        'wo': (64, 64, 4, 1, 1), 'wd': (32, 128, 4, 1, 3),
+                        'lm_head': (64, 64, 4, 2, 1)}}
 
 
 @pytest.mark.parametrize('weights', ['int8', 'int4'])
 def test_staged_rows_serve_generate_tokens(loaded, weights):
-    """A table that sends the quantised gate/up, o_proj, down_proj (split K) and lm_head to the
-    staged kernel: the GPU takes it for every one of them, graph and eager serve the same
-    tokens, and they are transformers' generate() on the dequantised model."""
+    """A table that sends the quantised q/k/v (with RoPE: staged_qkv.py), gate/up, o_proj,
+    down_proj (split K) and lm_head to the staged kernel: the GPU takes it for every one of
+    them, graph and eager serve the same tokens, and they are transformers' generate() on the
+    dequantised model."""
     from decode_monitor.engine.fused import gemv as G
     from decode_monitor.engine.fused.configs import GemvConfig, KernelConfigs
     plain = Decoder(loaded, mode='eager', backend='fused', max_context=CONTEXT, weights=weights)

@@ -266,6 +266,35 @@ def test_quant_qkv_rope_equals_dense_kernel_on_dequantised_weights(fmt, config):
     assert outs[0][1][:, 5].abs().sum() > 0 and outs[0][1][:, 4].abs().sum() == 0
 
 
+@pytest.mark.parametrize('fmt,config', [
+    ('int8', (16, 128, 4, 2)), ('int8', (8, 256, 4, 1)), ('int4', (16, 256, 4, 1)),
+    ('int4', (32, 256, 8, 2))])
+def test_staged_qkv_rope(fmt, config):
+    """q/k/v + RoPE through staged_qkv.py on a GPU (the Triton kernel elsewhere): the same q and
+    cache rows as the dense kernel on the dequantised weights, with a bias and tail pairs (120
+    pairs, not a multiple of the pairs a program), the same bits run to run."""
+    from decode_monitor.engine.fused.configs import GemvConfig
+    config = GemvConfig(*config, 1, None, True)
+    q_heads, kv_heads, d, k, t = 7, 4, 16, 512, 16
+    rows = (q_heads + 2 * kv_heads) * d
+    qw = quantize(randn(rows, k, seed=21), fmt)
+    x, g, bias = randn(k, seed=22), randn(k, seed=23).abs() + 0.5, randn(rows, seed=24)
+    angles = torch.arange(t, device=DEV)[:, None] * torch.rand(d // 2, device=DEV)
+    cos, sin, pos = angles.cos(), angles.sin(), torch.tensor([9], device=DEV)
+    outs = []
+    for w, cfg in ((qw, config), (qw, config), (qw.dequantize(), None)):
+        q = torch.full((q_heads * d,), float('nan'), device=DEV)
+        kc, vc = (torch.zeros(kv_heads, t, d, device=DEV) for _ in range(2))
+        G.qkv_rope(w, bias, x, g, cos, sin, pos, q, kc, vc, q_heads, kv_heads, 1e-5,
+                   config=cfg)
+        outs.append((q, kc, vc))
+    for a, again, want in zip(*outs):
+        assert rel(a, want) < 1e-5
+        assert torch.equal(a, again)
+    assert outs[0][2][:, 9].abs().sum() > 0 and outs[0][2][:, 8].abs().sum() == 0
+    assert G._staged(config, x, fmt, rows, k, qw.group) == (DEV == 'cuda')
+
+
 # -- backend --------------------------------------------------------------------------------
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_triton_path_equals_torch_path(tiny, fmt):
@@ -463,6 +492,30 @@ print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx
 """
 
 
+_COMPILE_QKV = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from decode_monitor.engine.fused.staged_qkv import staged_qkv_kernel as fn
+block_n, block_k, warps, k, int4, ahead = (int(a) for a in sys.argv[1:7])
+types = {'W': '*i32', 'S': '*bf16', 'Z': '*bf16', 'B': '*bf16', 'X': '*bf16', 'NW': '*bf16',
+         'COS': '*fp32', 'SIN': '*fp32', 'POS': '*i64', 'Q': '*bf16', 'KC': '*bf16',
+         'VC': '*bf16', 'n_pairs': 'i32', 'q_pairs': 'i32', 'k_pairs': 'i32',
+         'cache_head_stride': 'i32', 'stride_w': 'i32', 'stride_s': 'i32', 'eps': 'fp32'}
+consts = dict(K=k, HALF=64, HAS_BIAS=True, INT4=bool(int4), GROUP=128, BLOCK_N=block_n,
+              BLOCK_K=block_k, CH2=triton.next_power_of_2(k // block_k), AHEAD=ahead,
+              WARPS=warps, PDL=True)
+names = fn.arg_names
+src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
+                     {(names.index(c),): v for c, v in consts.items()},
+                     {(names.index(a),): [['tt.divisibility', 16]]
+                      for a in ('W', 'S', 'Z', 'B', 'X', 'NW', 'Q', 'KC', 'VC', 'stride_w')})
+out = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': warps})
+print(int('griddepcontrol.wait' in out.asm['ptx']), int('.local' in out.asm['ptx']),
+      out.metadata.shared)
+"""
+
+
 @pytest.mark.parametrize('fmt,block_n,block_k,warps,k,split,ahead,kind', [
     ('int4', 16, 512, 8, 3584, 1, 1, 'gated'), ('int4', 16, 256, 4, 3584, 1, 2, 'gated'),
     ('int8', 16, 256, 8, 3584, 1, 1, 'gated'), ('int8', 8, 512, 8, 3584, 1, 2, 'gated'),
@@ -488,3 +541,22 @@ def test_staged_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k,
     assert pdl_wait == 1 and local == 0
     per = -(-(k // block_k) // split)
     assert shared >= (1 << (per - 1).bit_length()) * block_k * 4
+
+
+@pytest.mark.parametrize('fmt,block_n,block_k,warps,ahead', [
+    ('int8', 16, 512, 4, 2), ('int4', 16, 512, 8, 1), ('int8', 32, 256, 8, 1)])
+def test_staged_qkv_kernel_compiles_for_hopper_without_spills(fmt, block_n, block_k, warps,
+                                                              ahead):
+    """staged_qkv.py's kernel at qwen2.5-7b's K builds for sm_90 with the PDL wait, nothing
+    spilled, all of x' in shared memory (in a process of its own, as above)."""
+    import subprocess
+    import sys
+    pytest.importorskip('triton.experimental.gluon')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', _COMPILE_QKV, str(block_n), str(block_k),
+                          str(warps), '3584', str(int(fmt == 'int4')), str(ahead)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    pdl_wait, local, shared = (int(v) for v in run.stdout.split())
+    assert pdl_wait == 1 and local == 0
+    assert shared >= 8 * block_k * 4 * (512 // block_k)  # 3584 = 7 x 512: x' padded to 4096

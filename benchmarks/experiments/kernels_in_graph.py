@@ -128,6 +128,18 @@ GATED_INT8 = {('int8', 'gated', 18944, 3584): [GemvConfig(16, 512, 4, 2)] + [
                       (16, 256, 4), (16, 256, 8), (32, 256, 8))
     for ahead in (1, 2)]}
 
+# int8 / int4 q/k/v with RoPE (qwen2.5-7b) through staged_qkv.py, beside the shipped Triton rows
+STAGED_QKV = {
+    ('int8', 'qkv', 4608, 3584): [GemvConfig(4, 512, 4, 2)] + [
+        GemvConfig(*c, 1, None, True) for c in (
+            (16, 512, 4, 1), (16, 512, 4, 2), (8, 512, 4, 1), (8, 512, 4, 2), (16, 512, 8, 1),
+            (16, 256, 4, 1), (8, 256, 4, 2), (32, 256, 8, 1), (4, 512, 4, 1), (4, 512, 4, 2))],
+    ('int4', 'qkv', 4608, 3584): [GemvConfig(64, 256, 4, 1, 7)] + [
+        GemvConfig(*c, 1, None, True) for c in (
+            (16, 512, 8, 1), (16, 512, 4, 1), (32, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1),
+            (16, 512, 8, 2), (16, 512, 4, 2), (32, 256, 8, 1))],
+}
+
 
 def graph_us(calls, reps=30):
     """Median us per call of `calls` captured in order into one graph."""
@@ -258,7 +270,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('what', nargs='+',
                     choices=['attention', 'gemv', 'staged', 'triton_down', 'even_down',
-                             'few_shares_down', 'gated_int8', 'sizes',
+                             'few_shares_down', 'gated_int8', 'staged_qkv', 'sizes',
                              'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
@@ -291,6 +303,9 @@ def main():
             rows += gemv_rows(fmt, kind, n, k, configs)
     if 'gated_int8' in args.what:
         for (fmt, kind, n, k), configs in GATED_INT8.items():
+            rows += gemv_rows(fmt, kind, n, k, configs)
+    if 'staged_qkv' in args.what:
+        for (fmt, kind, n, k), configs in STAGED_QKV.items():
             rows += gemv_rows(fmt, kind, n, k, configs)
     if 'sizes' in args.what:
         rows += size_rows()

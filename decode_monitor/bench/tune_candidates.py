@@ -8,8 +8,8 @@ program, longer chunks, more warps and pipeline stages for int8 and int4 (a GPU 
 bandwidth per SM needs more bytes in flight per SM to stream at its rate), for re-tuning the
 quantised formats of one model; `waves` is `small` with split-K counts for int8 and int4 that
 bring a shape's programs near a whole number of waves of resident programs. Every set but
-`tiny` also offers the staged kernel (engine/fused/staged.py) for int8 / int4 gate/up, o_proj,
-down_proj and lm_head. `tiny`
+`tiny` also offers the staged kernel (engine/fused/staged.py, staged_qkv.py) for int8 / int4
+q/k/v, gate/up, o_proj, down_proj and lm_head. `tiny`
 is one candidate a shape, for tests under Triton's interpreter, where programs, not bytes, cost
 time.
 """
@@ -80,12 +80,13 @@ _INT4_STAGED_PLAIN = [G(32, 512, 8, 1, 8, None, True), G(32, 512, 8, 1, 4, None,
 
 def _formats(base8, base4):
     """{weights: {kind or '*': configs}} of a set: the staged kernel offered for gate/up, the
-    plain GEMVs and lm_head (RMSNorm, all of K: gate/up's configs) of the quantised formats
-    besides the set's own configs."""
+    plain GEMVs, lm_head and q/k/v (RMSNorm, all of K: gate/up's configs; q/k/v streams its
+    RoPE row pairs as gate/up its gate and up rows) of the quantised formats besides the set's
+    own configs."""
     return {'int8': {'*': base8, 'gated': base8 + _INT8_STAGED, 'head': base8 + _INT8_STAGED,
-                     'gemv': base8 + _INT8_STAGED_PLAIN},
+                     'qkv': base8 + _INT8_STAGED, 'gemv': base8 + _INT8_STAGED_PLAIN},
             'int4': {'*': base4, 'gated': base4 + _INT4_STAGED, 'head': base4 + _INT4_STAGED,
-                     'gemv': base4 + _INT4_STAGED_PLAIN}}
+                     'qkv': base4 + _INT4_STAGED, 'gemv': base4 + _INT4_STAGED_PLAIN}}
 
 
 # set -> {'gemv': {weights: {kind or '*': [configs]}}, 'attention': [configs]}

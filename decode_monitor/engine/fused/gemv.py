@@ -176,7 +176,8 @@ def _qkv_rope_store(a, b, ss, p, p_mask, j, rows_a, rows_b, B, COS, SIN, POS, Q,
                     HAS_BIAS: tl.constexpr):
     """The end of a block of qkv row pairs (a, b: the halves' dot products, ss: the sum of x²):
     RMSNorm's scale, the bias, RoPE on q and k, q to Q, k and v to the cache at pos.
-    Shared with the persistent kernel's qkv task (inlined: the same operations in each)."""
+    Shared with the persistent kernel's qkv task and staged_qkv.py's Gluon kernel (inlined: the
+    same operations in each)."""
     rstd = tl.rsqrt(ss / K + eps)
     a = a * rstd
     b = b * rstd
@@ -362,6 +363,11 @@ def qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, q_head
     on_cpu = x.device.type == 'cpu'
     W, S, Z, stride_w, stride_s, fmt, fmt_code, group = _weight_args(w)
     config = config or DEFAULTS.gemv('qkv', 2 * n_pairs, kdim, fmt, on_cpu)
+    if _staged(config, x, fmt, 2 * n_pairs, kdim, group):
+        from decode_monitor.engine.fused import staged_qkv
+        staged_qkv.qkv_rope(w, bias, x, norm_weight, cos, sin, pos, q, k_cache, v_cache,
+                            q_heads, kv_heads, eps, config)
+        return
     block_n, block_k, warps, stages, split = _split_config(config, kdim, group)
     grid = (triton.cdiv(n_pairs, block_n), split)
     acc, ssq, cnt = _split_scratch(x.device, 2 * n_pairs, grid[0], split) if split > 1 \

@@ -165,6 +165,54 @@ def _accumulate(acc, words, scales, offsets, xs, sums, c, INT4: gl.constexpr, L3
 
 
 @gluon.jit
+def stream(W, S, Z, X, NW, wa_off, wb_off, sa_off, sb_off, c0, mine, CHUNKS: gl.constexpr,
+           PAIR: gl.constexpr, NORM: gl.constexpr, INT4: gl.constexpr, GROUP: gl.constexpr,
+           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CH2: gl.constexpr,
+           NSUB: gl.constexpr, AHEAD: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
+           L3: gl.constexpr, LX: gl.constexpr, LD: gl.constexpr):
+    """A program's pass over `mine` chunks of K from chunk c0: the first AHEAD chunks of codes
+    requested before the PDL wait, x' staged after it, then the loop; allows the next kernel's
+    launch at its end. Returns the sub-block dots (BLOCK_N, NSUB) of the rows at wa_off and (if
+    PAIR) wb_off, and sum(x^2) over the share."""
+    wa, sa, ma = _chunk(W, S, Z, wa_off, sa_off, c0 * BLOCK_K, INT4, GROUP)
+    wb, sb, mb = wa, sa, ma
+    if PAIR:
+        wb, sb, mb = _chunk(W, S, Z, wb_off, sb_off, c0 * BLOCK_K, INT4, GROUP)
+    if AHEAD == 2:  # the second chunk requested before the wait too
+        second = (c0 + gl.minimum(1, mine - 1)) * BLOCK_K
+        wa2, sa2, ma2 = _chunk(W, S, Z, wa_off, sa_off, second, INT4, GROUP)
+        wb2, sb2, mb2 = wa2, sa2, ma2
+        if PAIR:
+            wb2, sb2, mb2 = _chunk(W, S, Z, wb_off, sb_off, second, INT4, GROUP)
+    pdl.wait_for_previous_kernel(PDL)
+    xs, sums, sum_sq = _stage_x(X, NW, c0, CHUNKS, NORM, INT4, GROUP, BLOCK_K, CH2, NSUB,
+                                WARPS)
+    acc_a = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
+    acc_b = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
+    for c in range(mine):
+        # AHEAD chunks past this one are requested before it is multiplied; past the share's
+        # end the last chunk reloads itself
+        nxt = (c0 + gl.minimum(c + AHEAD, mine - 1)) * BLOCK_K
+        na, nsa, nma = _chunk(W, S, Z, wa_off, sa_off, nxt, INT4, GROUP)
+        if PAIR:
+            nb, nsb, nmb = _chunk(W, S, Z, wb_off, sb_off, nxt, INT4, GROUP)
+        acc_a = _accumulate(acc_a, wa, sa, ma, xs, sums, c, INT4, L3, LX, LD)
+        if PAIR:
+            acc_b = _accumulate(acc_b, wb, sb, mb, xs, sums, c, INT4, L3, LX, LD)
+        if AHEAD == 2:
+            wa, sa, ma, wb, sb, mb = wa2, sa2, ma2, wb2, sb2, mb2
+            wa2, sa2, ma2 = na, nsa, nma
+            if PAIR:
+                wb2, sb2, mb2 = nb, nsb, nmb
+        else:
+            wa, sa, ma = na, nsa, nma
+            if PAIR:
+                wb, sb, mb = nb, nsb, nmb
+    pdl.allow_next_kernel(PDL)
+    return acc_a, acc_b, sum_sq
+
+
+@gluon.jit
 def _combine(ACC, CNT, rows, row_mask, y, N, SPLIT: gl.constexpr):
     """Split-K: store this program's partial sums; the last of the row block's SPLIT programs
     to arrive (a ticket) adds all SPLIT partials in split order (gemv._combine_splits' rule:
@@ -224,41 +272,9 @@ def staged_kernel(W, S, Z, X, NW, R, Y, ACC, CNT, N, K: gl.constexpr, stride_w, 
         mine = CHUNKS
     else:
         mine = gl.minimum(CHUNKS - c0, PER)
-    wa, sa, ma = _chunk(W, S, Z, wa_off, sa_off, c0 * BLOCK_K, INT4, GROUP)
-    wb, sb, mb = wa, sa, ma
-    if GATED:
-        wb, sb, mb = _chunk(W, S, Z, wb_off, sb_off, c0 * BLOCK_K, INT4, GROUP)
-    if AHEAD == 2:  # the second chunk requested before the wait too
-        second = (c0 + gl.minimum(1, mine - 1)) * BLOCK_K
-        wa2, sa2, ma2 = _chunk(W, S, Z, wa_off, sa_off, second, INT4, GROUP)
-        wb2, sb2, mb2 = wa2, sa2, ma2
-        if GATED:
-            wb2, sb2, mb2 = _chunk(W, S, Z, wb_off, sb_off, second, INT4, GROUP)
-    pdl.wait_for_previous_kernel(PDL)
-    xs, sums, sum_sq = _stage_x(X, NW, c0, CHUNKS, NORM, INT4, GROUP, BLOCK_K, CH2, NSUB,
-                                WARPS)
-    acc_a = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
-    acc_b = gl.zeros([BLOCK_N, NSUB], gl.float32, LD)
-    for c in range(mine):
-        # AHEAD chunks past this one are requested before it is multiplied; past the share's
-        # end the last chunk reloads itself
-        nxt = (c0 + gl.minimum(c + AHEAD, mine - 1)) * BLOCK_K
-        na, nsa, nma = _chunk(W, S, Z, wa_off, sa_off, nxt, INT4, GROUP)
-        if GATED:
-            nb, nsb, nmb = _chunk(W, S, Z, wb_off, sb_off, nxt, INT4, GROUP)
-        acc_a = _accumulate(acc_a, wa, sa, ma, xs, sums, c, INT4, L3, LX, LD)
-        if GATED:
-            acc_b = _accumulate(acc_b, wb, sb, mb, xs, sums, c, INT4, L3, LX, LD)
-        if AHEAD == 2:
-            wa, sa, ma, wb, sb, mb = wa2, sa2, ma2, wb2, sb2, mb2
-            wa2, sa2, ma2 = na, nsa, nma
-            if GATED:
-                wb2, sb2, mb2 = nb, nsb, nmb
-        else:
-            wa, sa, ma = na, nsa, nma
-            if GATED:
-                wb, sb, mb = nb, nsb, nmb
-    pdl.allow_next_kernel(PDL)
+    acc_a, acc_b, sum_sq = stream(W, S, Z, X, NW, wa_off, wb_off, sa_off, sb_off, c0, mine,
+                                  CHUNKS, GATED, NORM, INT4, GROUP, BLOCK_N, BLOCK_K, CH2, NSUB,
+                                  AHEAD, WARPS, PDL, L3, LX, LD)
     rstd = gl.rsqrt(sum_sq / K + eps)
     y = gl.sum(acc_a, axis=1)
     store = row_mask
