@@ -201,10 +201,10 @@ def test_out_of_memory_is_an_error_and_the_running_decoder_keeps_serving(loaded,
     assert tokens(again) == before
 
 
-# Staged rows (engine/fused/staged.py) for SmolLM2's quantised matrices: gate/up (N 1536, K 576,
-# groups of 64), o_proj (576 x 576), down_proj (576 x 1536, K split in 3) and lm_head (49152 x
-# 576, with the final norm); int4's sub-blocks take twice the columns, so twice the rows a row
-# of threads.
+# Staged rows (engine/fused/staged.py, staged_qkv.py) for SmolLM2's quantised matrices: q/k/v
+# with RoPE (960 x 576), gate/up (N 1536, K 576, groups of 64), o_proj (576 x 576), down_proj
+# (576 x 1536, K split in 3) and lm_head (49152 x 576, with the final norm); int4's sub-blocks
+# take twice the columns, so twice the rows a row of threads.
 STAGED_ROWS = {'int8': {'wqkv': (32, 64, 4, 2, 1), 'wgu': (32, 64, 4, 1, 1),
                         'wo': (32, 64, 4, 2, 1), 'wd': (16, 128, 4, 2, 3),
                         'lm_head': (32, 64, 4, 1, 1)},

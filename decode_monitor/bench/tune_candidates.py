@@ -53,9 +53,10 @@ _INT4_WAVES = [G(64, 256, 4, 1, 4), G(64, 256, 4, 1, 7), G(32, 256, 4, 1, 2),
                G(64, 256, 4, 2, 9), G(64, 256, 4, 2, 14), G(64, 256, 4, 2, 19),
                G(32, 256, 4, 2, 7), G(32, 256, 4, 2, 9)]
 
-# int8 / int4 gate/up through the kernel that stages x' in shared memory
-# (engine/fused/staged.py); (BLOCK_N, BLOCK_K, warps) fix its thread layout: 32 / NSUB threads
-# of a warp on rows, NSUB = BLOCK_K / 16 (int8) or / 32 (int4) on sub-blocks.
+# int8 / int4 gate/up (and lm_head, q/k/v: RMSNorm over all of K) through the kernel that
+# stages x' in shared memory (engine/fused/staged.py, staged_qkv.py); (BLOCK_N, BLOCK_K, warps)
+# fix its thread layout: 32 / NSUB threads of a warp on rows, NSUB = BLOCK_K / 16 (int8) or
+# / 32 (int4) on sub-blocks.
 _INT8_STAGED = [G(16, 256, 4, 1, 1, None, True), G(32, 256, 8, 1, 1, None, True),
                 G(16, 512, 8, 1, 1, None, True), G(8, 512, 8, 1, 1, None, True),
                 G(16, 256, 8, 1, 1, None, True), G(8, 256, 4, 1, 1, None, True),

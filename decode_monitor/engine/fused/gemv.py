@@ -302,7 +302,8 @@ def _split_scratch(device, rows, blocks, split):
 
 
 def staged_fits(config, fmt, n, k, group, plain=False):
-    """Whether staged.py's kernel takes this shape at `config`: a `staged` int8 or int4 row, a
+    """Whether staged.py's kernels (staged_qkv.py's for q/k/v) take this shape at `config`: a
+    `staged` int8 or int4 row, a
     Triton with Gluon, a shape it fits (plain: no RMSNorm and no gate, so K may be split)."""
     if not getattr(config, 'staged', False) or fmt == 'bf16':
         return False
@@ -314,8 +315,9 @@ def staged_fits(config, fmt, n, k, group, plain=False):
 
 
 def _staged(config, x, fmt, n, k, group, plain=False):
-    """Whether a `staged` config runs the kernel of staged.py here: on a GPU (Gluon compiles
-    for CUDA only, not under the interpreter) for a shape it takes; else the Triton kernel."""
+    """Whether a `staged` config runs the kernel of staged.py (or staged_qkv.py) here: on a
+    GPU (Gluon compiles for CUDA only, not under the interpreter) for a shape it takes; else the
+    Triton kernel."""
     return x.is_cuda and _ptx() and staged_fits(config, fmt, n, k, group, plain)
 
 

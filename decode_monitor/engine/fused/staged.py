@@ -26,7 +26,8 @@ and moves it, and the dots, between layouts through shared memory (a dozen barri
 benchmarks/NOTES.md); Triton's layout assignment leaves a kernel no way around that. Gluon
 takes the layouts as given. It compiles for CUDA only: gemv.gemv runs this kernel where a
 config asks for it (`GemvConfig.staged`) on a GPU that has Gluon's targets, and the Triton
-kernel everywhere else (CPU, the interpreter, bf16, and q/k/v with its RoPE epilogue).
+kernel everywhere else (CPU, the interpreter, bf16). q/k/v, with its RoPE epilogue, runs the
+same loop (`stream`) in staged_qkv.py.
 """
 import torch
 import triton
