@@ -12,6 +12,13 @@ from zero and the group's result is scaled by the rows' group scales. AHEAD chun
 requested before the current one is multiplied. x in fp16 overflows past 65504 and loses
 precision under 6e-5: a probe of the streaming rate, not a kernel for the step as it is.
 
+Two kernels: `bytes` loads the codes as int8 elements, which Gluon (as Triton) keeps one to a
+16-bit register, so the loaded words are split into bytes and packed again for the
+conversion; `pairs` loads them as fp16-typed elements, two codes each, so a 32-bit register
+holds four codes as they lie in memory and becomes two fp16 pairs with no repacking: codes
+(4j, 4j + 1) and (4j + 2, 4j + 3) are the left operands of two MMAs over half a group each,
+whose right operands take x in that order.
+
     python benchmarks/experiments/gluon_mma_probe.py --compile-only   # sm_90, no GPU needed
     python benchmarks/experiments/gluon_mma_probe.py --out gluon_mma.json
 
@@ -96,31 +103,105 @@ def gluon_mma_gemv_kernel(W, S, X, Y, N, K: gl.constexpr, GROUP: gl.constexpr,
     gl.store(Y + out_rows, y.to(Y.dtype.element_ty), mask=out_rows < N)
 
 
-def gluon_mma_gemv(w, x, y, block_n, kw, warps, ahead):
+@gluon.jit
+def _pair_codes(p):
+    """A register of two fp16-typed elements = four int8 codes -> two fp16 tensors like p:
+    codes 0, 1 and codes 2, 3 of each register, exact (the permute of _fp16)."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, c;
+        xor.b32 u, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, u, 0x64646464, 0x4140;
+        prmt.b32 $1, u, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints='=r,=r,r', args=[p], dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+
+
+@gluon.jit
+def gluon_mma_pairs_kernel(W, S, X, Y, N, K: gl.constexpr, GROUP: gl.constexpr,
+                           BLOCK_N: gl.constexpr, KW: gl.constexpr, WARPS: gl.constexpr,
+                           AHEAD: gl.constexpr):
+    """gluon_mma_gemv_kernel with W's codes read as fp16-typed pairs (N, K / 2), so that a
+    32-bit register holds four codes as they lie in memory (no byte split after the load):
+    each register becomes two fp16 pairs, codes (4j, 4j + 1) and (4j + 2, 4j + 3), the A
+    operands of two MMAs of K = GROUP / 2 whose right operands take x in the same order."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, 8])
+    LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW)
+    LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=KW)
+    CHUNKS: gl.constexpr = K // GROUP
+    HALF: gl.constexpr = GROUP // 2  # fp16-typed elements (code pairs) a row of a group
+    pid = gl.program_id(0)
+    rows = gl.minimum(pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LA)), N - 1)
+    cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, LA))
+    w_ptr = W + gl.expand_dims(rows, 1).to(gl.int64) * (K // 2) + gl.expand_dims(cols, 0)
+    m = gl.arange(0, HALF, layout=gl.SliceLayout(1, LB))
+    x_lo = 4 * (m // 2) + m % 2  # the code of element m of the first pair tensor
+    ones = gl.full([HALF, 8], 1.0, gl.float16, LB)
+    out_rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    s_ptr = S + gl.minimum(out_rows, N - 1).to(gl.int64) * CHUNKS
+    total = gl.zeros([BLOCK_N, 8], gl.float32, MMA)
+    w = gl.load(w_ptr)
+    w2 = w
+    if AHEAD == 2:
+        w2 = gl.load(w_ptr + gl.minimum(1, CHUNKS - 1) * HALF)
+    for c in range(CHUNKS):
+        nxt = gl.load(w_ptr + gl.minimum(c + AHEAD, CHUNKS - 1) * HALF)
+        x0 = gl.load(X + c * GROUP + x_lo).to(gl.float16)
+        x1 = gl.load(X + c * GROUP + x_lo + 2).to(gl.float16)
+        a0, a1 = _pair_codes(w)
+        acc = mma_v2(a0, gl.expand_dims(x0, 1) * ones, gl.zeros([BLOCK_N, 8], gl.float32, MMA))
+        acc = mma_v2(a1, gl.expand_dims(x1, 1) * ones, acc)
+        total += acc * gl.expand_dims(gl.load(s_ptr + c).to(gl.float32), 1)
+        if AHEAD == 2:
+            w = w2
+            w2 = nxt
+        else:
+            w = nxt
+    out_col = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)), 0)
+    y = gl.sum(gl.where(out_col == 0, total, 0.0), axis=1)  # the 8 columns are equal
+    gl.store(Y + out_rows, y.to(Y.dtype.element_ty), mask=out_rows < N)
+
+
+# kernel -> (the codes' view: int8 bytes or fp16-typed pairs, the kernel)
+KERNELS = {'bytes': ('int8', gluon_mma_gemv_kernel), 'pairs': ('fp16', gluon_mma_pairs_kernel)}
+
+
+def gluon_mma_gemv(kernel, w, x, y, block_n, kw, warps, ahead):
+    """Y = W x through KERNELS[kernel] at (BLOCK_N, k_width, warps, chunks ahead)."""
+    import torch
+    view, fn = KERNELS[kernel]
     n, k = w.q.shape
-    gluon_mma_gemv_kernel[(triton.cdiv(n, block_n),)](
-        w.q, w.scale, x, y, n, k, GROUP=w.group, BLOCK_N=block_n, KW=kw, WARPS=warps,
-        AHEAD=ahead, num_warps=warps)
+    fn[(triton.cdiv(n, block_n),)](
+        w.q.view(getattr(torch, 'float16' if view == 'fp16' else 'int8')), w.scale, x, y, n, k,
+        GROUP=w.group, BLOCK_N=block_n, KW=kw, WARPS=warps, AHEAD=ahead, num_warps=warps)
     return y
 
 
 SHAPES = {'gate_up': (2 * 18944, 3584), 'o_proj': (3584, 3584), 'down': (3584, 18944)}
-# (BLOCK_N, k_width, warps, chunks ahead); BLOCK_N a multiple of 16 x warps. k_width 16: 16
-# consecutive codes a thread (16-byte loads), 8 and 4: 8- and 4-byte loads
-CONFIGS = [(64, 16, 4, 1), (64, 16, 4, 2), (128, 16, 8, 1), (128, 16, 8, 2), (256, 16, 8, 1),
-           (64, 8, 4, 1), (64, 4, 4, 1)]
+# (kernel, BLOCK_N, k_width, warps, chunks ahead); BLOCK_N a multiple of 16 x warps. k_width:
+# consecutive elements a thread, 16 codes (bytes) or 8 pairs (pairs) = 16-byte loads
+CONFIGS = [('bytes', 64, 16, 4, 1), ('bytes', 128, 16, 8, 1), ('bytes', 64, 8, 4, 1),
+           ('pairs', 64, 8, 4, 1), ('pairs', 128, 8, 4, 1), ('pairs', 128, 8, 8, 1),
+           ('pairs', 128, 8, 4, 2), ('pairs', 256, 8, 8, 1), ('pairs', 64, 4, 4, 1)]
 
 
 def compile_only():
-    """Each config built for sm_90 (no GPU): registers, spills, loads, MMAs."""
+    """Each config built for sm_90 (no GPU): registers, spills, loads, the loop's SASS."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from compile_sm90 import _resources
-    fn = gluon_mma_gemv_kernel
-    names = fn.arg_names
-    types = {'W': '*i8', 'S': '*bf16', 'X': '*bf16', 'Y': '*bf16', 'N': 'i32'}
-    for (bn, kw, warps, ahead), asm in [(c, True) for c in CONFIGS] + [(CONFIGS[0], False)]:
-        consts = dict(K=3584, GROUP=128, BLOCK_N=bn, KW=kw, WARPS=warps, AHEAD=ahead, ASM=asm)
+    for kernel, bn, kw, warps, ahead in CONFIGS:
+        view, fn = KERNELS[kernel]
+        names = fn.arg_names
+        types = {'W': '*i8' if view == 'int8' else '*fp16', 'S': '*bf16', 'X': '*bf16',
+                 'Y': '*bf16', 'N': 'i32'}
+        consts = dict(K=3584, GROUP=128, BLOCK_N=bn, KW=kw, WARPS=warps, AHEAD=ahead)
+        if kernel == 'bytes':
+            consts['ASM'] = True
         src = GluonASTSource(fn, {n: types.get(n, 'constexpr') for n in names},
                              {(names.index(c),): v for c, v in consts.items()},
                              {(names.index(a),): [['tt.divisibility', 16]]
@@ -133,10 +214,9 @@ def compile_only():
         ops = Counter(re.sub(r'.*?\*/\s*(@!?P\d\s+)?', '', ln).split()[0].split('.')[0]
                       for ln in body)
         per_weight = len(body) * 32 * warps / (bn * 128)
-        print(f'rows {bn:3d} k_width {kw} warps {warps} ahead {ahead} asm {asm:d}: {res}, '
-              f"mma.sync {len(re.findall(r'mma.sync', out.asm['ptx']))}, loads {dict(loads)}; "
-              f'loop {len(body)} SASS instructions a thread, {per_weight:.2f} a weight: '
-              f'{dict(ops.most_common(6))}')
+        print(f'{kernel} rows {bn:3d} k_width {kw:2d} warps {warps} ahead {ahead}: {res}, '
+              f'loads {dict(loads)}; loop {len(body)} SASS instructions a thread, '
+              f'{per_weight:.2f} a weight: {dict(ops.most_common(6))}')
 
 
 def _loop_sass(compiled):
@@ -182,7 +262,8 @@ def main():
                ) @ x.float()
         runs = [('shipped int8 (16, 512, 4, 2)', lambda i, c=GemvConfig(16, 512, 4, 2):
                  G.gemv(ws[i], x, ys[i], config=c))]
-        runs += [(f'gluon mma {cfg}', lambda i, cfg=cfg: gluon_mma_gemv(ws[i], x, ys[i], *cfg))
+        runs += [(f'gluon mma {cfg}', lambda i, cfg=cfg: gluon_mma_gemv(cfg[0], ws[i], x, ys[i],
+                                                                        *cfg[1:]))
                  for cfg in CONFIGS]
         for label, call in runs:
             ys.fill_(float('nan'))
