@@ -267,11 +267,11 @@ def fit_rows(paths):
 
 
 def main():
+    sweeps = {'gemv': GEMV, 'staged': STAGED, 'triton_down': TRITON_DOWN,
+              'even_down': EVEN_DOWN, 'few_shares_down': FEW_SHARES_DOWN,
+              'gated_int8': GATED_INT8, 'staged_qkv': STAGED_QKV}
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('what', nargs='+',
-                    choices=['attention', 'gemv', 'staged', 'triton_down', 'even_down',
-                             'few_shares_down', 'gated_int8', 'staged_qkv', 'sizes',
-                             'fit'])
+    ap.add_argument('what', nargs='+', choices=['attention', *sweeps, 'sizes', 'fit'])
     ap.add_argument('--out', default='.')
     ap.add_argument('--inputs', nargs='+', metavar='JSON',
                     help='fit: kernels_in_graph.json files')
@@ -283,30 +283,11 @@ def main():
         for (hq, hkv, ctx), configs in ATTENTION.items():
             rows += attention_rows(hq, hkv, ctx, configs)
             torch.cuda.empty_cache()
-    if 'gemv' in args.what:
-        for (fmt, kind, n, k), configs in GEMV.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-            torch.cuda.empty_cache()
-    if 'staged' in args.what:
-        for (fmt, kind, n, k), configs in STAGED.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-            torch.cuda.empty_cache()
-    if 'triton_down' in args.what:
-        for (fmt, kind, n, k), configs in TRITON_DOWN.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-    if 'even_down' in args.what:
-        for (fmt, kind, n, k), configs in EVEN_DOWN.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-            torch.cuda.empty_cache()
-    if 'few_shares_down' in args.what:
-        for (fmt, kind, n, k), configs in FEW_SHARES_DOWN.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-    if 'gated_int8' in args.what:
-        for (fmt, kind, n, k), configs in GATED_INT8.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
-    if 'staged_qkv' in args.what:
-        for (fmt, kind, n, k), configs in STAGED_QKV.items():
-            rows += gemv_rows(fmt, kind, n, k, configs)
+    for name, sweep in sweeps.items():  # GEMV shapes: (format, kind, N, K) -> configs
+        if name in args.what:
+            for (fmt, kind, n, k), configs in sweep.items():
+                rows += gemv_rows(fmt, kind, n, k, configs)
+                torch.cuda.empty_cache()
     if 'sizes' in args.what:
         rows += size_rows()
     print(f"{'kernel':44s} {'config':22s} {'us':>7s} {'TB/s':>6s}")
