@@ -62,6 +62,26 @@ def test_a_signal_while_waiting_exits_with_the_documented_code(command, topic, s
         rclpy.try_shutdown()
 
 
+def test_a_spin_after_a_signal_shut_the_context_down_is_an_external_shutdown():
+    """What a client's loop meets when SIGINT or SIGTERM lands between two spins: rclpy's handler
+    has shut the context down, and with it reset the global executor, which cannot be made again
+    on a dead context (RCLError, a traceback and exit 1 from `watch` on SIGTERM). runtime's
+    spin_once turns that into the ExternalShutdownException the clients handle."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from decode_monitor.node import runtime
+    rclpy.init()
+    node = rclpy.create_node('spin_after_shutdown')
+    try:
+        runtime.spin_once(node, 0.01)  # a live context: spins, nothing to do
+        rclpy.shutdown()  # what the signal handler does
+        with pytest.raises(ExternalShutdownException):
+            runtime.spin_once(node, 0.01)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
 def test_ask_prints_what_a_response_holds_beyond_a_late_stream():
     """The response overtook its last chunk: ask prints the rest once, late chunks are not
     printed again (message objects, no ROS graph)."""

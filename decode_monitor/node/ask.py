@@ -10,7 +10,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
-from decode_monitor.node.runtime import ros_session
+from decode_monitor.node.runtime import ros_session, spin_once
 
 
 class AskClient(Node):
@@ -25,7 +25,6 @@ class AskClient(Node):
     def __init__(self, namespace='/decode', on_text=None, late_chunks=True):
         super().__init__('ask', namespace=namespace)
         qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        self._request_pub = self.create_publisher(String, 'request', qos)
         self._on_text = on_text
         self._late_chunks = late_chunks
         self.responses = {}
@@ -33,6 +32,8 @@ class AskClient(Node):
         self._stream_sub = self.create_subscription(String, 'stream', self._on_stream, qos)
         self._response_sub = self.create_subscription(String, 'response', self._on_response,
                                                       qos)
+        # last: whoever sees the request topic appear sees a client that is whole
+        self._request_pub = self.create_publisher(String, 'request', qos)
 
     def node_ready(self):
         """A node takes our requests and its answers reach us: the request topic has a matched
@@ -77,7 +78,7 @@ def wait_for(node, condition, timeout_s):
     while not condition():
         if node.get_clock().now().nanoseconds > deadline:
             return False
-        rclpy.spin_once(node, timeout_sec=0.1)
+        spin_once(node, 0.1)
     return True
 
 

@@ -4,7 +4,8 @@
 its return value: `ros_session()` pairs init with try_shutdown itself.
 `ros_session(handle_signals=False)` leaves SIGINT and SIGTERM to the caller: rclpy's own
 handler shuts the context down first, after which a node can no longer publish the answers it
-still owes. `StopSignal` turns both signals into an event instead.
+still owes. `StopSignal` turns both signals into an event instead. `spin_once` is the clients'
+spin, safe against a signal between two spins.
 """
 from contextlib import contextmanager
 import logging
@@ -12,6 +13,7 @@ import signal
 import threading
 
 import rclpy
+from rclpy.executors import ExternalShutdownException
 from rclpy.signals import SignalHandlerOptions
 
 
@@ -24,6 +26,21 @@ def ros_session(args=None, handle_signals=True):
         yield
     finally:
         rclpy.try_shutdown()
+
+
+def spin_once(node, timeout_sec):
+    """rclpy.spin_once, with a context shut down under it reported as the
+    ExternalShutdownException that callers handle. A signal between two spins has rclpy's
+    handler shut the context down and reset the global executor; the next spin then fails to
+    make one on the dead context with an RCLError instead."""
+    try:
+        rclpy.spin_once(node, timeout_sec=timeout_sec)
+    except ExternalShutdownException:
+        raise
+    except Exception:
+        if rclpy.ok():
+            raise
+        raise ExternalShutdownException() from None
 
 
 class StopSignal:

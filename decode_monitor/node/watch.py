@@ -7,7 +7,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
-from decode_monitor.node.runtime import ros_session
+from decode_monitor.node.runtime import ros_session, spin_once
 
 LEVELS = {0: 'OK', 1: 'WARN', 2: 'ERROR', 3: 'STALE'}
 _KEYS = {  # the values worth a glance; the full set is one `ros2 topic echo` away
@@ -63,7 +63,7 @@ def main(args=None):
             node = DiagnosticsWatcher(parsed.topic, show)
             deadline = node.get_clock().now().nanoseconds + parsed.timeout * 1e9
             while not done:
-                rclpy.spin_once(node, timeout_sec=0.5)
+                spin_once(node, 0.5)
                 if parsed.once and node.get_clock().now().nanoseconds > deadline:
                     print(f'no message on {parsed.topic} in {parsed.timeout} s',
                           file=sys.stderr)
