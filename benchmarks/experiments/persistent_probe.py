@@ -82,6 +82,12 @@ VARIANTS.update({  # more weights a chunk for int8 / int4 codes: rows x BLOCK_K
     'q-8x2048': D(block_n=8, block_k=2048), 'q-16x512-t1': D(block_n=16, ticket_blocks=1),
     'q-16x512-s2': D(block_n=16, num_stages=2),
 })
+VARIANTS.update({  # round 3: what the waits between matrices cost, and the tail
+    # no wait gives up polling at once (spin 0): tasks run without their dependencies (wrong
+    # logits, every wait counted as a timeout); the time is the step's without any drain
+    'nowait': D(spin=0), 'tail2': D(tail=2.0), 't1-a': D(ticket_blocks=1),
+    'q-16x512-nowait': D(block_n=16, spin=0),
+})
 
 
 def rel(a, b):
