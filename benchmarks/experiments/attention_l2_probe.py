@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_monitor.bench.tune import Timer  # noqa: E402
 from decode_monitor.engine.fused import pdl, tables  # noqa: E402
-from decode_monitor.engine.fused.model import FusedBackend  # noqa: E402
 from decode_monitor.engine.fused.quant import QuantWeight  # noqa: E402
-from decode_monitor.engine.sources import load_model  # noqa: E402
+from early_launch_probe import backends, labelled  # noqa: E402
 from l2_prefetch_probe import SLICE, prefetch_kernel  # noqa: E402
 
 MB = 1 << 20
@@ -110,24 +109,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     table = tables.resolve(None, 'cuda')
     result = {'table': table.source, 'gpu': torch.cuda.get_device_name(), 'rows': []}
-    for model in args.models:
-        loaded = load_model(model, device='cuda', dtype=torch.bfloat16)
-        for fmt in args.weights:
-            backend = FusedBackend(loaded.model, args.context, use_triton=True, weights=fmt,
-                                   kernel_configs=table)
-            backend.randomize_cache()
-            rows = probe(backend, args.rounds, args.grid)
-            base = rows[0]['ms']
-            for r in rows:
-                r.update(model=loaded.name, weights=fmt, vs_shipped=round(r['ms'] / base, 4))
-                print(f"{loaded.name:12s} {fmt:5s} {r['variant']:26s} {r['ms']:.4f} ms "
-                      f"{r['vs_shipped']:.4f} bit_equal={r['bit_equal']}", flush=True)
-            result['rows'] += rows
-            del backend
-            loaded.model.__dict__.get('_fused_quantised', {}).pop(fmt, None)
-            torch.cuda.empty_cache()
-        del loaded
-        torch.cuda.empty_cache()
+    for name, fmt, backend in backends(args.models, args.weights, args.context, table):
+        for r in labelled(probe(backend, args.rounds, args.grid), name, fmt):
+            print(f"{name:12s} {fmt:5s} {r['variant']:26s} {r['ms']:.4f} ms "
+                  f"{r['vs_shipped']:.4f} bit_equal={r['bit_equal']}", flush=True)
+            result['rows'].append(r)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)
 

@@ -78,6 +78,31 @@ def probe(backend, table, fmt, rounds):
     return [{'variant': n, 'ms': round(t, 5), **checks[n]} for n, t in zip(names, times)]
 
 
+def backends(models, weights, context, table):
+    """(model name, weight format, the fused backend on `table` with a random cache) for each
+    model and format; each freed before the next is built."""
+    for model in models:
+        loaded = load_model(model, device='cuda', dtype=torch.bfloat16)
+        for fmt in weights:
+            backend = FusedBackend(loaded.model, context, use_triton=True, weights=fmt,
+                                   kernel_configs=table)
+            backend.randomize_cache()
+            yield loaded.name, fmt, backend
+            del backend
+            loaded.model.__dict__.get('_fused_quantised', {}).pop(fmt, None)
+            torch.cuda.empty_cache()
+        del loaded
+        torch.cuda.empty_cache()
+
+
+def labelled(rows, name, fmt):
+    """rows with their model, format and time against the first row's (the shipped step)."""
+    base = rows[0]['ms']
+    for r in rows:
+        r.update(model=name, weights=fmt, vs_shipped=round(r['ms'] / base, 4))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='+', default=['qwen2.5-7b'])
@@ -88,25 +113,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     table = tables.resolve(None, 'cuda')
     result = {'table': table.source, 'gpu': torch.cuda.get_device_name(), 'rows': []}
-    for model in args.models:
-        loaded = load_model(model, device='cuda', dtype=torch.bfloat16)
-        for fmt in args.weights:
-            backend = FusedBackend(loaded.model, args.context, use_triton=True, weights=fmt,
-                                   kernel_configs=table)
-            backend.randomize_cache()
-            rows = probe(backend, table, fmt, args.rounds)
-            base = rows[0]['ms']
-            for r in rows:
-                r.update(model=loaded.name, weights=fmt, vs_shipped=round(r['ms'] / base, 4))
-                print(f"{loaded.name:12s} {fmt:5s} {r['variant']:40s} {r['ms']:.4f} ms "
-                      f"{r['vs_shipped']:.4f} bit_equal={r['bit_equal']} "
-                      f"err={r['rel_err']:.1e}", flush=True)
-            result['rows'] += rows
-            del backend
-            loaded.model.__dict__.get('_fused_quantised', {}).pop(fmt, None)
-            torch.cuda.empty_cache()
-        del loaded
-        torch.cuda.empty_cache()
+    for name, fmt, backend in backends(args.models, args.weights, args.context, table):
+        for r in labelled(probe(backend, table, fmt, args.rounds), name, fmt):
+            print(f"{name:12s} {fmt:5s} {r['variant']:40s} {r['ms']:.4f} ms "
+                  f"{r['vs_shipped']:.4f} bit_equal={r['bit_equal']} "
+                  f"err={r['rel_err']:.1e}", flush=True)
+            result['rows'].append(r)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)
 
