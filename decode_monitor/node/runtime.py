@@ -32,7 +32,10 @@ def spin_once(node, timeout_sec):
     """rclpy.spin_once, with a context shut down under it reported as the
     ExternalShutdownException that callers handle. A signal between two spins has rclpy's
     handler shut the context down and reset the global executor; the next spin then fails to
-    make one on the dead context with an RCLError instead."""
+    make one on the dead context with an RCLError instead, and the half-made executor's
+    __del__ prints a traceback; so a context already shut down is reported before any spin."""
+    if not rclpy.ok():
+        raise ExternalShutdownException()
     try:
         rclpy.spin_once(node, timeout_sec=timeout_sec)
     except ExternalShutdownException:
